@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else
+# (the virtualenv, dependencies, generated code) is set up on the way.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The shared contract checker lives next to the checkout; a clone elsewhere
+# (e.g. /tmp/x) falls back to the workspace copy, and says so if neither exists.
+CHECK_CONTRACT ?= $(firstword $(wildcard ../shared/tools/check-contract /work/shared/tools/check-contract))
+PYTEST_ARGS ?=
+
+.PHONY: help venv generate check-generated docs lint test test-all demo run bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the pinned dependencies
+
+generate: $(STAMP) ## regenerate generated/ from protos/
+	bash scripts/generate.sh
+
+check-generated: $(STAMP) ## fail if generated/ differs from what protos/ produce
+	bash scripts/check-generated.sh
+
+docs: $(STAMP) ## refresh the README's configuration tables from the flags
+	$(PY) scripts/flags_table.py --write
+
+lint: $(STAMP) ## ruff, mypy, buf lint, and the contract check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+	@if [ -n "$(CHECK_CONTRACT)" ]; then $(PY) $(CHECK_CONTRACT); \
+	else echo "check-contract: ../shared/tools/check-contract not found, contract check skipped"; fi
+
+test: $(STAMP) ## run the test suite (without the slow tests)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest -m '' $(PYTEST_ARGS)
+
+demo: $(STAMP) ## run all six workflows end to end on SQLite
+	$(PY) -m eddie_client.demo $(DEMO_ARGS)
+
+run: $(STAMP) ## run a marketplace on 127.0.0.1:50051 with data in ./var/marketplace
+	$(VENV)/bin/marketplace-server --listen 127.0.0.1:50051 --data-dir var/marketplace
+
+bench: $(STAMP) ## benchmarks: search fan-out vs the bare grpc.aio floor, approval latency
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+clean: ## remove the virtualenv and local state
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
