@@ -1,0 +1,1 @@
+"""Pieces shared by the three programs: errors, tokens, logging, serving, flags."""

@@ -1,0 +1,128 @@
+"""Health, reflection, TLS, and the signal-driven lifecycle every program shares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from eddie_common.logging import log_event
+from eddie_common.reflection import enable_reflection
+
+log = logging.getLogger(__name__)
+
+# Server options shared by every program: bounded messages, keepalive, and a
+# pending-call queue large enough for thousands of streams opened at once.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.server.max_pending_requests", 1_000_000),
+    ("grpc.server.max_pending_requests_hard_limit", 1_000_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener (and optional client CA for mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Serves grpc.health.v1 (overall "" and per service) and reflection."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        *service_names,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    enable_reflection(names, server)
+    return health_servicer
+
+
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool
+) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health_servicer.set(name, status)
+
+
+def bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> int:
+    """Binds `listen` (port 0 picks a free one) and returns the bound port."""
+    if tls is not None:
+        port = server.add_secure_port(listen, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return port
+
+
+@dataclass
+class Lifecycle:
+    """Start/stop hooks of a program around its gRPC server."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING first, then drains in-flight RPCs for up to `grace` seconds."""
+        await set_serving(self.health, self.service_names, False)
+        await self.server.stop(grace)
+        for hook in self.on_stop:
+            with contextlib.suppress(Exception):
+                await hook()
+
+
+def announce(host: str, port: int) -> None:
+    """Prints the one line operators and tests wait for."""
+    print(f"listening on {host}:{port}", flush=True)
+    sys.stdout.flush()
+
+
+async def run_until_signal(lifecycle: Lifecycle, host: str, port: int, grace: float, program: str) -> None:
+    """Serves until SIGINT/SIGTERM, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await set_serving(lifecycle.health, lifecycle.service_names, True)
+    announce(host, port)
+    log_event(log, "serving", program=program, address=f"{host}:{port}")
+    await stop.wait()
+    log_event(log, "shutting_down", program=program, grace_seconds=grace)
+    await lifecycle.stop(grace)
+    log_event(log, "stopped", program=program)
