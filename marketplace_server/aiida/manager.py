@@ -1,0 +1,245 @@
+"""The connection manager: one Connect stream per claimed instance, fan-out, unary calls.
+
+Thousands of instances per process: no thread per instance, one shared channel
+per distinct address, bounded per-stream send queues, bounded concurrent
+connects, and last-seen times written to the database in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
+from eddie.energy.v1 import energy_pb2
+from eddie_common.logging import log_event
+from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
+from marketplace_server.aiida.fanout import SearchTally
+from marketplace_server.aiida.link import InstanceLink
+from marketplace_server.config import Config
+from marketplace_server.db.models import InstanceRow
+
+log = logging.getLogger(__name__)
+
+INSTANCE_HEADER = "aiida-instance-id"
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 10_000),
+]
+
+StatusListener = Callable[[str, aiida_pb2.DataAccessStatus], Awaitable[None]]
+UpListener = Callable[[str], Awaitable[None]]
+
+
+class ConnectionManager:
+    """Keeps a Connect stream to every claimed instance and routes what comes back."""
+
+    def __init__(
+        self, config: Config, issuer: TokenIssuer, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        self.config = config
+        self.issuer = issuer
+        self.sessions = sessions
+        self.max_backoff = config.reconnect_max_backoff
+        self.connect_timeout = 10.0
+        self.connect_slots = asyncio.Semaphore(256)
+        self.links: dict[str, InstanceLink] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tallies: dict[str, SearchTally] = {}
+        self._call_tokens: dict[str, tuple[float, str]] = {}
+        self._seen: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.status_listeners: list[StatusListener] = []
+        self.up_listeners: list[UpListener] = []
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Connects to every claimed instance."""
+        async with self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(InstanceRow.instance_id, InstanceRow.address).where(
+                        InstanceRow.owner_id.is_not(None)
+                    )
+                )
+            ).all()
+        for instance_id, address in rows:
+            self.ensure(instance_id, address)
+        self._tasks.append(asyncio.create_task(self._flush_last_seen_forever()))
+        self._tasks.append(asyncio.create_task(self._ping_forever()))
+        log_event(log, "connection_manager_started", instances=len(rows))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(link.stop() for link in self.links.values()), return_exceptions=True)
+        await self._flush_last_seen()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def ensure(self, instance_id: str, address: str) -> None:
+        """Connects a newly claimed instance, or reconnects one that re-registered."""
+        link = self.links.get(instance_id)
+        if link is None:
+            link = InstanceLink(self, instance_id, address)
+            self.links[instance_id] = link
+            link.start()
+        elif link.address != address or not link.connected:
+            link.readdress(address)
+
+    def is_connected(self, instance_id: str) -> bool:
+        link = self.links.get(instance_id)
+        return link is not None and link.connected
+
+    def last_seen(self, instance_id: str) -> datetime | None:
+        link = self.links.get(instance_id)
+        if link is None or not link.last_seen:
+            return None
+        return datetime.fromtimestamp(link.last_seen, UTC)
+
+    # --- channels and credentials ---
+
+    def channel_for(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            if self.config.aiida_tls_ca is not None:
+                cert = self.config.aiida_client_cert.read_bytes() if self.config.aiida_client_cert else None
+                key = self.config.aiida_client_key.read_bytes() if self.config.aiida_client_key else None
+                creds = grpc.ssl_channel_credentials(self.config.aiida_tls_ca.read_bytes(), key, cert)
+                channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    def stream_metadata(self, instance_id: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token(instance_id)}"), (INSTANCE_HEADER, instance_id))
+
+    def _token(self, instance_id: str) -> str:
+        now = time.time()
+        cached = self._call_tokens.get(instance_id)
+        if cached is not None and cached[0] - now > self.config.aiida_token_ttl / 2:
+            return cached[1]
+        token, expiry = self.issuer.issue(
+            f"instances/{instance_id}", AUDIENCE_AIIDA, self.config.aiida_token_ttl
+        )
+        self._call_tokens[instance_id] = (expiry, token)
+        return token
+
+    def stub_for(
+        self, instance_id: str
+    ) -> tuple[aiida_pb2_grpc.AiidaServiceStub, tuple[tuple[str, str], ...]]:
+        """A stub and call metadata for unary calls (configure, revoke) to an instance."""
+        link = self.links.get(instance_id)
+        if link is None:
+            raise KeyError(instance_id)
+        return aiida_pb2_grpc.AiidaServiceStub(self.channel_for(link.address)), self.stream_metadata(
+            instance_id
+        )
+
+    # --- search fan-out ---
+
+    def begin_search(self, data_need: energy_pb2.DataNeed) -> SearchTally:
+        """Queues the query on every claimed instance's stream; replies land in the tally."""
+        query_id = secrets.token_hex(8)
+        payload = aiida_pb2.ConnectRequest(
+            search_query=aiida_pb2.SearchQuery(query_id=query_id, data_need=data_need)
+        ).SerializeToString()
+        tally = SearchTally(query_id)
+        tally.queried = len(self.links)
+        self._tallies[query_id] = tally
+        asked = tally.asked
+        for instance_id, link in self.links.items():
+            if link.send(payload):
+                asked.add(instance_id)
+            else:
+                tally.unreachable += 1
+        if not asked:
+            tally.close()
+        return tally
+
+    def end_search(self, tally: SearchTally) -> int:
+        """Stops accepting replies; returns how many asked instances timed out."""
+        self._tallies.pop(tally.query_id, None)
+        return tally.close()
+
+    # --- callbacks from links ---
+
+    def on_match_reply(self, link: InstanceLink, query_id: str, matched: bool) -> bool:
+        tally = self._tallies.get(query_id)
+        if tally is None or link.instance_id not in tally.asked:
+            return False
+        tally.on_reply(link.instance_id, matched)
+        return True
+
+    def on_status(self, link: InstanceLink, status: aiida_pb2.DataAccessStatus) -> None:
+        for listener in self.status_listeners:
+            self._spawn(listener(link.instance_id, status))
+
+    async def on_link_up(self, link: InstanceLink) -> None:
+        self._seen.add(link.instance_id)
+        log_event(log, "aiida_connected", logging.DEBUG, instance=link.instance_id, address=link.address)
+        for listener in self.up_listeners:
+            self._spawn(listener(link.instance_id))
+
+    async def on_link_down(self, link: InstanceLink) -> None:
+        self._seen.add(link.instance_id)
+        for tally in list(self._tallies.values()):
+            tally.on_lost(link.instance_id)
+        log_event(log, "aiida_disconnected", logging.DEBUG, instance=link.instance_id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure)
+
+    # --- housekeeping ---
+
+    async def _flush_last_seen(self) -> None:
+        if not self._seen:
+            return
+        ids, self._seen = list(self._seen), set()
+        now = datetime.now(UTC)
+        with contextlib.suppress(Exception):
+            async with self.sessions.begin() as session:
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    await session.execute(
+                        update(InstanceRow)
+                        .where(InstanceRow.instance_id.in_(chunk))
+                        .values(last_seen_time=now)
+                    )
+
+    async def _flush_last_seen_forever(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            await self._flush_last_seen()
+
+    async def _ping_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ping_interval)
+            for link in list(self.links.values()):
+                if link.connected:
+                    link.ping()
+                    self._seen.add(link.instance_id)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("listener_failed", exc_info=task.exception())

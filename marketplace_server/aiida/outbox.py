@@ -1,0 +1,359 @@
+"""Durable delivery of configure and revoke calls to AIIDAs.
+
+Approvals, revocations and terminations add `OutboxRow`s in the same
+transaction as their state change; this worker sends them. It wakes at once
+when rows are added (approval -> configure is on the latency path to the first
+reading), when an instance's stream comes up, and on a timer for retries. Rows
+of one permission go out in order, one at a time; a row that fails is retried
+with exponential backoff and jitter; rows for offline instances wait for their
+reconnect. Pending rows survive restarts: the worker starts from the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import cast
+
+import grpc
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
+from eddie.energy.v1 import energy_pb2
+from eddie_common.logging import log_event
+from eddie_common.tokens import AUDIENCE_SINK, TokenIssuer
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.background import Loop
+from marketplace_server.clock import to_timestamp, utcnow
+from marketplace_server.db.models import OutboxRow, PermissionRow
+from marketplace_server.services.permissions import ACTIVE_STATES, CONFIGURE, REVOKE
+
+__all__ = ["OutboxWorker", "configure_payload"]
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 5.0
+MAX_IN_FLIGHT = 32
+MAX_IN_FLIGHT_PER_INSTANCE = 4
+BATCH = 500
+RETRY_BASE = 0.5
+RETRY_CAP = 60.0
+OFFLINE_RECHECK = 30.0
+IDLE_POLL = 5.0
+SINK_TOKEN_GRACE = 3600.0  # the sink token outlives the data window by an hour (late readings, clock skew)
+
+# (instance_id, status) -> None; applies a state the AIIDA returned from a call.
+StatusSink = Callable[[str, aiida_pb2.DataAccessStatus], Awaitable[None]]
+# (permission_id) -> the permission's state, or None if it is unknown.
+StateLookup = Callable[[str], Awaitable[int | None]]
+
+
+def configure_payload(row: PermissionRow, data_need: bytes) -> dict[str, object]:
+    """What a configure needs besides the row's columns; the sink token is issued at delivery."""
+    assert row.start_time is not None
+    assert row.end_time is not None
+    return {
+        "data_need": base64.b64encode(data_need).decode(),
+        "sink_uri": row.sink_uri,
+        "start_time": row.start_time.isoformat(),
+        "end_time": row.end_time.isoformat(),
+        "eligible_party": f"accounts/{row.eligible_party_id}",
+    }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outbox row, detached from its session."""
+
+    id: int
+    permission_id: str
+    instance_id: str
+    kind: str
+    payload: dict[str, object]
+    attempts: int
+    fresh: bool = False  # just committed by an approval: the permission's state need not be re-read
+
+    @classmethod
+    def of(cls, row: OutboxRow, fresh: bool = False) -> Delivery:
+        return cls(
+            row.id, row.permission_id, row.instance_id, row.kind, dict(row.payload), row.attempts, fresh
+        )
+
+
+def _retry_delay(attempts: int) -> float:
+    """Exponential backoff with jitter, capped."""
+    delay: float = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempts, 16))
+    return delay * (0.5 + random.random() / 2)
+
+
+class OutboxWorker:
+    """Sends outbox rows to AIIDAs until each is acknowledged."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        manager: ConnectionManager,
+        issuer: TokenIssuer,
+        permission_state: StateLookup,
+        on_reported: StatusSink,
+    ) -> None:
+        self.sessions = sessions
+        self.manager = manager
+        self.issuer = issuer
+        self.permission_state = permission_state
+        self.on_reported = on_reported
+        self.loop = Loop(self._dispatch, "outbox")
+        self._in_flight: dict[str, asyncio.Task[None]] = {}  # by permission id
+        self._per_instance: Counter[str] = Counter()
+        self._handled_at: dict[int, float] = {}  # row id -> when this process finished or rescheduled it
+
+    def wake(self) -> None:
+        self.loop.wake()
+
+    def submit(self, rows: list[OutboxRow]) -> None:
+        """Rows a transaction just committed: sent at once when possible (approval -> configure is latency
+        critical), else left to the loop."""
+        left = False
+        for row in rows:
+            delivery = Delivery.of(row, fresh=row.kind == CONFIGURE)
+            if self._can_start(delivery):
+                self._start(delivery)
+            else:
+                left = True
+        if left:
+            self.wake()
+
+    def _can_start(self, delivery: Delivery) -> bool:
+        return (
+            not self.loop.stopping
+            and len(self._in_flight) < MAX_IN_FLIGHT
+            and delivery.permission_id not in self._in_flight
+            and self._per_instance[delivery.instance_id] < MAX_IN_FLIGHT_PER_INSTANCE
+            and self.manager.is_connected(delivery.instance_id)
+        )
+
+    async def run(self) -> None:
+        """The worker (a background task until stopped)."""
+        await self.loop.run()
+
+    async def stop(self) -> None:
+        """Stops taking rows; lets calls in flight finish (or cancels them after the call timeout)."""
+        await self.loop.stop()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=CALL_TIMEOUT + 1)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def on_instance_up(self, instance_id: str) -> None:
+        """A stream came up: the instance's waiting rows are due now."""
+        await self._make_due(instance_id)
+        self.wake()
+
+    async def _make_due(self, *instance_ids: str) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.done.is_(False), OutboxRow.instance_id.in_(instance_ids))
+                .values(next_attempt_time=utcnow())
+            )
+
+    # --- the loop ---
+
+    async def _dispatch(self) -> float:
+        """Starts due rows that are first in line for their permission; returns seconds to the next due."""
+        scan_started = time.monotonic()
+        due, heads = await self._due_rows(utcnow())
+        offline: set[str] = set()
+        for delivery in due:
+            if heads.get(delivery.permission_id) != delivery.id:
+                continue  # an earlier row of the permission goes first
+            if self._handled_at.get(delivery.id, 0.0) >= scan_started:
+                continue  # handled while the scan ran: the scan's copy is stale
+            if not self.manager.is_connected(delivery.instance_id):
+                offline.add(delivery.instance_id)
+            elif self._can_start(delivery):
+                self._start(delivery)
+        self._handled_at = {i: t for i, t in self._handled_at.items() if t >= scan_started}
+        if offline:
+            await self._wait_for_reconnect(offline)
+        return await self._seconds_to_next_due()
+
+    async def _due_rows(self, now: datetime) -> tuple[list[Delivery], dict[str, int]]:
+        async with self.sessions() as session:
+            rows = list(
+                await session.scalars(
+                    select(OutboxRow)
+                    .where(OutboxRow.done.is_(False), OutboxRow.next_attempt_time <= now)
+                    .order_by(OutboxRow.id)
+                    .limit(BATCH)
+                )
+            )
+            permission_ids = {r.permission_id for r in rows}
+            heads: dict[str, int] = {}
+            if permission_ids:
+                result = await session.execute(
+                    select(OutboxRow.permission_id, func.min(OutboxRow.id))
+                    .where(OutboxRow.done.is_(False), OutboxRow.permission_id.in_(permission_ids))
+                    .group_by(OutboxRow.permission_id)
+                )
+                heads = {permission_id: first for permission_id, first in result.all()}
+        return [Delivery.of(r) for r in rows], heads
+
+    async def _wait_for_reconnect(self, instance_ids: set[str]) -> None:
+        """Parks the rows of offline instances until they reconnect (or a slow re-check)."""
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.done.is_(False), OutboxRow.instance_id.in_(instance_ids))
+                .values(next_attempt_time=utcnow() + timedelta(seconds=OFFLINE_RECHECK))
+            )
+        back = [i for i in instance_ids if self.manager.is_connected(i)]
+        if back:  # came up while the rows were being parked
+            await self._make_due(*back)
+            self.wake()
+
+    async def _seconds_to_next_due(self) -> float:
+        async with self.sessions() as session:
+            earliest = await session.scalar(
+                select(func.min(OutboxRow.next_attempt_time)).where(OutboxRow.done.is_(False))
+            )
+        if earliest is None:
+            return IDLE_POLL
+        return min(IDLE_POLL, max(0.0, (earliest - utcnow()).total_seconds()))
+
+    # --- one delivery ---
+
+    def _start(self, delivery: Delivery) -> None:
+        self._per_instance[delivery.instance_id] += 1
+        task = asyncio.create_task(self._deliver(delivery), name=f"outbox:{delivery.id}")
+        self._in_flight[delivery.permission_id] = task
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            note = await self._send(delivery)
+            await self._finish(delivery, note)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            await self._failed(delivery, exc)
+        except Exception as exc:
+            await self._retry_later(delivery, repr(exc)[:200])
+        finally:
+            self._handled_at[delivery.id] = time.monotonic()
+            self._in_flight.pop(delivery.permission_id, None)
+            self._per_instance[delivery.instance_id] -= 1
+            if self._per_instance[delivery.instance_id] <= 0:
+                del self._per_instance[delivery.instance_id]
+            if not self.loop.stopping:
+                self.wake()
+
+    async def _send(self, delivery: Delivery) -> str:
+        """Calls the AIIDA; returns a note for the log ("" for a normal delivery)."""
+        sync_stub, metadata = self.manager.stub_for(delivery.instance_id)
+        stub = cast("aiida_pb2_grpc.AiidaServiceAsyncStub", sync_stub)  # built on an aio channel
+        if delivery.kind == REVOKE:
+            request = aiida_pb2.RevokeDataAccessRequest(
+                permission_id=delivery.permission_id, reason=str(delivery.payload.get("reason", ""))
+            )
+            await stub.RevokeDataAccess(request, metadata=metadata, timeout=CALL_TIMEOUT)
+            return ""
+        if not delivery.fresh and await self.permission_state(delivery.permission_id) not in ACTIVE_STATES:
+            return "skipped: the permission ended before it was configured"
+        access = await stub.ConfigureDataAccess(
+            self._configure_request(delivery), metadata=metadata, timeout=CALL_TIMEOUT
+        )
+        if access.state != aiida_pb2.DataAccess.STATE_UNSPECIFIED:
+            status = aiida_pb2.DataAccessStatus(
+                permission_id=delivery.permission_id, state=access.state, reason=access.state_reason
+            )
+            await self.on_reported(delivery.instance_id, status)
+        return ""
+
+    def _configure_request(self, delivery: Delivery) -> aiida_pb2.ConfigureDataAccessRequest:
+        payload = delivery.payload
+        pid = delivery.permission_id
+        start = datetime.fromisoformat(str(payload["start_time"]))
+        end = datetime.fromisoformat(str(payload["end_time"]))
+        ttl = max(60.0, (end - utcnow()).total_seconds() + SINK_TOKEN_GRACE)
+        token, _ = self.issuer.issue(
+            f"permissions/{pid}",
+            AUDIENCE_SINK,
+            ttl,
+            permission_id=pid,
+            eligible_party=str(payload["eligible_party"]),
+            instance_id=delivery.instance_id,
+        )
+        return aiida_pb2.ConfigureDataAccessRequest(
+            data_access=aiida_pb2.DataAccess(
+                permission_id=pid,
+                data_need=energy_pb2.DataNeed.FromString(base64.b64decode(str(payload["data_need"]))),
+                sink_uri=str(payload["sink_uri"]),
+                sink_token=token,
+                start_time=to_timestamp(start),
+                end_time=to_timestamp(end),
+            )
+        )
+
+    async def _finish(self, delivery: Delivery, note: str) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(OutboxRow).where(OutboxRow.id == delivery.id).values(done=True, last_error=note)
+            )
+        log_event(
+            log,
+            "aiida_delivery_done",
+            kind=delivery.kind,
+            permission=delivery.permission_id,
+            instance=delivery.instance_id,
+            attempts=delivery.attempts + 1,
+            note=note,
+        )
+
+    async def _failed(self, delivery: Delivery, exc: grpc.aio.AioRpcError) -> None:
+        error = f"{exc.code().name}: {(exc.details() or '')[:200]}"
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            await self._retry_later(delivery, error)
+            return
+        # Permanent: the AIIDA will never accept this call; retrying cannot help.
+        await self._finish(delivery, f"refused: {error}")
+        if delivery.kind == CONFIGURE:
+            status = aiida_pb2.DataAccessStatus(
+                permission_id=delivery.permission_id,
+                state=aiida_pb2.DataAccess.STATE_FAILED,
+                reason=f"the AIIDA refused the configuration: {exc.details() or 'invalid argument'}",
+            )
+            await self.on_reported(delivery.instance_id, status)
+
+    async def _retry_later(self, delivery: Delivery, error: str) -> None:
+        delay = _retry_delay(delivery.attempts)
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.id == delivery.id)
+                .values(
+                    attempts=OutboxRow.attempts + 1,
+                    next_attempt_time=utcnow() + timedelta(seconds=delay),
+                    last_error=error[:1000],
+                )
+            )
+        log_event(
+            log,
+            "aiida_delivery_failed",
+            logging.WARNING,
+            kind=delivery.kind,
+            permission=delivery.permission_id,
+            instance=delivery.instance_id,
+            attempts=delivery.attempts + 1,
+            retry_in=round(delay, 2),
+            error=error,
+        )

@@ -1,0 +1,127 @@
+"""Who is calling: access-token verification and the caller in a context variable.
+
+The interceptor authenticates; role checks live in the service layer
+(`require_customer`, `require_eligible_party`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.marketplace.v1 import identity_pb2
+from eddie_common.errors import PermissionDenied, Unauthenticated
+from eddie_common.interceptors import current_principal
+from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
+from marketplace_server.db import models
+
+PUBLIC_METHODS = frozenset(
+    {
+        "/eddie.marketplace.v1.IdentityService/CreateAccount",
+        "/eddie.marketplace.v1.IdentityService/CreateToken",
+        "/eddie.marketplace.v1.IdentityService/RefreshToken",
+        "/eddie.marketplace.v1.IdentityService/ListSigningKeys",
+        "/eddie.marketplace.v1.InstanceService/RegisterInstance",
+    }
+)
+
+ROLE_CUSTOMER = identity_pb2.ROLE_CUSTOMER
+ROLE_ELIGIBLE_PARTY = identity_pb2.ROLE_ELIGIBLE_PARTY
+
+
+def role_name(role: int) -> str:
+    return identity_pb2.Role.Name(identity_pb2.Role.ValueType(role))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated account of the current RPC."""
+
+    account_id: str
+    role: int
+    peer: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"accounts/{self.account_id}"
+
+    @property
+    def is_customer(self) -> bool:
+        return self.role == ROLE_CUSTOMER
+
+    @property
+    def is_eligible_party(self) -> bool:
+        return self.role == ROLE_ELIGIBLE_PARTY
+
+
+def principal() -> Principal:
+    """The caller of the current RPC (set by the interceptor)."""
+    value = current_principal.get()
+    if not isinstance(value, Principal):
+        raise Unauthenticated("authentication required", reason="UNAUTHENTICATED")
+    return value
+
+
+def require_customer() -> Principal:
+    p = principal()
+    if not p.is_customer:
+        raise PermissionDenied("only customers may do this", reason="ROLE_NOT_ALLOWED")
+    return p
+
+
+def require_eligible_party() -> Principal:
+    p = principal()
+    if not p.is_eligible_party:
+        raise PermissionDenied("only eligible parties may do this", reason="ROLE_NOT_ALLOWED")
+    return p
+
+
+class AccessTokenAuthenticator:
+    """Verifies the bearer access token and that its account still exists and is enabled."""
+
+    _CACHE_SECONDS = 2.0
+
+    def __init__(self, verifier: TokenVerifier, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.verifier = verifier
+        self.sessions = sessions
+        self._accounts: dict[str, tuple[float, int | None]] = {}
+
+    def forget(self, account_id: str) -> None:
+        self._accounts.pop(account_id, None)
+
+    async def _account_role(self, account_id: str) -> int | None:
+        now = time.monotonic()
+        cached = self._accounts.get(account_id)
+        if cached and now - cached[0] < self._CACHE_SECONDS:
+            return cached[1]
+        async with self.sessions() as session:
+            row = await session.get(models.AccountRow, account_id)
+        role = row.role if row is not None and not row.disabled else None
+        if len(self._accounts) > 50_000:
+            self._accounts.clear()
+        self._accounts[account_id] = (now, role)
+        return role
+
+    async def __call__(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> Principal:
+        token = bearer_token(metadata)
+        if not token:
+            raise Unauthenticated("missing authorization: Bearer <access token>", reason="TOKEN_MISSING")
+        claims = self.verifier.verify(token)
+        if claims.get("typ") != "access":
+            raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
+        subject = str(claims["sub"])
+        if not subject.startswith("accounts/"):
+            raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID")
+        account_id = subject.removeprefix("accounts/")
+        role = await self._account_role(account_id)
+        if role is None:
+            raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")
+        if claims.get("role") != role_name(role):
+            raise Unauthenticated("invalid token role", reason="TOKEN_INVALID")
+        return Principal(account_id=account_id, role=role)
+
+
+def marketplace_verifier(public_keys: dict[str, object], issuer: str) -> TokenVerifier:
+    return TokenVerifier(public_keys, issuer=issuer, audience=AUDIENCE_MARKETPLACE)  # type: ignore[arg-type]

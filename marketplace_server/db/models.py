@@ -1,0 +1,226 @@
+"""SQLAlchemy 2.0 models of everything the marketplace stores.
+
+Times are timezone-aware UTC. Secrets are stored only as digests: passwords
+with argon2id, high-entropy secrets (instance secrets, refresh tokens) with
+SHA-256, pairing codes with argon2id (they are short).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops tzinfo)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        from datetime import UTC
+
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AccountRow(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    email: Mapped[str] = mapped_column(String(254))
+    email_normalized: Mapped[str] = mapped_column(String(254), unique=True)
+    display_name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[int] = mapped_column(Integer)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RefreshTokenRow(Base):
+    __tablename__ = "refresh_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    family_id: Mapped[str] = mapped_column(String(32), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    expire_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    used: Mapped[bool] = mapped_column(Boolean, default=False)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class InstanceRow(Base):
+    __tablename__ = "instances"
+
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(300))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    pairing_code_hash: Mapped[str] = mapped_column(String(200))
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"), index=True, nullable=True)
+    register_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    claim_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class DataRequestRow(Base):
+    __tablename__ = "data_requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Monotonic insertion order for stable "newest first" paging.
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    kind: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    purpose: Mapped[str] = mapped_column(Text)
+    policy_uri: Mapped[str] = mapped_column(String(2048), default="")
+    # Serialized eddie.energy.v1.DataNeed, plus the columns the filters need.
+    data_need: Mapped[bytes] = mapped_column(LargeBinary)
+    energy_type: Mapped[int] = mapped_column(Integer)
+    # Space-separated upper-case region codes with leading/trailing spaces (" AT DE-BY "); "" = anywhere.
+    regions: Mapped[str] = mapped_column(String(2000), default="")
+    search_text: Mapped[str] = mapped_column(Text)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    state: Mapped[int] = mapped_column(Integer)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    close_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_data_requests_state_seq", "state", "seq"),
+        Index("ix_data_requests_owner_seq", "owner_id", "seq"),
+        Index("ix_data_requests_energy_seq", "energy_type", "seq"),
+    )
+
+
+class IdempotencyKeyRow(Base):
+    """AIP-155 request ids: (caller, method, request_id) -> the resource created."""
+
+    __tablename__ = "idempotency_keys"
+
+    account_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    method: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SearchRow(Base):
+    __tablename__ = "searches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    data_request_id: Mapped[str] = mapped_column(ForeignKey("data_requests.id"), index=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    queried: Mapped[int] = mapped_column(Integer)
+    matched: Mapped[int] = mapped_column(Integer)
+    not_matched: Mapped[int] = mapped_column(Integer)
+    unreachable: Mapped[int] = mapped_column(Integer)
+    timed_out: Mapped[int] = mapped_column(Integer)
+    elapsed_ms: Mapped[int] = mapped_column(Integer)
+
+
+class SearchMatchRow(Base):
+    __tablename__ = "search_matches"
+
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data_request_id: Mapped[str] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_search_matches_request_instance", "data_request_id", "instance_id"),)
+
+
+class PermissionRow(Base):
+    __tablename__ = "permissions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
+    data_request_id: Mapped[str] = mapped_column(ForeignKey("data_requests.id"), index=True)
+    instance_id: Mapped[str] = mapped_column(ForeignKey("instances.instance_id"), index=True)
+    eligible_party_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    customer_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    state: Mapped[int] = mapped_column(Integer, index=True)
+    state_reason: Mapped[str] = mapped_column(String(1000), default="")
+    sink_uri: Mapped[str] = mapped_column(String(300))
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    decision_deadline: Mapped[datetime] = mapped_column(UtcDateTime)
+    decide_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    start_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    end_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    update_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PermissionTransitionRow(Base):
+    """Every state change of a permission, with its time and reason."""
+
+    __tablename__ = "permission_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    permission_id: Mapped[str] = mapped_column(ForeignKey("permissions.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[int] = mapped_column(Integer)
+    to_state: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+    time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class OutboxRow(Base):
+    """Durable deliveries to AIIDAs (configure / revoke), retried until acknowledged."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    permission_id: Mapped[str] = mapped_column(ForeignKey("permissions.id"), index=True)
+    instance_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "configure" | "revoke"
+    payload: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_time: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    last_error: Mapped[str] = mapped_column(String(1000), default="")
+    done: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CounterRow(Base):
+    """Named monotonic counters (for `seq` columns), portable across backends."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+
+
+__all__ = [
+    "AccountRow",
+    "Base",
+    "CounterRow",
+    "DataRequestRow",
+    "IdempotencyKeyRow",
+    "InstanceRow",
+    "OutboxRow",
+    "PermissionRow",
+    "PermissionTransitionRow",
+    "RefreshTokenRow",
+    "SearchMatchRow",
+    "SearchRow",
+]

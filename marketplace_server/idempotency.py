@@ -1,0 +1,100 @@
+"""AIP-155 request ids: a retried create returns the first result instead of a duplicate.
+
+Used inside the caller's transaction:
+
+    stored = await find(session, account, METHOD, request_id, fp)   # replay?
+    if stored is None:
+        await remember(session, account, METHOD, request_id, fp, new_id)   # claim first
+        ...create the resource with id new_id...
+
+`remember` inserts the key before the resource, so of two concurrent duplicates
+the second blocks on the primary key and then fails with `IntegrityError`; the
+caller rolls back and calls `find` again in a fresh transaction (see
+`find_after_conflict`), which returns the winner's result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie_common.errors import InvalidArgument, Validator
+from marketplace_server.clock import utcnow
+from marketplace_server.db.models import IdempotencyKeyRow
+
+__all__ = ["check_request_id", "find", "find_after_conflict", "fingerprint", "remember"]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+
+
+def check_request_id(v: Validator, request_id: str, field: str = "request_id") -> None:
+    """An optional request id is 1 to 64 letters, digits, `-` or `_` (a UUID fits)."""
+    if request_id:
+        v.check(
+            _REQUEST_ID.fullmatch(request_id) is not None,
+            field,
+            "1 to 64 letters, digits, '-' or '_' (e.g. a UUID)",
+        )
+
+
+def fingerprint(message: Message) -> str:
+    """A digest of the (normalized) request content a request id stands for."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _key(account_id: str, method: str, request_id: str) -> tuple[str, str, str]:
+    return (account_id, method, request_id)
+
+
+async def find(
+    session: AsyncSession, account_id: str, method: str, request_id: str, request_fingerprint: str
+) -> str | None:
+    """The stored result of an earlier call with this request id, or None.
+
+    The same request id with different content is INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """
+    row = await session.get(IdempotencyKeyRow, _key(account_id, method, request_id), populate_existing=True)
+    if row is None:
+        return None
+    if row.request_hash != request_fingerprint:
+        raise InvalidArgument.for_field(
+            "request_id", "already used for a different request", reason="REQUEST_ID_REUSED"
+        )
+    return row.result
+
+
+async def remember(
+    session: AsyncSession,
+    account_id: str,
+    method: str,
+    request_id: str,
+    request_fingerprint: str,
+    result: str,
+) -> None:
+    """Claims the request id for `result`; raises IntegrityError if a concurrent call claimed it."""
+    session.add(
+        IdempotencyKeyRow(
+            account_id=account_id,
+            method=method,
+            request_id=request_id,
+            request_hash=request_fingerprint,
+            result=result,
+            create_time=utcnow(),
+        )
+    )
+    await session.flush()
+
+
+async def find_after_conflict(
+    sessions: async_sessionmaker[AsyncSession],
+    account_id: str,
+    method: str,
+    request_id: str,
+    request_fingerprint: str,
+) -> str | None:
+    """`find` in a fresh transaction, after `remember` lost a race and its transaction rolled back."""
+    async with sessions() as session:
+        return await find(session, account_id, method, request_id, request_fingerprint)

@@ -1,0 +1,34 @@
+"""ConsentService servicer: thin; the workflow is in services.consent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from eddie.marketplace.v1 import access_pb2, consent_pb2, consent_pb2_grpc
+from marketplace_server.services.consent import ConsentService
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
+    def __init__(self, consent: ConsentService) -> None:
+        self.consent = consent
+
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[consent_pb2.ConnectRequest], context: Context
+    ) -> AsyncIterator[consent_pb2.ConnectResponse]:
+        async for response in self.consent.connect(request_iterator):
+            yield response
+
+    async def DecideAccess(
+        self, request: consent_pb2.DecideAccessRequest, context: Context
+    ) -> access_pb2.Permission:
+        return await self.consent.decide_access(request)
+
+    async def RevokePermission(
+        self, request: consent_pb2.RevokePermissionRequest, context: Context
+    ) -> access_pb2.Permission:
+        return await self.consent.revoke(request)

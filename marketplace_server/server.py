@@ -1,0 +1,190 @@
+"""Builds the marketplace: database, keys, services, servicers, interceptors, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from eddie.marketplace.v1 import (
+    access_pb2_grpc,
+    consent_pb2_grpc,
+    data_request_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
+    instance_pb2_grpc,
+)
+from eddie_common.interceptors import ServiceInterceptor
+from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
+from eddie_common.tokens import SigningKey, TokenIssuer
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.aiida.outbox import OutboxWorker
+from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
+from marketplace_server.config import Config
+from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
+from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.pagination import PageTokenCodec
+from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.rpc.access import AccessServicer
+from marketplace_server.rpc.consent import ConsentServicer
+from marketplace_server.rpc.data_requests import DataRequestServicer
+from marketplace_server.rpc.identity import IdentityServicer
+from marketplace_server.rpc.instances import InstanceServicer
+from marketplace_server.services.access import AccessService
+from marketplace_server.services.consent import ConsentService
+from marketplace_server.services.data_requests import DataRequestService
+from marketplace_server.services.events import EventHub
+from marketplace_server.services.identity import IdentityService
+from marketplace_server.services.instances import InstanceService
+from marketplace_server.services.permissions import PermissionLedger
+from marketplace_server.services.search import SearchService
+from marketplace_server.services.statuses import StatusApplier
+from marketplace_server.services.timeouts import DecisionTimeouts
+from marketplace_server.services.watch import PermissionWatch
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+    "eddie.marketplace.v1.InstanceService",
+    "eddie.marketplace.v1.DataRequestService",
+    "eddie.marketplace.v1.AccessService",
+    "eddie.marketplace.v1.ConsentService",
+]
+
+
+@dataclass
+class Marketplace:
+    """A built marketplace: its server, components and shutdown hooks."""
+
+    config: Config
+    server: grpc.aio.Server
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    signing_key: SigningKey
+    issuer: TokenIssuer
+    lifecycle: Lifecycle
+    components: dict[str, Any] = field(default_factory=dict)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for start in self.background:
+            self._tasks.append(asyncio.create_task(start()))
+        await set_serving(self.lifecycle.health, SERVICE_NAMES, True)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.lifecycle.stop(self.config.grace_period if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.engine.dispose()
+
+
+async def create_server(config: Config) -> tuple[Marketplace, int]:
+    """Builds (but does not start) the marketplace; returns it and its bound port."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    signing_key = SigningKey.load_or_create(config.data_dir / "signing-key.pem")
+    issuer = TokenIssuer(signing_key, config.issuer)
+    engine = create_engine(config.effective_database_url, schema=config.database_schema)
+    await migrate(engine)
+    sessions = create_sessionmaker(engine)
+
+    verifier = marketplace_verifier({signing_key.key_id: signing_key.public_key}, config.issuer)
+    authenticator = AccessTokenAuthenticator(verifier, sessions)
+    interceptor = ServiceInterceptor(
+        domain=DOMAIN,
+        authenticate=authenticator,
+        public_methods=PUBLIC_METHODS,
+        translate=translate_infrastructure_error,
+    )
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
+
+    identity = IdentityService(
+        sessions,
+        issuer,
+        access_ttl=config.access_token_ttl,
+        refresh_ttl=config.refresh_token_ttl,
+        login_limiter=RateLimiter(config.login_attempts_per_minute),
+    )
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(identity, [signing_key], config.issuer), server
+    )
+    pages = PageTokenCodec.from_signing_key(signing_key)
+    manager = ConnectionManager(config, issuer, sessions)
+    instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
+    instance_pb2_grpc.add_InstanceServiceServicer_to_server(
+        InstanceServicer(instances, signing_key.public_pem, config.issuer, pages), server
+    )
+    data_requests = DataRequestService(sessions, pages)
+    search = SearchService(sessions, manager, config)
+    data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
+        DataRequestServicer(data_requests, search), server
+    )
+    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages)
+    health = add_health_and_reflection(server, SERVICE_NAMES)
+    port = bind(server, config.listen, config.tls)
+    lifecycle = Lifecycle(server, health, SERVICE_NAMES)
+    app = Marketplace(config, server, engine, sessions, signing_key, issuer, lifecycle)
+    app.components.update(
+        identity=identity,
+        authenticator=authenticator,
+        manager=manager,
+        instances=instances,
+        data_requests=data_requests,
+        search=search,
+        pages=pages,
+    )
+    app.components.update(permissions)
+    app.background.append(manager.start)
+    app.background.extend(permissions[name].run for name in ("outbox", "timeouts", "statuses"))
+    app.lifecycle.on_stop.extend(permissions[name].stop for name in ("outbox", "timeouts", "statuses"))
+    app.lifecycle.on_stop.append(manager.stop)
+    return app, port
+
+
+def _add_permission_services(
+    server: grpc.aio.Server,
+    config: Config,
+    sessions: async_sessionmaker[AsyncSession],
+    manager: ConnectionManager,
+    issuer: TokenIssuer,
+    pages: PageTokenCodec,
+) -> dict[str, Any]:
+    """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
+    hub = EventHub(config.max_streams_per_account)
+    ledger = PermissionLedger(sessions, hub)
+    timeouts = DecisionTimeouts(ledger)
+    statuses = StatusApplier(ledger)
+    outbox = OutboxWorker(sessions, manager, issuer, ledger.state_of, statuses.apply)
+    ledger.outbox_listeners.append(outbox.submit)
+    manager.status_listeners.append(statuses.on_stream_status)
+    manager.up_listeners.append(outbox.on_instance_up)
+    access = AccessService(ledger, timeouts, pages, config.decision_timeout)
+    consent = ConsentService(ledger, hub, timeouts)
+    access_pb2_grpc.add_AccessServiceServicer_to_server(
+        AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
+    )
+    consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentServicer(consent), server)
+    return {
+        "events": hub,
+        "permissions": ledger,
+        "timeouts": timeouts,
+        "statuses": statuses,
+        "outbox": outbox,
+        "access": access,
+        "consent": consent,
+    }

@@ -1,0 +1,360 @@
+"""Workflow 6, eligible party side: requesting access, reading and ending permissions."""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from eddie.marketplace.v1 import access_pb2, data_request_pb2
+from eddie_common.logging import log_event
+from marketplace_server import idempotency
+from marketplace_server.auth import principal, require_eligible_party
+from marketplace_server.clock import utcnow
+from marketplace_server.db.counters import reserve
+from marketplace_server.db.models import (
+    AccountRow,
+    DataRequestRow,
+    InstanceRow,
+    PermissionRow,
+    PermissionTransitionRow,
+    SearchMatchRow,
+)
+from marketplace_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Validator,
+)
+from marketplace_server.pagination import PageTokenCodec, page_size
+from marketplace_server.rpc.converters import data_request_to_proto, permission_to_proto
+from marketplace_server.security import new_id
+from marketplace_server.services.data_requests import parse_data_request_name
+from marketplace_server.services.instances import INSTANCE_ID, valid_address
+from marketplace_server.services.permissions import (
+    ACTIVE_STATES,
+    PENDING,
+    TERMINAL_STATES,
+    TERMINATED,
+    Move,
+    PermissionLedger,
+    PermissionTx,
+    not_found,
+    parse_permission_name,
+    required_reason,
+)
+from marketplace_server.services.timeouts import DecisionTimeouts, is_overdue
+
+__all__ = ["AccessService", "load_data_request"]
+
+log = logging.getLogger(__name__)
+
+METHOD_REQUEST = "RequestAccess"
+METHOD_LIST = "ListPermissions"
+SEQ_COUNTER = "permissions"
+MAX_INSTANCES = 1000
+CHUNK = 500
+MAX_SINK_URI = 300
+_SINK_URI = re.compile(r"grpcs?://(.+)", re.ASCII)
+DataRequest = data_request_pb2.DataRequest
+
+
+def _chunks(items: list[str]) -> list[list[str]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+
+def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
+    """Checks every field; returns the data request id."""
+    v = Validator()
+    data_request_id = ""
+    try:
+        data_request_id = parse_data_request_name(request.data_request, "data_request")
+    except InvalidArgument as exc:
+        v.violations.extend(exc.violations)
+    ids = list(request.instance_ids)
+    v.check(1 <= len(ids) <= MAX_INSTANCES, "instance_ids", f"1 to {MAX_INSTANCES:,} instance ids")
+    seen: set[str] = set()
+    for i, instance_id in enumerate(ids[:MAX_INSTANCES]):
+        if not INSTANCE_ID.fullmatch(instance_id):
+            v.add(f"instance_ids[{i}]", "not a valid instance id")
+        elif instance_id in seen:
+            v.add(f"instance_ids[{i}]", "duplicate instance id")
+        seen.add(instance_id)
+    match = _SINK_URI.fullmatch(request.sink_uri)
+    v.check(
+        match is not None and len(request.sink_uri) <= MAX_SINK_URI and valid_address(match.group(1)),
+        "sink_uri",
+        "must be grpc://host:port or grpcs://host:port",
+    )
+    idempotency.check_request_id(v, request.request_id)
+    v.raise_if_any()
+    return data_request_id
+
+
+async def load_data_request(session: AsyncSession, data_request_id: str) -> tuple[DataRequestRow, str]:
+    """The data request and its owner's display name, or NOT_FOUND."""
+    found = (
+        await session.execute(
+            select(DataRequestRow, AccountRow.display_name)
+            .join(AccountRow, AccountRow.id == DataRequestRow.owner_id)
+            .where(DataRequestRow.id == data_request_id)
+        )
+    ).first()
+    if found is None:
+        raise NotFound(f"dataRequests/{data_request_id} does not exist", reason="DATA_REQUEST_NOT_FOUND")
+    return found[0], found[1]
+
+
+async def _owners_of_matched(session: AsyncSession, data_request_id: str, ids: list[str]) -> dict[str, str]:
+    """The owner of each instance; FAILED_PRECONDITION unless all were matched and are still claimed."""
+    matched: set[str] = set()
+    owners: dict[str, str | None] = {}
+    for chunk in _chunks(ids):
+        matched.update(
+            await session.scalars(
+                select(SearchMatchRow.instance_id)
+                .where(
+                    SearchMatchRow.data_request_id == data_request_id, SearchMatchRow.instance_id.in_(chunk)
+                )
+                .distinct()
+            )
+        )
+        result = await session.execute(
+            select(InstanceRow.instance_id, InstanceRow.owner_id).where(InstanceRow.instance_id.in_(chunk))
+        )
+        owners.update({instance_id: owner for instance_id, owner in result.all()})
+    unmatched = [i for i in ids if i not in matched]
+    if unmatched:
+        raise FailedPrecondition(
+            f"instance {unmatched[0]} was not matched by a search of this data request",
+            reason="INSTANCE_NOT_MATCHED",
+            metadata={"instance_id": unmatched[0], "unmatched_count": str(len(unmatched))},
+        )
+    unclaimed = [i for i in ids if owners.get(i) is None]
+    if unclaimed:
+        raise FailedPrecondition(
+            f"instance {unclaimed[0]} is no longer claimed by a customer",
+            reason="INSTANCE_NOT_CLAIMED",
+            metadata={"instance_id": unclaimed[0]},
+        )
+    return {i: str(owners[i]) for i in ids}
+
+
+class AccessService:
+    """RequestAccess, GetPermission, ListPermissions and TerminatePermission."""
+
+    def __init__(
+        self,
+        ledger: PermissionLedger,
+        timeouts: DecisionTimeouts,
+        pages: PageTokenCodec,
+        decision_timeout: float,
+    ) -> None:
+        self.ledger = ledger
+        self.sessions = ledger.sessions
+        self.timeouts = timeouts
+        self.pages = pages
+        self.decision_timeout = decision_timeout
+
+    # --- RequestAccess ---
+
+    async def request_access(
+        self, request: access_pb2.RequestAccessRequest
+    ) -> access_pb2.RequestAccessResponse:
+        caller = require_eligible_party().account_id
+        data_request_id = validate_request_access(request)
+        request_id = request.request_id
+        fingerprint = ""
+        if request_id:
+            canonical = access_pb2.RequestAccessRequest()
+            canonical.CopyFrom(request)
+            canonical.request_id = ""
+            fingerprint = idempotency.fingerprint(canonical)
+        try:
+            rows = await self._create(caller, data_request_id, request, fingerprint)
+        except IntegrityError:
+            if not request_id:
+                raise
+            # A concurrent call with the same request id won the race: return its result.
+            earlier = await idempotency.find_after_conflict(
+                self.sessions, caller, METHOD_REQUEST, request_id, fingerprint
+            )
+            if earlier is None:
+                raise
+            async with self.sessions() as session:
+                rows = await self._load_in_order(session, earlier.split())
+        return access_pb2.RequestAccessResponse(permissions=[permission_to_proto(r) for r in rows])
+
+    async def _create(
+        self, caller: str, data_request_id: str, request: access_pb2.RequestAccessRequest, fingerprint: str
+    ) -> list[PermissionRow]:
+        ids = list(request.instance_ids)
+        permission_ids = [new_id() for _ in ids]
+        async with self.ledger.transaction() as tx:
+            session = tx.session
+            if request.request_id:
+                earlier = await idempotency.find(
+                    session, caller, METHOD_REQUEST, request.request_id, fingerprint
+                )
+                if earlier is not None:
+                    return await self._load_in_order(session, earlier.split())
+            data_request, owner_name = await load_data_request(session, data_request_id)
+            if data_request.owner_id != caller:
+                raise PermissionDenied(
+                    "only the owner of a data request may request access", reason="NOT_OWNER"
+                )
+            if data_request.state == DataRequest.STATE_CLOSED:
+                raise FailedPrecondition("the data request is closed", reason="DATA_REQUEST_CLOSED")
+            owners = await _owners_of_matched(session, data_request_id, ids)
+            if request.request_id:
+                await idempotency.remember(
+                    session, caller, METHOD_REQUEST, request.request_id, fingerprint, " ".join(permission_ids)
+                )
+            rows = await self._insert(
+                tx,
+                caller,
+                data_request_id,
+                request.sink_uri,
+                list(zip(permission_ids, ids, strict=True)),
+                owners,
+            )
+            data_request_proto = data_request_to_proto(data_request, owner_name)
+            for row in rows:
+                tx.created(row, data_request_proto)
+        log_event(
+            log,
+            "access_requested",
+            data_request=data_request_id,
+            eligible_party=caller,
+            permissions=len(rows),
+        )
+        return rows
+
+    async def _insert(
+        self,
+        tx: PermissionTx,
+        caller: str,
+        data_request_id: str,
+        sink_uri: str,
+        pairs: list[tuple[str, str]],
+        owners: dict[str, str],
+    ) -> list[PermissionRow]:
+        now = utcnow()
+        deadline = now + timedelta(seconds=self.decision_timeout)
+        first_seq = await reserve(tx.session, SEQ_COUNTER, len(pairs))
+        rows = []
+        for offset, (permission_id, instance_id) in enumerate(pairs):
+            rows.append(
+                PermissionRow(
+                    id=permission_id,
+                    seq=first_seq + offset,
+                    data_request_id=data_request_id,
+                    instance_id=instance_id,
+                    eligible_party_id=caller,
+                    customer_id=owners[instance_id],
+                    state=PENDING,
+                    state_reason="",
+                    sink_uri=sink_uri,
+                    create_time=now,
+                    decision_deadline=deadline,
+                    decide_time=None,
+                    start_time=None,
+                    end_time=None,
+                    update_time=now,
+                )
+            )
+        tx.session.add_all(rows)
+        await tx.session.flush()
+        tx.session.add_all(
+            [
+                PermissionTransitionRow(
+                    permission_id=r.id, from_state=0, to_state=PENDING, reason="requested", time=now
+                )
+                for r in rows
+            ]
+        )
+        return rows
+
+    async def _load_in_order(self, session: AsyncSession, permission_ids: list[str]) -> list[PermissionRow]:
+        found: dict[str, PermissionRow] = {}
+        for chunk in _chunks(permission_ids):
+            found.update(
+                {
+                    r.id: r
+                    for r in await session.scalars(select(PermissionRow).where(PermissionRow.id.in_(chunk)))
+                }
+            )
+        return [found[i] for i in permission_ids if i in found]
+
+    # --- reading ---
+
+    async def get(self, name: str) -> access_pb2.Permission:
+        caller = principal()
+        row = await self.ledger.load_visible(parse_permission_name(name), caller.account_id)
+        return permission_to_proto(await self.timeouts.fresh(row))
+
+    async def list(self, request: access_pb2.ListPermissionsRequest) -> access_pb2.ListPermissionsResponse:
+        caller = principal()
+        size = page_size(request.page_size)
+        data_request_id = (
+            parse_data_request_name(request.data_request, "data_request") if request.data_request else ""
+        )
+        if request.state not in access_pb2.Permission.State.values():
+            raise InvalidArgument.for_field("state", "unknown state")
+        scope = PermissionRow.customer_id if caller.is_customer else PermissionRow.eligible_party_id
+        bound = {"account": caller.account_id, "data_request": data_request_id, "state": request.state}
+        after = self.pages.decode_int(request.page_token, METHOD_LIST, bound, "seq")
+        await self.timeouts.expire_due(scope == caller.account_id)
+        query = select(PermissionRow).where(scope == caller.account_id)
+        if data_request_id:
+            query = query.where(PermissionRow.data_request_id == data_request_id)
+        if request.state:
+            query = query.where(PermissionRow.state == request.state)
+        if after is not None:
+            query = query.where(PermissionRow.seq < after)
+        async with self.sessions() as session:
+            rows = list(await session.scalars(query.order_by(PermissionRow.seq.desc()).limit(size + 1)))
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = self.pages.encode(METHOD_LIST, bound, {"seq": rows[-1].seq})
+        return access_pb2.ListPermissionsResponse(
+            permissions=[permission_to_proto(r) for r in rows], next_page_token=token
+        )
+
+    # --- TerminatePermission ---
+
+    async def terminate(self, request: access_pb2.TerminatePermissionRequest) -> access_pb2.Permission:
+        caller = require_eligible_party().account_id
+        permission_id = parse_permission_name(request.name)
+        reason = required_reason(request.reason)
+
+        def plan(row: PermissionRow) -> Move | None:
+            if row.eligible_party_id != caller:
+                raise not_found(row.id)
+            if is_overdue(row) or row.state in TERMINAL_STATES:
+                raise not_active(row)
+            return Move(TERMINATED, reason)
+
+        await self.timeouts.fresh(await self.ledger.load_visible(permission_id, caller))
+        async with self.ledger.transaction() as tx:
+            applied = await tx.apply(permission_id, plan)
+            if applied.row is None:
+                raise not_found(permission_id)
+            if applied.previous_state in ACTIVE_STATES:
+                await tx.revoke(applied.row, reason)
+        log_event(log, "permission_terminated", permission=permission_id, eligible_party=caller)
+        return permission_to_proto(applied.row)
+
+
+def not_active(row: PermissionRow) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"permissions/{row.id} has already ended",
+        reason="PERMISSION_NOT_ACTIVE",
+        metadata={"state": access_pb2.Permission.State.Name(row.state)},  # type: ignore[arg-type]
+    )

@@ -1,0 +1,137 @@
+"""The in-process event hub: permission changes and new access requests to live streams.
+
+Each stream (a customer's consent channel, an EP's WatchPermissions) is one
+subscriber with a bounded queue. Publishing never waits: a subscriber whose
+queue is full is dropped (its stream ends with RESOURCE_EXHAUSTED,
+SUBSCRIBER_TOO_SLOW), so one slow client never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from eddie.marketplace.v1 import access_pb2, data_request_pb2
+from eddie_common.logging import log_event
+from marketplace_server.errors import ResourceExhausted
+
+__all__ = ["AccessRequested", "Event", "EventHub", "PermissionChanged", "Subscriber"]
+
+log = logging.getLogger(__name__)
+
+# Larger than the biggest burst one transaction publishes (RequestAccess of 1,000 instances).
+QUEUE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class PermissionChanged:
+    """A permission after a transition (or its creation, with previous_state UNSPECIFIED)."""
+
+    permission: access_pb2.Permission
+    previous_state: int
+    customer_id: str
+    eligible_party_id: str
+    data_request_id: str
+
+
+@dataclass(frozen=True)
+class AccessRequested:
+    """A new pending permission, with what the customer's consent screen shows."""
+
+    permission: access_pb2.Permission
+    data_request: data_request_pb2.DataRequest
+    customer_id: str
+
+
+Event = PermissionChanged | AccessRequested
+# A stream may also queue its own messages (answers to decisions) behind the events.
+Item = Event | Message
+
+
+class Subscriber:
+    """One live stream's queue of events."""
+
+    def __init__(self, account_id: str, accepts: Callable[[Event], bool], size: int = QUEUE_SIZE) -> None:
+        self.account_id = account_id
+        self.accepts = accepts
+        self.dropped = False
+        self._queue: asyncio.Queue[Item | None] = asyncio.Queue(size)
+
+    def push(self, item: Item) -> bool:
+        """Queues `item`; False (and the subscriber is dropped) when the queue is full."""
+        if self.dropped:
+            return False
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._drop()
+            return False
+        return True
+
+    def _drop(self) -> None:
+        self.dropped = True
+        while not self._queue.empty():  # make room for the end marker
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    async def next(self) -> Item:
+        """The next item; raises RESOURCE_EXHAUSTED (SUBSCRIBER_TOO_SLOW) once dropped."""
+        item = await self._queue.get()
+        if item is None:
+            raise ResourceExhausted(
+                "the stream fell too far behind and was closed; reconnect", reason="SUBSCRIBER_TOO_SLOW"
+            )
+        return item
+
+
+class EventHub:
+    """Routes events to the streams of the accounts they concern."""
+
+    def __init__(self, max_streams_per_account: int, queue_size: int = QUEUE_SIZE) -> None:
+        self.max_streams_per_account = max_streams_per_account
+        self.queue_size = queue_size
+        self._subscribers: dict[str, set[Subscriber]] = {}
+
+    def stream_count(self, account_id: str) -> int:
+        return len(self._subscribers.get(account_id, ()))
+
+    @contextlib.contextmanager
+    def subscribe(
+        self, account_id: str, accepts: Callable[[Event], bool] = lambda _: True
+    ) -> Iterator[Subscriber]:
+        """A subscriber for the events of `account_id` for the duration of the block."""
+        subscribers = self._subscribers.setdefault(account_id, set())
+        if len(subscribers) >= self.max_streams_per_account:
+            raise ResourceExhausted(
+                f"at most {self.max_streams_per_account} concurrent streams per account",
+                reason="TOO_MANY_STREAMS",
+            )
+        subscriber = Subscriber(account_id, accepts, self.queue_size)
+        subscribers.add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            subscribers.discard(subscriber)
+            if not subscribers:
+                self._subscribers.pop(account_id, None)
+
+    def publish(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, AccessRequested):
+                self._deliver(event.customer_id, event)
+            elif event.previous_state == access_pb2.Permission.STATE_UNSPECIFIED:
+                self._deliver(event.eligible_party_id, event)  # the customer got an AccessRequested
+            else:
+                self._deliver(event.customer_id, event)
+                self._deliver(event.eligible_party_id, event)
+
+    def _deliver(self, account_id: str, event: Event) -> None:
+        for subscriber in list(self._subscribers.get(account_id, ())):
+            if subscriber.accepts(event) and not subscriber.push(event):
+                self._subscribers.get(account_id, set()).discard(subscriber)
+                log_event(log, "subscriber_dropped", logging.WARNING, account=account_id, why="too_slow")

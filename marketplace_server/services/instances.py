@@ -1,0 +1,208 @@
+"""Workflow 2: AIIDA registration (trust on first use) and claiming by the owner."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.marketplace.v1 import instance_pb2
+from eddie_common.logging import log_event
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.auth import principal, require_customer
+from marketplace_server.clock import utcnow
+from marketplace_server.db.models import InstanceRow
+from marketplace_server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Validator,
+)
+from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.rpc.converters import instance_to_proto
+from marketplace_server.security import (
+    digests_equal,
+    hash_pairing_code,
+    sha256_hex,
+    verify_pairing_code,
+)
+
+log = logging.getLogger(__name__)
+
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$")
+PAIRING_CODE = re.compile(r"^[A-Za-z0-9-]{6,64}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_IPV6 = re.compile(r"^\[[0-9A-Fa-f:.]{2,45}\]$")
+
+
+def valid_address(address: str) -> bool:
+    """`host:port` with a DNS name, IPv4 or bracketed IPv6 host and a port 1..65535."""
+    host, sep, port = address.rpartition(":")
+    # ASCII digits only: str.isdigit() also accepts characters such as '²' that int() refuses.
+    if len(address) > 300 or not sep or not (port.isascii() and port.isdigit()) or len(port) > 5:
+        return False
+    if not 1 <= int(port) <= 65535:
+        return False
+    return bool(_HOSTNAME.fullmatch(host) or _IPV6.fullmatch(host))
+
+
+def validate_registration(request: instance_pb2.RegisterInstanceRequest) -> None:
+    v = Validator()
+    v.check(
+        bool(INSTANCE_ID.fullmatch(request.instance_id)),
+        "instance_id",
+        "3 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit",
+    )
+    v.check(valid_address(request.address), "address", "must be host:port with a port 1..65535")
+    secret = request.instance_secret
+    v.check(
+        32 <= len(secret) <= 256 and secret.isprintable() and " " not in secret,
+        "instance_secret",
+        "32 to 256 printable characters without spaces",
+    )
+    v.check(
+        bool(PAIRING_CODE.fullmatch(request.pairing_code)),
+        "pairing_code",
+        "6 to 64 characters of [A-Za-z0-9-]",
+    )
+    v.raise_if_any()
+
+
+def parse_instance_name(name: str) -> str:
+    instance_id = name.removeprefix("instances/")
+    if not name.startswith("instances/") or not INSTANCE_ID.fullmatch(instance_id):
+        raise InvalidArgument.for_field("name", "must be instances/{instance_id}")
+    return instance_id
+
+
+class InstanceService:
+    """Registers, claims and shows AIIDA instances."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        manager: ConnectionManager,
+        claim_limiter: RateLimiter,
+    ) -> None:
+        self.sessions = sessions
+        self.manager = manager
+        self.claim_limiter = claim_limiter
+
+    def to_proto(self, row: InstanceRow) -> instance_pb2.Instance:
+        message = instance_to_proto(row, self.manager.is_connected(row.instance_id))
+        seen = self.manager.last_seen(row.instance_id)
+        if seen is not None and seen > row.last_seen_time:
+            message.last_seen_time.FromDatetime(seen)
+        return message
+
+    async def register(self, request: instance_pb2.RegisterInstanceRequest) -> InstanceRow:
+        validate_registration(request)
+        try:
+            row = await self._register_once(request)
+        except IntegrityError:  # a concurrent first registration won: re-check the secret
+            row = await self._register_once(request)
+        if row.owner_id is not None:
+            self.manager.ensure(row.instance_id, row.address)
+        log_event(log, "instance_registered", instance=row.instance_id, address=row.address)
+        return row
+
+    async def _register_once(self, request: instance_pb2.RegisterInstanceRequest) -> InstanceRow:
+        now = utcnow()
+        secret_hash = sha256_hex(request.instance_secret)
+        async with self.sessions.begin() as session:
+            row = await session.get(InstanceRow, request.instance_id, with_for_update=True)
+            if row is None:
+                row = InstanceRow(
+                    instance_id=request.instance_id,
+                    address=request.address,
+                    secret_hash=secret_hash,
+                    pairing_code_hash=hash_pairing_code(request.pairing_code),
+                    owner_id=None,
+                    register_time=now,
+                    claim_time=None,
+                    last_seen_time=now,
+                )
+                session.add(row)
+                return row
+            if not digests_equal(row.secret_hash, secret_hash):
+                log_event(log, "instance_hijack_refused", logging.WARNING, instance=request.instance_id)
+                raise PermissionDenied(
+                    "this instance id is registered with another secret", reason="INSTANCE_SECRET_MISMATCH"
+                )
+            row.address = request.address
+            row.last_seen_time = now
+            if row.owner_id is None and not await verify_pairing_code(
+                row.pairing_code_hash, request.pairing_code
+            ):
+                row.pairing_code_hash = hash_pairing_code(request.pairing_code)
+            return row
+
+    async def claim(self, request: instance_pb2.ClaimInstanceRequest, peer: str) -> InstanceRow:
+        caller = require_customer()
+        v = Validator()
+        v.check(bool(INSTANCE_ID.fullmatch(request.instance_id)), "instance_id", "not a valid instance id")
+        v.check(
+            bool(PAIRING_CODE.fullmatch(request.pairing_code)),
+            "pairing_code",
+            "6 to 64 characters of [A-Za-z0-9-]",
+        )
+        v.raise_if_any()
+        async with self.sessions() as session:
+            row = await session.get(InstanceRow, request.instance_id)
+        if row is None:
+            raise NotFound(f"instance {request.instance_id} not found", reason="INSTANCE_NOT_FOUND")
+        if row.owner_id == caller.account_id:
+            return row
+        limits = (f"instance:{row.instance_id}", f"peer:{peer}")
+        self.claim_limiter.ensure_allowed(*limits, what="pairing attempts")
+        if not await verify_pairing_code(row.pairing_code_hash, request.pairing_code):
+            self.claim_limiter.record_failure(*limits)
+            log_event(log, "claim_refused", logging.WARNING, instance=row.instance_id, why="wrong_code")
+            raise PermissionDenied("wrong pairing code", reason="INVALID_PAIRING_CODE")
+        if row.owner_id is not None:
+            raise AlreadyExists(
+                "this instance is claimed by another customer", reason="INSTANCE_ALREADY_CLAIMED"
+            )
+        now = utcnow()
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                update(InstanceRow)
+                .where(InstanceRow.instance_id == row.instance_id, InstanceRow.owner_id.is_(None))
+                .values(owner_id=caller.account_id, claim_time=now)
+            )
+            claimed = await session.get(InstanceRow, row.instance_id, populate_existing=True)
+        assert claimed is not None
+        if result.rowcount != 1 and claimed.owner_id != caller.account_id:  # type: ignore[attr-defined]
+            raise AlreadyExists(
+                "this instance is claimed by another customer", reason="INSTANCE_ALREADY_CLAIMED"
+            )
+        self.manager.ensure(claimed.instance_id, claimed.address)
+        log_event(log, "instance_claimed", instance=claimed.instance_id, owner=caller.account_id)
+        return claimed
+
+    async def get(self, name: str) -> InstanceRow:
+        instance_id = parse_instance_name(name)
+        caller = principal()
+        async with self.sessions() as session:
+            row = await session.get(InstanceRow, instance_id)
+        if row is None or row.owner_id != caller.account_id:
+            raise NotFound(f"instance {instance_id} not found", reason="INSTANCE_NOT_FOUND")
+        return row
+
+    async def list_owned(self, after_instance_id: str, limit: int) -> list[InstanceRow]:
+        """The caller's instances ordered by id, after a keyset cursor."""
+        caller = principal()
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(InstanceRow)
+                .where(InstanceRow.owner_id == caller.account_id, InstanceRow.instance_id > after_instance_id)
+                .order_by(InstanceRow.instance_id)
+                .limit(limit)
+            )
+            return list(rows)

@@ -1,0 +1,213 @@
+"""Workflow 5: the fan-out search over the AIIDA streams, and the stored searches.
+
+The data need goes to every claimed, connected instance at once; each AIIDA
+answers with one bit. Matches stream back as they arrive; the summary comes
+last, after the search is stored, so RequestAccess can rely on it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.energy.v1 import energy_pb2
+from eddie.marketplace.v1 import data_request_pb2
+from eddie_common.logging import log_event
+from marketplace_server.aiida.fanout import SearchTally
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.auth import principal, require_eligible_party
+from marketplace_server.clock import to_duration, to_timestamp, utcnow
+from marketplace_server.config import Config
+from marketplace_server.db.models import DataRequestRow, SearchMatchRow, SearchRow
+from marketplace_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.security import new_id
+
+log = logging.getLogger(__name__)
+
+_ID = r"[A-Za-z0-9_-]{1,64}"
+DATA_REQUEST_NAME = re.compile(rf"^dataRequests/({_ID})$")
+SEARCH_NAME = re.compile(rf"^dataRequests/({_ID})/searches/({_ID})$")
+STATE_CLOSED = data_request_pb2.DataRequest.STATE_CLOSED
+
+
+def parse_data_request_name(name: str, field: str = "data_request") -> str:
+    match = DATA_REQUEST_NAME.fullmatch(name)
+    if match is None:
+        raise InvalidArgument.for_field(field, "must be dataRequests/{id}")
+    return match.group(1)
+
+
+class SearchService:
+    """Runs searches for the owners of data requests and keeps their results."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], manager: ConnectionManager, config: Config
+    ) -> None:
+        self.sessions = sessions
+        self.manager = manager
+        self.config = config
+        self.limiter = RateLimiter(config.search_rate_per_minute)
+
+    def _timeout(self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None) -> float:
+        timeout = self.config.search_timeout_default
+        if request.HasField("timeout"):
+            t = request.timeout
+            if t.seconds < 0 or t.nanos < 0 or t.nanos > 999_999_999:
+                raise InvalidArgument.for_field("timeout", "must be a non-negative duration")
+            value = t.seconds + t.nanos / 1e9
+            if not 0.1 <= value <= self.config.search_timeout_max:
+                raise InvalidArgument.for_field(
+                    "timeout", f"must be between 0.1 s and {self.config.search_timeout_max:g} s"
+                )
+            timeout = value
+        if remaining is not None:
+            # Leave time to send the summary before the caller's own deadline.
+            timeout = max(0.0, min(timeout, remaining - 0.05))
+        return timeout
+
+    async def _load_owned_open(self, data_request_id: str) -> DataRequestRow:
+        caller = require_eligible_party()
+        async with self.sessions() as session:
+            row = await session.get(DataRequestRow, data_request_id)
+        if row is None:
+            raise NotFound(f"data request {data_request_id} not found", reason="DATA_REQUEST_NOT_FOUND")
+        if row.owner_id != caller.account_id:
+            raise PermissionDenied("only the owner of a data request may search it", reason="NOT_OWNER")
+        if row.state == STATE_CLOSED:
+            raise FailedPrecondition("the data request is closed", reason="DATA_REQUEST_CLOSED")
+        return row
+
+    async def search(
+        self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None
+    ) -> AsyncIterator[data_request_pb2.SearchInstancesResponse]:
+        started = time.perf_counter()
+        data_request_id = parse_data_request_name(request.data_request)
+        timeout = self._timeout(request, remaining)
+        row = await self._load_owned_open(data_request_id)
+        self.limiter.acquire(f"account:{row.owner_id}", what="searches")
+        need = energy_pb2.DataNeed.FromString(row.data_need)
+        tally = self.manager.begin_search(need)
+        try:
+            async for instance_id in _matches_until(tally, started + timeout):
+                yield data_request_pb2.SearchInstancesResponse(
+                    match=data_request_pb2.InstanceMatch(instance_id=instance_id)
+                )
+        finally:
+            timed_out = self.manager.end_search(tally)
+        summary = data_request_pb2.SearchSummary(
+            queried=tally.queried,
+            matched=tally.matched,
+            not_matched=tally.not_matched,
+            unreachable=tally.unreachable,
+            timed_out=timed_out,
+        )
+        summary.search = await self._store(data_request_id, tally, summary, time.perf_counter() - started)
+        summary.elapsed.CopyFrom(to_duration(time.perf_counter() - started))
+        log_event(
+            log,
+            "search_finished",
+            data_request=data_request_id,
+            queried=tally.queried,
+            matched=tally.matched,
+            unreachable=tally.unreachable,
+            timed_out=timed_out,
+            elapsed_ms=int(summary.elapsed.ToMilliseconds()),
+        )
+        yield data_request_pb2.SearchInstancesResponse(summary=summary)
+
+    async def _store(
+        self,
+        data_request_id: str,
+        tally: SearchTally,
+        summary: data_request_pb2.SearchSummary,
+        elapsed: float,
+    ) -> str:
+        search_id = new_id()
+        async with self.sessions.begin() as session:
+            session.add(
+                SearchRow(
+                    id=search_id,
+                    data_request_id=data_request_id,
+                    create_time=utcnow(),
+                    queried=summary.queried,
+                    matched=summary.matched,
+                    not_matched=summary.not_matched,
+                    unreachable=summary.unreachable,
+                    timed_out=summary.timed_out,
+                    elapsed_ms=int(elapsed * 1000),
+                )
+            )
+            await session.flush()
+            if tally.matched_ids:
+                await session.execute(
+                    insert(SearchMatchRow),
+                    [
+                        {"search_id": search_id, "instance_id": i, "data_request_id": data_request_id}
+                        for i in tally.matched_ids
+                    ],
+                )
+        return f"dataRequests/{data_request_id}/searches/{search_id}"
+
+    async def get_search(self, name: str) -> data_request_pb2.Search:
+        match = SEARCH_NAME.fullmatch(name)
+        if match is None:
+            raise InvalidArgument.for_field("name", "must be dataRequests/{id}/searches/{id}")
+        data_request_id, search_id = match.groups()
+        caller = principal()
+        async with self.sessions() as session:
+            row = await session.get(SearchRow, search_id)
+            owner = await session.scalar(
+                select(DataRequestRow.owner_id).where(DataRequestRow.id == data_request_id)
+            )
+            if row is None or row.data_request_id != data_request_id or owner != caller.account_id:
+                raise NotFound("search not found", reason="SEARCH_NOT_FOUND")
+            ids = list(
+                await session.scalars(
+                    select(SearchMatchRow.instance_id)
+                    .where(SearchMatchRow.search_id == search_id)
+                    .order_by(SearchMatchRow.instance_id)
+                )
+            )
+        summary = data_request_pb2.SearchSummary(
+            search=name,
+            queried=row.queried,
+            matched=row.matched,
+            not_matched=row.not_matched,
+            unreachable=row.unreachable,
+            timed_out=row.timed_out,
+            elapsed=to_duration(row.elapsed_ms / 1000),
+        )
+        return data_request_pb2.Search(
+            name=name, matched_instance_ids=ids, summary=summary, create_time=to_timestamp(row.create_time)
+        )
+
+
+async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[str]:
+    """Yields matched instance ids until every instance answered or the deadline passed.
+
+    One timer for the whole search puts the end marker into the queue, so waiting
+    for the next match costs no task or timer per match.
+    """
+    queue = tally.matches
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(max(0.0, deadline - time.perf_counter()), queue.put_nowait, None)
+    try:
+        while (instance_id := await queue.get()) is not None:
+            yield instance_id
+    finally:
+        timer.cancel()
+
+
+__all__ = ["SearchService", "parse_data_request_name"]
