@@ -1,0 +1,174 @@
+"""The marketplace's signing keys: fetched at start-up with retry, refreshed on rotation.
+
+Tokens are verified offline. A token whose `kid` is unknown triggers at most one
+refetch of `ListSigningKeys` per `refresh_interval`, then one more verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc
+from eddie_common.errors import Unauthenticated, Unavailable
+from eddie_common.logging import log_event
+from eddie_common.tokens import ALGORITHM, TokenVerifier, load_public_key
+
+log = logging.getLogger(__name__)
+
+REFRESH_INTERVAL_SECONDS = 30.0
+FETCH_TIMEOUT_SECONDS = 3.0
+# Keep gRPC's own reconnect backoff short so a marketplace that appears is noticed quickly.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class Backoff:
+    """Exponential backoff with full jitter: delays in [base/2, base], base doubling up to `cap`."""
+
+    def __init__(self, initial: float = 0.1, cap: float = 5.0, factor: float = 2.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.factor = factor
+        self._next = initial
+
+    def next_delay(self) -> float:
+        base = self._next
+        self._next = min(self.cap, self._next * self.factor)
+        return random.uniform(base / 2, base)
+
+
+class MarketplaceKeys:
+    """Verifies marketplace-signed tokens of any audience with the current public keys."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        *,
+        refresh_interval: float = REFRESH_INTERVAL_SECONDS,
+    ) -> None:
+        self.target = target
+        self.refresh_interval = refresh_interval
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self._stub = identity_pb2_grpc.IdentityServiceStub(self._channel)
+        self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        self._issuer = ""
+        self._verifiers: dict[str, TokenVerifier] = {}
+        self._ready = asyncio.Event()
+        self._last_fetch = float("-inf")
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def issuer(self) -> str:
+        return self._issuer
+
+    def start(self) -> None:
+        """Fetches the keys in the background, retrying until the marketplace answers."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.fetch_until_available(), name="fetch-signing-keys")
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        return self._ready.is_set()
+
+    async def fetch_until_available(self) -> None:
+        backoff = Backoff()
+        attempt = 0
+        while not self._ready.is_set():
+            attempt += 1
+            try:
+                await self._fetch()
+            except (grpc.RpcError, ValueError) as exc:
+                delay = backoff.next_delay()
+                log_event(
+                    log,
+                    "signing_keys_unavailable",
+                    logging.WARNING,
+                    marketplace=self.target,
+                    attempt=attempt,
+                    retry_in=f"{delay:.2f}s",
+                    error=_describe(exc),
+                )
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._channel.close()
+
+    async def verify(self, token: str, audience: str) -> dict[str, Any]:
+        """The token's claims, or Unauthenticated; refetches keys once on an unknown `kid`."""
+        verifier = self._verifier(audience)
+        try:
+            return verifier.verify(token)
+        except Unauthenticated as exc:
+            if exc.reason != "TOKEN_UNKNOWN_KEY" or not await self._refresh_for_unknown_key():
+                raise
+        return self._verifier(audience).verify(token)
+
+    def _verifier(self, audience: str) -> TokenVerifier:
+        if not self._ready.is_set():
+            raise Unavailable(
+                "the marketplace's signing keys are not loaded yet", reason="SIGNING_KEYS_UNAVAILABLE"
+            )
+        verifier = self._verifiers.get(audience)
+        if verifier is None:
+            verifier = TokenVerifier(self._keys, issuer=self._issuer, audience=audience)
+            self._verifiers[audience] = verifier
+        return verifier
+
+    async def _refresh_for_unknown_key(self) -> bool:
+        """Refetches the keys unless that happened within `refresh_interval`; True if refetched."""
+        async with self._refresh_lock:
+            if time.monotonic() - self._last_fetch < self.refresh_interval:
+                return False
+            try:
+                await self._fetch()
+            except (grpc.RpcError, ValueError) as exc:
+                log_event(log, "signing_keys_refresh_failed", logging.WARNING, error=_describe(exc))
+                return False
+            return True
+
+    async def _fetch(self) -> None:
+        self._last_fetch = time.monotonic()
+        response = await self._stub.ListSigningKeys(
+            identity_pb2.ListSigningKeysRequest(), timeout=FETCH_TIMEOUT_SECONDS, wait_for_ready=True
+        )
+        keys = {
+            key.key_id: load_public_key(key.public_key_pem)
+            for key in response.signing_keys
+            if key.algorithm in ("", ALGORITHM)
+        }
+        if not keys or not response.issuer:
+            raise ValueError("ListSigningKeys returned no usable key or no issuer")
+        self._keys, self._issuer, self._verifiers = keys, response.issuer, {}
+        self._ready.set()
+        log_event(log, "signing_keys_loaded", issuer=response.issuer, keys=",".join(sorted(keys)))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return str(exc.code().name)  # type: ignore[attr-defined]
+    return str(exc)

@@ -1,0 +1,100 @@
+"""Wiring: create_server(config) for tests, run(config) for the program."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
+from eddie_common.cli import split_host_port
+from eddie_common.interceptors import ServiceInterceptor
+from eddie_common.logging import log_event
+from eddie_common.serving import (
+    SERVER_OPTIONS,
+    Lifecycle,
+    TlsFiles,
+    add_health_and_reflection,
+    bind,
+    run_until_signal,
+)
+from eddie_sink.auth import SinkAuthenticator
+from eddie_sink.config import SinkConfig
+from eddie_sink.keys import MarketplaceKeys
+from eddie_sink.page_tokens import PageTokens
+from eddie_sink.servicer import DataSinkServicer
+from eddie_sink.store import ReadingStore
+from eddie_sink.writer import ReadingWriter
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "eddie-sink"
+ERROR_DOMAIN = "framework.eddie"
+SERVICE_NAME = data_sink_pb2.DESCRIPTOR.services_by_name["DataSinkService"].full_name
+
+
+@dataclass
+class SinkApp:
+    """A running sink: its server and the parts tests may look at."""
+
+    lifecycle: Lifecycle
+    store: ReadingStore
+    writer: ReadingWriter
+    keys: MarketplaceKeys
+    port: int
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.lifecycle.server
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """NOT_SERVING, drain RPCs, commit queued readings, close the database."""
+        await self.lifecycle.stop(grace)
+
+
+def marketplace_credentials(config: SinkConfig) -> grpc.ChannelCredentials | None:
+    if config.marketplace_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=config.marketplace_ca.read_bytes())
+
+
+def tls_files(config: SinkConfig) -> TlsFiles | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return TlsFiles(cert=config.tls_cert, key=config.tls_key)
+
+
+async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
+    """Opens the database, starts fetching the marketplace's keys, and serves on `config.listen`."""
+    store = await ReadingStore.open(config.database_path, config.jsonl)
+    page_tokens = PageTokens(await store.secret("page_token_key"))
+    writer = ReadingWriter(store)
+    keys = MarketplaceKeys(
+        config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
+    )
+    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=SinkAuthenticator(keys))
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(
+        DataSinkServicer(store, writer, page_tokens), server
+    )
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    try:
+        port = bind(server, config.listen, tls_files(config))
+    except Exception:
+        await keys.close()
+        await store.close()
+        raise
+    writer.start()
+    keys.start()
+    await server.start()
+    lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=[writer.close, keys.close, store.close])
+    log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
+    return SinkApp(lifecycle, store, writer, keys, port), port
+
+
+async def run(config: SinkConfig) -> None:
+    """Serves until SIGINT/SIGTERM."""
+    app, port = await create_server(config)
+    host, _ = split_host_port(config.listen)
+    await run_until_signal(app.lifecycle, host, port, config.grace_period, PROGRAM)

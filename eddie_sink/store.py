@@ -1,0 +1,164 @@
+"""SQLite storage of readings and of the permissions they arrived under.
+
+One aiosqlite connection in WAL mode; an asyncio lock keeps each transaction
+whole. Readings are keyed by (permission_id, data_tag, time_ns) and inserted
+with INSERT OR IGNORE, so at-least-once delivery stores each reading once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import aiosqlite
+
+from eddie_sink.readings import StoredReading
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    permission_id TEXT NOT NULL,
+    data_tag TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    value REAL NOT NULL,
+    unit TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (permission_id, data_tag, time_ns)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS readings_by_time ON readings (permission_id, time_ns, data_tag);
+CREATE TABLE IF NOT EXISTS permissions (
+    permission_id TEXT PRIMARY KEY,
+    eligible_party TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    first_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"""
+# 6 bound parameters per row, well below SQLite's limit of 32,766 per statement.
+_ROWS_PER_STATEMENT = 500
+_COLUMNS = "permission_id, data_tag, time_ns, value, unit"
+
+
+class ReadingStore:
+    """The sink's database; every method is one transaction."""
+
+    def __init__(self, connection: aiosqlite.Connection, jsonl: IO[str] | None) -> None:
+        self._db = connection
+        self._jsonl = jsonl
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, jsonl: Path | None = None) -> ReadingStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a reading acknowledged to an AIIDA survives a power loss.
+            await connection.execute("PRAGMA synchronous=FULL")
+            await connection.execute("PRAGMA busy_timeout=5000")
+            await connection.executescript(SCHEMA)
+        except BaseException:
+            await connection.close()
+            raise
+        jsonl_file = None
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+            jsonl_file = jsonl.open("a", encoding="utf-8")
+        return cls(connection, jsonl_file)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
+
+    async def insert_readings(self, readings: Sequence[StoredReading]) -> int:
+        """Stores the readings not stored yet; returns how many were new."""
+        received_at = time.time_ns()
+        chunks = [readings[i : i + _ROWS_PER_STATEMENT] for i in range(0, len(readings), _ROWS_PER_STATEMENT)]
+        new: list[StoredReading] = []
+        async with self._lock:
+            if len(chunks) == 1:
+                # One statement is a transaction of its own (autocommit): one trip to the database thread.
+                new = await self._insert_chunk(chunks[0], received_at)
+            else:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for chunk in chunks:
+                        new.extend(await self._insert_chunk(chunk, received_at))
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+            if self._jsonl is not None and new:
+                await asyncio.to_thread(_append_lines, self._jsonl, [r.to_json_line() for r in new])
+        return len(new)
+
+    async def _insert_chunk(self, chunk: Sequence[StoredReading], received_at: int) -> list[StoredReading]:
+        placeholders = ",".join(["(?,?,?,?,?,?)"] * len(chunk))
+        params: list[object] = []
+        for r in chunk:
+            params.extend((r.permission_id, r.data_tag, r.time_ns, r.value, r.unit, received_at))
+        sql = (
+            f"INSERT OR IGNORE INTO readings ({_COLUMNS}, received_at) VALUES {placeholders} "  # noqa: S608
+            f"RETURNING {_COLUMNS}"
+        )
+        rows = await self._db.execute_fetchall(sql, params)
+        return [StoredReading(*row) for row in rows]
+
+    async def record_permission(self, permission_id: str, eligible_party: str, instance_id: str) -> None:
+        """Remembers who a permission's data is for, as first seen on a sink token."""
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR IGNORE INTO permissions (permission_id, eligible_party, instance_id, first_seen) "
+                "VALUES (?, ?, ?, ?)",
+                (permission_id, eligible_party, instance_id, time.time_ns()),
+            )
+
+    async def eligible_party_of(self, permission_id: str) -> str | None:
+        async with (
+            self._lock,
+            self._db.execute(
+                "SELECT eligible_party FROM permissions WHERE permission_id = ?", (permission_id,)
+            ) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    async def list_readings(
+        self, permission_id: str, after: tuple[int, str] | None, limit: int
+    ) -> list[StoredReading]:
+        """Up to `limit` readings of the permission, oldest first by (time, data_tag), after `after`."""
+        sql = f"SELECT {_COLUMNS} FROM readings WHERE permission_id = ?"  # noqa: S608
+        params: list[object] = [permission_id]
+        if after is not None:
+            sql += " AND (time_ns, data_tag) > (?, ?)"
+            params.extend(after)
+        sql += " ORDER BY time_ns, data_tag LIMIT ?"
+        params.append(limit)
+        async with self._lock, self._db.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [StoredReading(*row) for row in rows]
+
+    async def secret(self, name: str, size: int = 32) -> bytes:
+        """A random secret created on first use and kept in the database."""
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)",
+                (name, secrets.token_bytes(size)),
+            )
+            async with self._db.execute("SELECT value FROM settings WHERE name = ?", (name,)) as cursor:
+                row = await cursor.fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+
+def _append_lines(file: IO[str], lines: list[str]) -> None:
+    file.write("\n".join(lines) + "\n")
+    file.flush()
