@@ -1,0 +1,119 @@
+"""`make bench`: the search fan-out against the bare grpc.aio floor, and W6 latencies.
+
+Prints a table and writes bench/results/bench.json. Usage:
+    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import search
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _row(label: str, *cells: str) -> str:
+    return f"{label:<44}" + "".join(f"{c:>14}" for c in cells)
+
+
+def print_search_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    print(_row("W5 search (p50 call -> summary)", *(f"N={r['n']:,}" for r in rows)))
+    print(
+        _row(
+            "floor p50 / p95 ms", *(f"{r['floor']['p50_ms']:.0f} / {r['floor']['p95_ms']:.0f}" for r in rows)
+        )
+    )
+    print(
+        _row(
+            "search p50 / p95 ms",
+            *(f"{r['search']['p50_ms']:.0f} / {r['search']['p95_ms']:.0f}" for r in rows),
+        )
+    )
+    print(_row("ratio search/floor (p50)", *(f"{r['ratio_p50']:.2f}" for r in rows)))
+    print(_row("marketplace CPU ms per search", *(f"{r['search']['cpu_ms_per_search']:.0f}" for r in rows)))
+    print(
+        _row("floor client KiB per idle stream", *(f"{r['floor']['rss_per_stream_kib']:.1f}" for r in rows))
+    )
+    print(
+        _row(
+            "marketplace KiB per connected AIIDA",
+            *(f"{r['search']['rss_per_instance_kib']:.1f}" for r in rows),
+        )
+    )
+    print(_row("ratio memory", *(f"{r['ratio_memory']:.2f}" for r in rows)))
+    print(_row("claim all N s", *(f"{r['search']['claim_s']:.1f}" for r in rows)))
+    print(
+        _row(
+            "restart -> search reaches all s",
+            *(f"{r['search']['restart_to_full_reach_s']:.1f}" for r in rows),
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000,10000", help="comma-separated fleet sizes")
+    parser.add_argument("--searches", type=int, default=7, help="searches per size (after one warm-up)")
+    parser.add_argument(
+        "--skip-access", action="store_true", help="skip the W6 approval/revocation latencies"
+    )
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "machine": platform.platform(),
+        "python": sys.version.split()[0],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "search": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="eddie-bench-") as tmp:
+        work = Path(tmp)
+        for n in (int(s) for s in args.sizes.split(",") if s):
+            print(f"N={n:,}: floor ...", flush=True)
+            floor = search.floor(n, args.searches, work)
+            print(f"N={n:,}: marketplace + fleet ...", flush=True)
+            product = search.product(n, args.searches, work)
+            report["search"].append(
+                {
+                    "n": n,
+                    "floor": floor,
+                    "search": product,
+                    "ratio_p50": product["p50_ms"] / floor["p50_ms"],
+                    "ratio_memory": product["rss_per_instance_kib"] / floor["rss_per_stream_kib"],
+                }
+            )
+            print(json.dumps(report["search"][-1]), flush=True)
+        if not args.skip_access:
+            from bench import access
+
+            print("W6: approval -> first reading, revocation -> last reading ...", flush=True)
+            report["access"] = access.run(work)
+    print_search_table(report["search"])
+    if "access" in report:
+        a = report["access"]
+        print()
+        print(
+            _row(
+                "W6 approval -> first reading at sink",
+                f"p50 {a['approval_to_first_reading_p50_ms']:.0f} ms",
+                f"p95 {a['approval_to_first_reading_p95_ms']:.0f} ms",
+            )
+        )
+        print(_row("W6 revocation -> last reading", f"max {a['revocation_to_last_reading_max_ms']:.0f} ms"))
+    out = RESULTS / "bench.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

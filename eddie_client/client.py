@@ -1,0 +1,233 @@
+"""The client helper: a channel, sign-up/login, and one method per step of the workflows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from eddie.energy.v1 import energy_pb2
+from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
+from eddie.marketplace.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    consent_pb2_grpc,
+    data_request_pb2,
+    data_request_pb2_grpc,
+    identity_pb2,
+    identity_pb2_grpc,
+    instance_pb2,
+    instance_pb2_grpc,
+)
+
+ROLE_CUSTOMER = identity_pb2.ROLE_CUSTOMER
+ROLE_ELIGIBLE_PARTY = identity_pb2.ROLE_ELIGIBLE_PARTY
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+def data_need(
+    energy_type: str = "ELECTRICITY",
+    tags: Sequence[str] = ("1-0:1.8.0",),
+    min_granularity: float = 60,
+    max_granularity: float = 900,
+    history: float = 0,
+    duration_s: float = 86400,
+    regions: Sequence[str] = (),
+) -> energy_pb2.DataNeed:
+    """A DataNeed from plain values (granularities, history and duration in seconds)."""
+    return energy_pb2.DataNeed(
+        energy_type=energy_pb2.EnergyType.Value(f"ENERGY_TYPE_{energy_type}"),
+        data_tags=list(tags),
+        min_granularity=duration(min_granularity),
+        max_granularity=duration(max_granularity),
+        history=duration(history),
+        duration=duration(duration_s),
+        regions=list(regions),
+    )
+
+
+@dataclass
+class Session:
+    """One signed-in account: its token and stubs on the shared channel."""
+
+    channel: grpc.aio.Channel
+    token: identity_pb2.Token
+    metadata: tuple[tuple[str, str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metadata = (("authorization", f"Bearer {self.token.access_token}"),)
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
+        self.instances = instance_pb2_grpc.InstanceServiceStub(self.channel)
+        self.data_requests = data_request_pb2_grpc.DataRequestServiceStub(self.channel)
+        self.access = access_pb2_grpc.AccessServiceStub(self.channel)
+        self.consent = consent_pb2_grpc.ConsentServiceStub(self.channel)
+
+    @property
+    def account(self) -> identity_pb2.Account:
+        return self.token.account
+
+    # --- customer side ---
+
+    async def claim(self, instance_id: str, pairing_code: str) -> instance_pb2.Instance:
+        return await self.instances.ClaimInstance(
+            instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=pairing_code),
+            metadata=self.metadata,
+        )
+
+    async def list_instances(self) -> list[instance_pb2.Instance]:
+        result: list[instance_pb2.Instance] = []
+        token = ""
+        while True:
+            page = await self.instances.ListInstances(
+                instance_pb2.ListInstancesRequest(page_size=500, page_token=token), metadata=self.metadata
+            )
+            result.extend(page.instances)
+            token = page.next_page_token
+            if not token:
+                return result
+
+    async def browse(self, **filters: Any) -> data_request_pb2.ListDataRequestsResponse:
+        return await self.data_requests.ListDataRequests(
+            data_request_pb2.ListDataRequestsRequest(**filters), metadata=self.metadata
+        )
+
+    async def decide(self, permission: str, approve: bool, reason: str = "") -> access_pb2.Permission:
+        from eddie.marketplace.v1 import consent_pb2
+
+        return await self.consent.DecideAccess(
+            consent_pb2.DecideAccessRequest(permission=permission, approve=approve, reason=reason),
+            metadata=self.metadata,
+        )
+
+    # --- eligible-party side ---
+
+    async def create_data_request(
+        self,
+        title: str,
+        purpose: str,
+        need: energy_pb2.DataNeed,
+        description: str = "",
+        kind: int = data_request_pb2.DataRequest.KIND_DATA_REQUEST,
+        policy_uri: str = "",
+    ) -> data_request_pb2.DataRequest:
+        return await self.data_requests.CreateDataRequest(
+            data_request_pb2.CreateDataRequestRequest(
+                data_request=data_request_pb2.DataRequest(
+                    kind=kind,  # type: ignore[arg-type]
+                    title=title,
+                    description=description,
+                    purpose=purpose,
+                    policy_uri=policy_uri,
+                    data_need=need,
+                ),
+                request_id=str(uuid.uuid4()),
+            ),
+            metadata=self.metadata,
+        )
+
+    async def search(
+        self, data_request: str, timeout: float | None = None
+    ) -> tuple[list[str], data_request_pb2.SearchSummary]:
+        """Runs a search; returns the matched instance ids (in arrival order) and the summary."""
+        request = data_request_pb2.SearchInstancesRequest(data_request=data_request)
+        if timeout is not None:
+            request.timeout.CopyFrom(duration(timeout))
+        matches: list[str] = []
+        summary = data_request_pb2.SearchSummary()
+        async for response in self.data_requests.SearchInstances(request, metadata=self.metadata):
+            if response.HasField("match"):
+                matches.append(response.match.instance_id)
+            else:
+                summary = response.summary
+        return matches, summary
+
+    async def request_access(
+        self, data_request: str, instance_ids: Sequence[str], sink_uri: str
+    ) -> list[access_pb2.Permission]:
+        response = await self.access.RequestAccess(
+            access_pb2.RequestAccessRequest(
+                data_request=data_request,
+                instance_ids=list(instance_ids),
+                sink_uri=sink_uri,
+                request_id=str(uuid.uuid4()),
+            ),
+            metadata=self.metadata,
+        )
+        return list(response.permissions)
+
+    async def get_permission(self, name: str) -> access_pb2.Permission:
+        return await self.access.GetPermission(
+            access_pb2.GetPermissionRequest(name=name), metadata=self.metadata
+        )
+
+
+class MarketplaceClient:
+    """A channel to the marketplace; sign up and log in to get Sessions."""
+
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.address = address
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self.channel = grpc.aio.insecure_channel(address)
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
+
+    async def __aenter__(self) -> MarketplaceClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.channel.close()
+
+    async def log_in(self, email: str, password: str) -> Session:
+        token = await self.identity.CreateToken(
+            identity_pb2.CreateTokenRequest(email=email, password=password)
+        )
+        return Session(self.channel, token)
+
+    async def sign_up(self, role: int, email: str, password: str, display_name: str) -> Session:
+        """Creates the account (or reuses it if the e-mail exists) and logs in."""
+        try:
+            await self.identity.CreateAccount(
+                identity_pb2.CreateAccountRequest(
+                    email=email,
+                    password=password,
+                    display_name=display_name,
+                    role=role,  # type: ignore[arg-type]
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        return await self.log_in(email, password)
+
+
+async def list_readings(sink_address: str, permission_id: str, token: str) -> list[Any]:
+    """Every reading the EP's sink stored for one permission (all pages)."""
+    async with grpc.aio.insecure_channel(sink_address) as channel:
+        stub = data_sink_pb2_grpc.DataSinkServiceStub(channel)
+        readings: list[Any] = []
+        page = ""
+        while True:
+            response = await stub.ListReadings(
+                data_sink_pb2.ListReadingsRequest(
+                    permission_id=permission_id, page_size=1000, page_token=page
+                ),
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
+            readings.extend(response.readings)
+            page = response.next_page_token
+            if not page:
+                return readings

@@ -1,0 +1,387 @@
+"""`make demo`: the whole story, end to end, with real processes on free ports.
+
+Starts a marketplace (SQLite), four AIIDAs with different household profiles
+and an EP data sink, then drives the six workflows through the generated stubs
+and narrates them. Exits non-zero if any step fails; stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
+from eddie_client import procs
+from eddie_client.client import (
+    ROLE_CUSTOMER,
+    ROLE_ELIGIBLE_PARTY,
+    MarketplaceClient,
+    Session,
+    data_need,
+    list_readings,
+)
+
+PROFILES = Path(__file__).resolve().parent.parent / "aiida_stub" / "profiles"
+PASSWORD = "demo passphrase for the marketplace"
+HOUSEHOLDS = [
+    ("alice", "Alice (Vienna, P1 smart meter)", "vienna-p1.toml"),
+    ("bernd", "Bernd (Graz, gas heating)", "graz-gas.toml"),
+    ("clara", "Clara (Bavaria, heat pump with PV)", "germany-heatpump.toml"),
+    ("dana", "Dana (hydrogen pilot)", "hydrogen-pilot.toml"),
+]
+STATE = access_pb2.Permission.State
+
+
+@dataclass
+class Story:
+    """What happened, for the closing table."""
+
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+    def step(self, workflow: str, text: str) -> None:
+        self.steps.append((workflow, text))
+        print(f"  [{workflow}] {text}", flush=True)
+
+
+def heading(text: str) -> None:
+    print(f"\n== {text} ==", flush=True)
+
+
+@dataclass
+class Cast:
+    marketplace: procs.Proc
+    sink: procs.Proc
+    aiidas: dict[str, tuple[procs.Proc, str, str]]  # who -> (process, instance id, pairing code)
+
+    def all(self) -> list[procs.Proc]:
+        return [self.marketplace, self.sink, *(p for p, _, _ in self.aiidas.values())]
+
+
+def start_cast(work: Path, time_scale: float) -> Cast:
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    mp = procs.start(
+        "marketplace",
+        ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(work / "marketplace")],
+        logs,
+    )
+    started = [mp]
+    try:
+        sink = procs.start(
+            "eddie-sink",
+            [
+                "eddie_sink",
+                "--listen",
+                "127.0.0.1:0",
+                "--marketplace",
+                mp.address,
+                "--data-dir",
+                str(work / "sink"),
+                "--jsonl",
+                str(work / "readings.jsonl"),
+            ],
+            logs,
+        )
+        started.append(sink)
+        aiidas = {}
+        for who, _, profile in HOUSEHOLDS:
+            p = procs.start(
+                f"aiida-{who}",
+                [
+                    "aiida_stub",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--marketplace",
+                    mp.address,
+                    "--state-dir",
+                    str(work / f"aiida-{who}"),
+                    "--profile",
+                    str(PROFILES / profile),
+                    "--instance-id",
+                    f"aiida-{who}",
+                    "--time-scale",
+                    str(time_scale),
+                ],
+                logs,
+            )
+            started.append(p)
+            code = p.wait_for(r"pairing code: (\S+)", 10).group(1)
+            aiidas[who] = (p, f"aiida-{who}", code)
+        return Cast(mp, sink, aiidas)
+    except BaseException:
+        for p in started:
+            p.stop()
+        raise
+
+
+async def accounts(mp: MarketplaceClient, story: Story) -> tuple[Session, dict[str, Session]]:
+    heading("Workflow 1: accounts at the IAM")
+    ep = await mp.sign_up(
+        ROLE_ELIGIBLE_PARTY, "research@energy-institute.example", PASSWORD, "Energy Institute Vienna"
+    )
+    story.step("W1", f"eligible party {ep.account.display_name} signed up ({ep.account.name})")
+    customers = {}
+    for who, label, _ in HOUSEHOLDS:
+        customers[who] = await mp.sign_up(ROLE_CUSTOMER, f"{who}@household.example", PASSWORD, label)
+    story.step("W1", f"{len(customers)} customers signed up and logged in (access + refresh tokens)")
+    return ep, customers
+
+
+async def claim_all(cast: Cast, customers: dict[str, Session], story: Story) -> None:
+    heading("Workflow 2: AIIDAs register themselves, owners claim them")
+    for who, (_, instance_id, code) in cast.aiidas.items():
+        instance = await customers[who].claim(instance_id, code)
+        story.step(
+            "W2", f"{customers[who].account.display_name} claimed {instance_id} with pairing code {code}"
+        )
+        assert instance.state == instance_pb2.Instance.STATE_CLAIMED
+    deadline = time.monotonic() + 15
+    for who, session in customers.items():
+        while not all(i.connected for i in await session.list_instances()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{who}'s AIIDA did not connect")
+            await asyncio.sleep(0.1)
+    story.step("W2", "the marketplace holds a live Connect stream to every claimed AIIDA")
+
+
+async def publish(ep: Session, story: Story) -> data_request_pb2.DataRequest:
+    heading("Workflow 4: the eligible party publishes a data request and a data service")
+    request = await ep.create_data_request(
+        title="Austrian household load profiles",
+        description="Quarter-hourly import energy of Austrian households for a grid-planning study.",
+        purpose="Grid planning research; data is deleted after the study.",
+        need=data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 3600, ["AT"]),
+        policy_uri="https://energy-institute.example/privacy",
+    )
+    story.step("W4", f"data request '{request.title}' ({request.name})")
+    service = await ep.create_data_request(
+        title="Heat-pump optimiser",
+        description="Schedules your heat pump around PV surplus.",
+        purpose="Optimise heat-pump operation",
+        need=data_need("ELECTRICITY", ["1-0:1.8.0", "1-0:2.8.0"], 60, 900, 0, 30 * 86400, ["DE"]),
+        kind=data_request_pb2.DataRequest.KIND_DATA_SERVICE,
+    )
+    story.step("W4", f"data service '{service.title}' ({service.name})")
+    return request
+
+
+async def browse(alice: Session, story: Story) -> None:
+    heading("Workflow 3: a customer browses with a filter")
+    page = await alice.browse(region="AT-9")
+    titles = [r.title for r in page.data_requests]
+    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.total_size})")
+    assert "Austrian household load profiles" in titles and "Heat-pump optimiser" not in titles
+
+
+async def search(ep: Session, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
+    heading("Workflow 5: the eligible party searches; each AIIDA answers match / no match")
+    matches, summary = await ep.search(request.name, timeout=3)
+    story.step("W5", f"matches: {sorted(matches)}")
+    story.step(
+        "W5",
+        f"summary: queried {summary.queried}, matched {summary.matched}, not matched "
+        f"{summary.not_matched}, unreachable {summary.unreachable}, timed out {summary.timed_out}, "
+        f"{summary.elapsed.ToMilliseconds()} ms",
+    )
+    assert sorted(matches) == ["aiida-alice", "aiida-bernd"], matches
+    return matches
+
+
+async def _watch(ep: Session, request_name: str, seen: list[tuple[str, str]], stop: asyncio.Event) -> None:
+    call = ep.access.WatchPermissions(
+        access_pb2.WatchPermissionsRequest(data_request=request_name), metadata=ep.metadata
+    )
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        while True:
+            read = asyncio.ensure_future(call.read())
+            done, _ = await asyncio.wait({read, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                read.cancel()
+                return
+            event = read.result()
+            if not isinstance(event, access_pb2.PermissionEvent):
+                return
+            p = event.permission
+            seen.append((p.instance_id, STATE.Name(p.state)))
+            print(
+                f"      EP notified: {p.instance_id} is {STATE.Name(p.state)}"
+                + (f" ({p.state_reason})" if p.state_reason else ""),
+                flush=True,
+            )
+    finally:
+        call.cancel()
+        stopper.cancel()
+
+
+async def _consent(customer: Session, approve: bool, decided: asyncio.Event, story: Story) -> None:
+    """The customer's app: live stream, shows the consent screen, decides."""
+    call = customer.consent.Connect(metadata=customer.metadata)
+    try:
+        while True:
+            message = await call.read()
+            if not isinstance(message, consent_pb2.ConnectResponse):
+                return
+            kind = message.WhichOneof("event")
+            if kind == "access_request":
+                r = message.access_request
+                story.step(
+                    "W6",
+                    f"{customer.account.display_name}'s app shows: '{r.data_request.title}' by "
+                    f"{r.data_request.owner_display_name}, purpose '{r.data_request.purpose}'",
+                )
+                await call.write(
+                    consent_pb2.ConnectRequest(
+                        decision=consent_pb2.Decision(
+                            permission=r.permission.name,
+                            approve=approve,
+                            reason="" if approve else "I do not share data for research",
+                        )
+                    )
+                )
+            elif kind == "permission_update" and message.permission_update.state != STATE.STATE_PENDING:
+                p = message.permission_update
+                story.step("W6", f"{customer.account.display_name} decided: {STATE.Name(p.state)}")
+                decided.set()
+                return
+            elif kind == "decision_error":
+                raise RuntimeError(f"decision failed: {message.decision_error.message}")
+    finally:
+        call.cancel()
+
+
+async def _wait_for_readings(sink: str, permission_id: str, token: str, at_least: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        count = len(await list_readings(sink, permission_id, token))
+        if count >= at_least:
+            return count
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"fewer than {at_least} readings for {permission_id} within {timeout}s")
+
+
+async def access(
+    cast: Cast,
+    ep: Session,
+    customers: dict[str, Session],
+    request: data_request_pb2.DataRequest,
+    matches: list[str],
+    story: Story,
+) -> None:
+    heading("Workflow 6: access requests, consent on the customers' apps, data to the EP's sink")
+    seen: list[tuple[str, str]] = []
+    stop_watch = asyncio.Event()
+    watcher = asyncio.create_task(_watch(ep, request.name, seen, stop_watch))
+    decided = {who: asyncio.Event() for who in ("alice", "bernd")}
+    apps = [
+        asyncio.create_task(_consent(customers["alice"], True, decided["alice"], story)),
+        asyncio.create_task(_consent(customers["bernd"], False, decided["bernd"], story)),
+    ]
+    await asyncio.sleep(0.3)  # the apps are connected and waiting
+    permissions = await ep.request_access(request.name, matches, f"grpc://{cast.sink.address}")
+    story.step("W6", f"EP asked for access: {[p.name for p in permissions]} (PENDING)")
+    await asyncio.wait_for(asyncio.gather(*apps), 15)
+    by_instance = {p.instance_id: p for p in permissions}
+    alice_pid = by_instance["aiida-alice"].name.removeprefix("permissions/")
+    bernd_pid = by_instance["aiida-bernd"].name.removeprefix("permissions/")
+    token = ep.token.access_token
+    count = await _wait_for_readings(cast.sink.address, alice_pid, token, 3, 20)
+    story.step("W6", f"the sink received {count} readings for Alice's permission")
+    assert not await list_readings(cast.sink.address, bernd_pid, token), "readings for a rejected permission"
+    story.step("W6", "no reading for Bernd's rejected permission")
+    revoked = await customers["alice"].consent.RevokePermission(
+        consent_pb2.RevokePermissionRequest(name=by_instance["aiida-alice"].name, reason="study long enough"),
+        metadata=customers["alice"].metadata,
+    )
+    story.step("W6", f"Alice revoked: {STATE.Name(revoked.state)}")
+    await asyncio.sleep(1.5)
+    before = len(await list_readings(cast.sink.address, alice_pid, token))
+    await asyncio.sleep(2.0)
+    after = len(await list_readings(cast.sink.address, alice_pid, token))
+    story.step("W6", f"readings stopped after the revocation ({before} then {after} two seconds later)")
+    assert after == before, "readings kept arriving after the revocation"
+    stop_watch.set()
+    await watcher
+    story.step("W6", "EP's notifications: " + ", ".join(f"{i}:{s.removeprefix('STATE_')}" for i, s in seen))
+
+
+def print_table(story: Story) -> None:
+    heading("What happened")
+    counts: dict[str, int] = {}
+    for workflow, _ in story.steps:
+        counts[workflow] = counts.get(workflow, 0) + 1
+    print(f"  {'workflow':<10}{'steps':>6}")
+    for workflow in sorted(counts):
+        print(f"  {workflow:<10}{counts[workflow]:>6}")
+    print("\n  all six workflows completed successfully")
+
+
+async def run_story(cast: Cast) -> None:
+    story = Story()
+    async with MarketplaceClient(cast.marketplace.address) as mp:
+        ep, customers = await accounts(mp, story)
+        await claim_all(cast, customers, story)
+        request = await publish(ep, story)
+        await browse(customers["alice"], story)
+        matches = await search(ep, request, story)
+        await access(cast, ep, customers, request, matches, story)
+    print_table(story)
+
+
+def print_poke_help(cast: Cast) -> None:
+    m = cast.marketplace.address
+    print(
+        f"""
+Servers are still running (Ctrl-C stops them):
+  marketplace  {m}
+  eddie-sink   {cast.sink.address}
+  AIIDAs       {", ".join(f"{iid}@{p.address}" for p, iid, _ in cast.aiidas.values())}
+Try:
+  .venv/bin/grpcurl -plaintext {m} list
+  .venv/bin/grpcurl -plaintext {m} grpc.health.v1.Health/Check
+  .venv/bin/grpcurl -plaintext -d '{{"email":"alice@household.example","password":"{PASSWORD}"}}' \\
+      {m} eddie.marketplace.v1.IdentityService/CreateToken""",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep-running", action="store_true", help="leave the servers up after the story")
+    parser.add_argument(
+        "--time-scale", type=float, default=60.0, help="how much faster the simulated meters run"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="where state and logs go (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="eddie-demo-"))
+    print(f"demo state and logs in {work}")
+    cast = start_cast(work, args.time_scale)
+    ok = False
+    try:
+        asyncio.run(run_story(cast))
+        ok = True
+        if args.keep_running:
+            print_poke_help(cast)
+            with contextlib.suppress(KeyboardInterrupt):
+                cast.marketplace.popen.wait()
+    except Exception as exc:
+        print(f"\nDEMO FAILED: {type(exc).__name__}: {exc}\nlogs: {work / 'logs'}", file=sys.stderr)
+    finally:
+        for p in cast.all():
+            p.stop()
+        if ok and args.work_dir is None and not args.keep_running:
+            shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
