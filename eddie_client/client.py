@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie.marketplace.v1 import (
     access_pb2,
     access_pb2_grpc,
+    consent_pb2,
     consent_pb2_grpc,
     data_request_pb2,
     data_request_pb2_grpc,
@@ -79,11 +82,20 @@ class Session:
 
     # --- customer side ---
 
-    async def claim(self, instance_id: str, pairing_code: str) -> instance_pb2.Instance:
-        return await self.instances.ClaimInstance(
-            instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=pairing_code),
-            metadata=self.metadata,
-        )
+    async def claim(self, instance_id: str, pairing_code: str, wait: float = 0.0) -> instance_pb2.Instance:
+        """Claims an AIIDA. An AIIDA registers itself at start-up, so a claim made right after
+        starting it may find it unknown (NOT_FOUND); `wait` seconds of retries cover that."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return await self.instances.ClaimInstance(
+                    instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=pairing_code),
+                    metadata=self.metadata,
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def list_instances(self) -> list[instance_pb2.Instance]:
         result: list[instance_pb2.Instance] = []
@@ -103,11 +115,16 @@ class Session:
         )
 
     async def decide(self, permission: str, approve: bool, reason: str = "") -> access_pb2.Permission:
-        from eddie.marketplace.v1 import consent_pb2
-
+        """Approves or rejects a pending access request (unary; apps usually use the Connect stream)."""
         return await self.consent.DecideAccess(
             consent_pb2.DecideAccessRequest(permission=permission, approve=approve, reason=reason),
             metadata=self.metadata,
+        )
+
+    async def revoke(self, permission: str, reason: str) -> access_pb2.Permission:
+        """Ends one of the customer's accepted or active permissions."""
+        return await self.consent.RevokePermission(
+            consent_pb2.RevokePermissionRequest(name=permission, reason=reason), metadata=self.metadata
         )
 
     # --- eligible-party side ---
@@ -215,18 +232,27 @@ class MarketplaceClient:
 
 
 async def list_readings(sink_address: str, permission_id: str, token: str) -> list[Any]:
-    """Every reading the EP's sink stored for one permission (all pages)."""
+    """Every reading the EP's sink stored for one permission (all pages); none yet is `[]`.
+
+    The sink answers NOT_FOUND for a permission it has not heard of, which is also the case
+    before the AIIDA's first reading arrives.
+    """
     async with grpc.aio.insecure_channel(sink_address) as channel:
         stub = data_sink_pb2_grpc.DataSinkServiceStub(channel)
         readings: list[Any] = []
         page = ""
         while True:
-            response = await stub.ListReadings(
-                data_sink_pb2.ListReadingsRequest(
-                    permission_id=permission_id, page_size=1000, page_token=page
-                ),
-                metadata=(("authorization", f"Bearer {token}"),),
-            )
+            try:
+                response = await stub.ListReadings(
+                    data_sink_pb2.ListReadingsRequest(
+                        permission_id=permission_id, page_size=1000, page_token=page
+                    ),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND and not readings:
+                    return []
+                raise
             readings.extend(response.readings)
             page = response.next_page_token
             if not page:

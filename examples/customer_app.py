@@ -57,7 +57,7 @@ async def main(args: argparse.Namespace) -> None:
     async with MarketplaceClient(args.marketplace) as mp:
         me = await mp.sign_up(ROLE_CUSTOMER, args.email, args.password, args.name)
         if args.instance_id:
-            instance = await me.claim(args.instance_id, args.pairing_code)
+            instance = await me.claim(args.instance_id, args.pairing_code, wait=30)
             print(f"claimed {instance.name} (connected: {instance.connected})")
         page = await me.browse(region=args.region, page_size=10)
         print(f"{page.total_size} open data requests for region {args.region or 'any'}:")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -20,7 +21,7 @@ from marketplace_server.db.models import AccountRow, DataRequestRow, PermissionR
 from marketplace_server.errors import DomainError, FailedPrecondition
 from marketplace_server.rpc.converters import data_request_to_proto, permission_to_proto
 from marketplace_server.services.access import not_active
-from marketplace_server.services.events import AccessRequested, EventHub, Item, PermissionChanged
+from marketplace_server.services.events import AccessRequested, EventHub, Item, PermissionChanged, Subscriber
 from marketplace_server.services.permissions import (
     ACCEPTED,
     ACTIVE_STATES,
@@ -187,7 +188,7 @@ class ConsentService:
                 yield ConnectResponse(access_request=access_request)
             yield ConnectResponse(ready=consent_pb2.ConsentStreamReady(pending_count=len(pending)))
             reader = asyncio.create_task(self._read_decisions(caller, requests, subscriber.push))
-            reader.add_done_callback(_log_reader_failure)
+            reader.add_done_callback(functools.partial(_end_on_reader_failure, subscriber))
             try:
                 while True:
                     response = stream.response_for(await subscriber.next())
@@ -243,9 +244,14 @@ def _decision_error(permission: str, error: DomainError) -> consent_pb2.ConnectR
     )
 
 
-def _log_reader_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log_event(log, "consent_stream_read_failed", logging.DEBUG, error=type(task.exception()).__name__)
+def _end_on_reader_failure(subscriber: Subscriber, task: asyncio.Task[None]) -> None:
+    """A request stream that cannot be read (malformed message, transport error) ends the stream with
+    that error, so the client learns its decisions are no longer heard instead of waiting forever.
+    A client that merely half-closes keeps receiving access requests and updates."""
+    if task.cancelled() or (error := task.exception()) is None:
+        return
+    log_event(log, "consent_stream_read_failed", logging.DEBUG, error=type(error).__name__)
+    subscriber.fail(error)
 
 
 async def _data_requests(session: AsyncSession, ids: set[str]) -> dict[str, data_request_pb2.DataRequest]:

@@ -60,6 +60,7 @@ class Subscriber:
         self.account_id = account_id
         self.accepts = accepts
         self.dropped = False
+        self._failure: BaseException | None = None
         self._queue: asyncio.Queue[Item | None] = asyncio.Queue(size)
 
     def push(self, item: Item) -> bool:
@@ -79,10 +80,18 @@ class Subscriber:
             self._queue.get_nowait()
         self._queue.put_nowait(None)
 
+    def fail(self, error: BaseException) -> None:
+        """Ends the stream with `error` (e.g. its request reader broke); later items are discarded."""
+        if self._failure is None:
+            self._failure = error
+            self._drop()
+
     async def next(self) -> Item:
         """The next item; raises RESOURCE_EXHAUSTED (SUBSCRIBER_TOO_SLOW) once dropped."""
         item = await self._queue.get()
         if item is None:
+            if self._failure is not None:
+                raise self._failure
             raise ResourceExhausted(
                 "the stream fell too far behind and was closed; reconnect", reason="SUBSCRIBER_TOO_SLOW"
             )

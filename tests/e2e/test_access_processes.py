@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
-from eddie_client import procs
 from eddie_client.client import (
     ROLE_CUSTOMER,
     ROLE_ELIGIBLE_PARTY,
@@ -27,74 +24,11 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
+from tests.e2e.conftest import Cast
 
 pytestmark = pytest.mark.e2e
-PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 PASSWORD = "end to end passphrase"
 S = access_pb2.Permission.State
-
-
-@dataclass
-class Cast:
-    marketplace: procs.Proc
-    sink: procs.Proc
-    aiidas: dict[str, tuple[procs.Proc, str]]
-
-
-@pytest.fixture
-def cast(tmp_path: Path) -> Iterator[Cast]:
-    started: list[procs.Proc] = []
-    try:
-        mp = procs.start(
-            "marketplace",
-            ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "mp")],
-            tmp_path,
-        )
-        started.append(mp)
-        sink = procs.start(
-            "sink",
-            [
-                "eddie_sink",
-                "--listen",
-                "127.0.0.1:0",
-                "--marketplace",
-                mp.address,
-                "--data-dir",
-                str(tmp_path / "sink"),
-            ],
-            tmp_path,
-        )
-        started.append(sink)
-        aiidas = {}
-        for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
-            code = f"{who.upper()}-2026"
-            p = procs.start(
-                f"aiida-{who}",
-                [
-                    "aiida_stub",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--marketplace",
-                    mp.address,
-                    "--state-dir",
-                    str(tmp_path / who),
-                    "--profile",
-                    str(PROFILES / profile),
-                    "--instance-id",
-                    f"aiida-{who}",
-                    "--pairing-code",
-                    code,
-                    "--time-scale",
-                    "60",
-                ],
-                tmp_path,
-            )
-            started.append(p)
-            aiidas[who] = (p, code)
-        yield Cast(mp, sink, aiidas)
-    finally:
-        for p in started:
-            p.stop()
 
 
 async def _setup(cast: Cast) -> tuple[MarketplaceClient, Session, dict[str, Session]]:

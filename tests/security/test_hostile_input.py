@@ -476,9 +476,4 @@ def test_bytes_that_are_not_the_request_message_are_invalid_argument(
         if ignored:
             break
     check_still_serving(harness)
-    if ignored and method.name == "Connect":
-        pytest.xfail(
-            "ConsentService.Connect swallows a failure of its request reader (services/consent.py "
-            "_read_decisions, logged at DEBUG): the stream stays open but stops reading decisions"
-        )
     assert not ignored, f"{method.name} kept the stream open after {ignored}"

@@ -1,0 +1,76 @@
+"""Real processes for end-to-end tests: a marketplace, an EP sink and two AIIDAs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from eddie_client import procs
+
+PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
+
+
+@dataclass
+class Cast:
+    marketplace: procs.Proc
+    sink: procs.Proc
+    aiidas: dict[str, tuple[procs.Proc, str]]  # who -> (process, pairing code); instance id aiida-<who>
+
+
+@pytest.fixture
+def cast(tmp_path: Path) -> Iterator[Cast]:
+    started: list[procs.Proc] = []
+    try:
+        mp = procs.start(
+            "marketplace",
+            ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "mp")],
+            tmp_path,
+        )
+        started.append(mp)
+        sink = procs.start(
+            "sink",
+            [
+                "eddie_sink",
+                "--listen",
+                "127.0.0.1:0",
+                "--marketplace",
+                mp.address,
+                "--data-dir",
+                str(tmp_path / "sink"),
+            ],
+            tmp_path,
+        )
+        started.append(sink)
+        aiidas = {}
+        for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
+            code = f"{who.upper()}-2026"
+            p = procs.start(
+                f"aiida-{who}",
+                [
+                    "aiida_stub",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--marketplace",
+                    mp.address,
+                    "--state-dir",
+                    str(tmp_path / who),
+                    "--profile",
+                    str(PROFILES / profile),
+                    "--instance-id",
+                    f"aiida-{who}",
+                    "--pairing-code",
+                    code,
+                    "--time-scale",
+                    "60",
+                ],
+                tmp_path,
+            )
+            started.append(p)
+            aiidas[who] = (p, code)
+        yield Cast(mp, sink, aiidas)
+    finally:
+        for p in started:
+            p.stop()
