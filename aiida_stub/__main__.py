@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -11,13 +10,14 @@ from aiida_stub.profile import ProfileError
 from aiida_stub.server import run
 from aiida_stub.state import StateError
 from eddie_common.logging import configure_logging
+from eddie_common.serving import run_program
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     configure_logging(config.log_level)
     try:
-        return asyncio.run(run(config))
+        return run_program(run(config))  # type: ignore[no-any-return]
     except (ProfileError, StateError, OSError) as exc:
         print(f"aiida-stub: error: {exc}", file=sys.stderr)
         return 2

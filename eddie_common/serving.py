@@ -126,3 +126,46 @@ async def run_until_signal(lifecycle: Lifecycle, host: str, port: int, grace: fl
     log_event(log, "shutting_down", program=program, grace_seconds=grace)
     await lifecycle.stop(grace)
     log_event(log, "stopped", program=program)
+
+
+# How long the tasks still running after a program's main coroutine returned get to react to
+# cancellation. A task blocked on a gRPC call whose channel or server is already gone may never
+# finish; asyncio.run would wait for it forever and the process would ignore SIGTERM.
+LEFTOVER_TASKS_TIMEOUT = 5.0
+
+
+def run_program(main: Awaitable[Any], leftover_timeout: float = LEFTOVER_TASKS_TIMEOUT) -> Any:
+    """Like `asyncio.run(main)`, but the clean-up of leftover tasks is bounded in time.
+
+    Tasks that still have not finished `leftover_timeout` seconds after being cancelled are
+    logged (name and where they wait) and abandoned, so a shutdown always ends.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_leftovers(loop, leftover_timeout)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=timeout))
+    for task in pending:
+        frames = task.get_stack(limit=1)
+        where = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "?"
+        log_event(log, "task_abandoned_at_exit", logging.WARNING, task=task.get_name(), waiting_at=where)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log_event(
+                log, "task_failed_at_exit", logging.DEBUG, task=task.get_name(), error=repr(task.exception())
+            )

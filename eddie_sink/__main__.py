@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from eddie_common.logging import configure_logging
+from eddie_common.serving import run_program
 from eddie_sink.config import parse_config
 from eddie_sink.server import run
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("aiosqlite", "grpc._cython.cygrpc"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
-        asyncio.run(run(config))
+        run_program(run(config))
     except KeyboardInterrupt:
         return 130
     return 0

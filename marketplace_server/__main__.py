@@ -8,7 +8,7 @@ import sys
 
 from eddie_common.cli import split_host_port
 from eddie_common.logging import configure_logging, log_event
-from eddie_common.serving import announce
+from eddie_common.serving import announce, run_program
 from marketplace_server.config import build_parser, config_from_args
 from marketplace_server.server import create_server
 
@@ -37,7 +37,7 @@ async def serve(argv: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        asyncio.run(serve(argv))
+        run_program(serve(argv))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
