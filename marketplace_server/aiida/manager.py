@@ -25,6 +25,7 @@ from eddie.energy.v1 import energy_pb2
 from eddie_common.logging import log_event
 from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
 from marketplace_server.aiida.fanout import SearchTally
+from marketplace_server.aiida.heap import HeapFreezer
 from marketplace_server.aiida.link import InstanceLink
 from marketplace_server.config import Config
 from marketplace_server.db.models import InstanceRow
@@ -66,6 +67,7 @@ class ConnectionManager:
         self._tasks: list[asyncio.Task[None]] = []
         self.status_listeners: list[StatusListener] = []
         self.up_listeners: list[UpListener] = []
+        self.heap = HeapFreezer()
 
     # --- lifecycle ---
 
@@ -86,6 +88,7 @@ class ConnectionManager:
         log_event(log, "connection_manager_started", instances=len(rows))
 
     async def stop(self) -> None:
+        self.heap.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*(link.stop() for link in self.links.values()), return_exceptions=True)
@@ -195,12 +198,14 @@ class ConnectionManager:
 
     async def on_link_up(self, link: InstanceLink) -> None:
         self._seen.add(link.instance_id)
+        self.heap.changed()
         log_event(log, "aiida_connected", logging.DEBUG, instance=link.instance_id, address=link.address)
         for listener in self.up_listeners:
             self._spawn(listener(link.instance_id))
 
     async def on_link_down(self, link: InstanceLink) -> None:
         self._seen.add(link.instance_id)
+        self.heap.changed()
         for tally in list(self._tallies.values()):
             tally.on_lost(link.instance_id)
         log_event(log, "aiida_disconnected", logging.DEBUG, instance=link.instance_id)

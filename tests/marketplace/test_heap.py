@@ -1,0 +1,43 @@
+"""The connection manager's heap freezer: debounced, and it reclaims what went away."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+from marketplace_server.aiida.heap import HeapFreezer
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_freezes_once_after_changes_settle_and_reclaims_cycles_on_the_next_settle() -> None:
+    freezer = HeapFreezer(quiet_seconds=0.05)
+    try:
+        for _ in range(5):  # a burst of link changes: one freeze at the end
+            freezer.changed()
+            await asyncio.sleep(0.01)
+        assert freezer.freezes == 0
+        await asyncio.sleep(0.15)
+        assert freezer.freezes == 1
+        assert gc.get_freeze_count() > 0
+
+        # An object frozen while alive becomes cyclic garbage later (a link that went away):
+        # the next settle unfreezes and collects it.
+        doomed = _Cycle()
+        freezer.changed()
+        await asyncio.sleep(0.15)
+        assert freezer.freezes == 2
+        alive = [o for o in gc.get_objects() if isinstance(o, _Cycle)]  # frozen objects are not listed
+        assert alive == []
+        del doomed
+        freezer.changed()
+        await asyncio.sleep(0.15)
+        assert freezer.freezes == 3
+        gc.unfreeze()
+        assert not any(isinstance(o, _Cycle) for o in gc.get_objects())
+    finally:
+        freezer.stop()
+        gc.unfreeze()
