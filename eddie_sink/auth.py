@@ -75,6 +75,10 @@ def account_of(claims: dict[str, Any]) -> Account:
     subject = claims["sub"]
     if not subject.startswith("accounts/"):
         raise Unauthenticated("invalid access token", reason="TOKEN_INVALID")
+    # Explicit typing (RFC 8725 §3.11): the marketplace marks access tokens `typ: access`;
+    # a token typed as anything else is refused (an untyped one is tolerated, as before).
+    if claims.get("typ", "access") != "access":
+        raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
     role = claims.get("role")
     return Account(subject, role if isinstance(role, str) else "")
 
