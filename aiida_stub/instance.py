@@ -128,11 +128,17 @@ class AiidaInstance:
         else:
             access.source_index = self.profile.sources.index(source)
         self.record.accesses[access.permission_id] = access
+        # Shielded: if the caller goes away while the state is written, the call is cancelled, but the
+        # access is stored by then; unstarted, it would stay ACTIVE with no data (a retried configure
+        # finds it and returns it as it is).
+        await asyncio.shield(self._activate(access))
+        return access
+
+    async def _activate(self, access: AccessRecord) -> None:
         await self.runtime.store.commit()
         self._report(access)
         if access.state == State.STATE_ACTIVE:
             self._start_streamer(access)
-        return access
 
     async def revoke_access(self, permission_id: str, reason: str) -> AccessRecord:
         """Idempotent; an unknown id is recorded as revoked so a later configure cannot revive it."""

@@ -107,7 +107,12 @@ class InstanceLink:
             try:
                 opened = await self._run_once()
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if self._stopped or (task is not None and task.cancelling()):
+                    raise
+                # grpc.aio raises CancelledError from a call this link cancelled itself (flooding,
+                # re-addressed), not only when this task is cancelled: that call ended, reconnect.
+                log_event(log, "aiida_stream_cancelled", logging.DEBUG, instance=self.instance_id)
             except Exception as exc:
                 log_event(
                     log, "aiida_stream_error", logging.DEBUG, instance=self.instance_id, error=repr(exc)

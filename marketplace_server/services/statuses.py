@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import zlib
+from collections import Counter
 
 from sqlalchemy import select
 
@@ -42,6 +43,10 @@ AccessState = aiida_pb2.DataAccess
 Queued = tuple[str, aiida_pb2.DataAccessStatus]
 WORKERS = 4
 QUEUE_SIZE = 10_000
+# Statuses of one instance waiting to be applied. Past it that instance's statuses are dropped, so
+# one instance flooding (it re-reports on every reconnect anyway) cannot hold up, or with full queues
+# drop, the reports of every other instance behind its own in a shared queue.
+MAX_QUEUED_PER_INSTANCE = 256
 _PERMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 FULFILLED_REASON = "the data window ended"
 UNFULFILLABLE_REASON = "the AIIDA cannot serve the data need"
@@ -72,14 +77,25 @@ class StatusApplier:
         self.ledger = ledger
         self._stopping = False
         self._queues: list[asyncio.Queue[Queued | None]] = [asyncio.Queue(QUEUE_SIZE) for _ in range(workers)]
+        self._queued: Counter[str] = Counter()  # by instance id
+        self._over_quota: set[str] = set()
 
     async def on_stream_status(self, instance_id: str, status: aiida_pb2.DataAccessStatus) -> None:
         """The manager's status listener: queues without awaiting, so arrival order is kept."""
         if self._stopping:
             return
+        queued = self._queued[instance_id]
+        if queued >= MAX_QUEUED_PER_INSTANCE:
+            if instance_id not in self._over_quota:  # logged once per episode, not per status
+                self._over_quota.add(instance_id)
+                log_event(
+                    log, "aiida_status_dropped", logging.WARNING, instance=instance_id, why="over_quota"
+                )
+            return
         queue = self._queues[zlib.crc32(status.permission_id.encode()) % len(self._queues)]
         try:
             queue.put_nowait((instance_id, status))
+            self._queued[instance_id] = queued + 1
         except asyncio.QueueFull:
             log_event(log, "aiida_status_dropped", logging.WARNING, instance=instance_id, why="queue_full")
 
@@ -105,8 +121,17 @@ class StatusApplier:
             except Exception:
                 log.exception("aiida_status_failed")
             finally:
+                self._dequeued(item[0])
                 queue.task_done()
         queue.task_done()
+
+    def _dequeued(self, instance_id: str) -> None:
+        left = self._queued[instance_id] - 1
+        if left > 0:
+            self._queued[instance_id] = left
+        else:
+            del self._queued[instance_id]
+            self._over_quota.discard(instance_id)
 
     async def join(self) -> None:
         """Waits until every status queued so far has been applied."""
