@@ -88,6 +88,9 @@ class Delivery:
         )
 
 
+UP_BATCH_SECONDS = 0.05  # how long stream-up events are gathered before one database update
+
+
 def _retry_delay(attempts: int) -> float:
     """Exponential backoff with jitter, capped."""
     delay: float = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempts, 16))
@@ -114,6 +117,8 @@ class OutboxWorker:
         self._in_flight: dict[str, asyncio.Task[None]] = {}  # by permission id
         self._per_instance: Counter[str] = Counter()
         self._handled_at: dict[int, float] = {}  # row id -> when this process finished or rescheduled it
+        self._came_up: set[str] = set()  # instances whose streams came up, not yet made due
+        self._up_flusher: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self.loop.wake()
@@ -147,6 +152,9 @@ class OutboxWorker:
     async def stop(self) -> None:
         """Stops taking rows; lets calls in flight finish (or cancels them after the call timeout)."""
         await self.loop.stop()
+        if self._up_flusher is not None:
+            self._up_flusher.cancel()
+            await asyncio.gather(self._up_flusher, return_exceptions=True)
         tasks = list(self._in_flight.values())
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=CALL_TIMEOUT + 1)
@@ -155,9 +163,26 @@ class OutboxWorker:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def on_instance_up(self, instance_id: str) -> None:
-        """A stream came up: the instance's waiting rows are due now."""
-        await self._make_due(instance_id)
-        self.wake()
+        """A stream came up: the instance's waiting rows are due now.
+
+        After a restart thousands of streams come up within seconds; one UPDATE per instance
+        (each a committed write transaction) made reconnecting 10,000 instances take half a
+        minute. The ids are gathered for a moment and made due in a few chunked statements.
+        """
+        self._came_up.add(instance_id)
+        if self._up_flusher is None or self._up_flusher.done():
+            self._up_flusher = asyncio.create_task(self._flush_came_up(), name="outbox:came-up")
+
+    async def _flush_came_up(self) -> None:
+        await asyncio.sleep(UP_BATCH_SECONDS)
+        while self._came_up and not self.loop.stopping:
+            ids, self._came_up = list(self._came_up), set()
+            try:
+                for start in range(0, len(ids), 500):
+                    await self._make_due(*ids[start : start + 500])
+            except Exception as exc:  # the rows stay scheduled; they are only sent later than they could be
+                log_event(log, "outbox_make_due_failed", logging.WARNING, instances=len(ids), error=repr(exc))
+            self.wake()
 
     async def _make_due(self, *instance_ids: str) -> None:
         async with self.sessions.begin() as session:
