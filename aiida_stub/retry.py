@@ -6,6 +6,9 @@ import logging
 import random
 from dataclasses import dataclass
 
+# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
+_jitter = random.Random()
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -16,7 +19,7 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (1, 2, ...)."""
-        return min(self.initial * 2.0 ** min(attempt - 1, 30), self.cap) * random.uniform(0.5, 1.0)
+        return min(self.initial * 2.0 ** min(attempt - 1, 30), self.cap) * _jitter.uniform(0.5, 1.0)
 
 
 def retry_log_level(attempt: int) -> int:

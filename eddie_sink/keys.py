@@ -22,6 +22,8 @@ from eddie_common.logging import log_event
 from eddie_common.tokens import ALGORITHM, TokenVerifier, load_public_key
 
 log = logging.getLogger(__name__)
+# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
+_jitter = random.Random()
 
 REFRESH_INTERVAL_SECONDS = 30.0
 FETCH_TIMEOUT_SECONDS = 3.0
@@ -45,7 +47,7 @@ class Backoff:
     def next_delay(self) -> float:
         base = self._next
         self._next = min(self.cap, self._next * self.factor)
-        return random.uniform(base / 2, base)
+        return _jitter.uniform(base / 2, base)
 
 
 class MarketplaceKeys:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from marketplace_server.aiida.manager import ConnectionManager
 
 log = logging.getLogger(__name__)
+# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
+_jitter = random.Random()
 
 CONNECT_METHOD = "/eddie.aiida.v1.AiidaService/Connect"
 SEND_QUEUE_SIZE = 64
@@ -121,7 +123,7 @@ class InstanceLink:
                 await self._on_disconnected()
             attempt = 0 if opened else attempt + 1
             delay = min(self.manager.max_backoff, 0.5 * 2 ** min(attempt, 10))
-            delay = delay * (0.5 + random.random() / 2)  # jitter
+            delay = delay * (0.5 + _jitter.random() / 2)  # jitter
             self._reconnect_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reconnect_now.wait(), delay)

@@ -39,6 +39,8 @@ from marketplace_server.services.permissions import ACTIVE_STATES, CONFIGURE, RE
 __all__ = ["OutboxWorker", "configure_payload"]
 
 log = logging.getLogger(__name__)
+# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
+_jitter = random.Random()
 
 CALL_TIMEOUT = 5.0
 MAX_IN_FLIGHT = 32
@@ -94,7 +96,7 @@ UP_BATCH_SECONDS = 0.05  # how long stream-up events are gathered before one dat
 def _retry_delay(attempts: int) -> float:
     """Exponential backoff with jitter, capped."""
     delay: float = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempts, 16))
-    return delay * (0.5 + random.random() / 2)
+    return delay * (0.5 + _jitter.random() / 2)
 
 
 class OutboxWorker:
