@@ -33,21 +33,25 @@ def run(work: Path, trials: int = 15) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     started: list[procs.Proc] = []
     try:
-        mp = procs.start(
-            "bench-marketplace",
-            ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(work / "access-mp")],
-            logs,
-        )
+        mp = procs.start_marketplace(work / "access-mp", logs, name="bench-marketplace")
         started.append(mp)
-        sink_args = ["--listen", "127.0.0.1:0", "--marketplace", mp.address]
-        sink = procs.start("bench-sink", ["eddie_sink", *sink_args, "--data-dir", str(work / "sink")], logs)
+        sink = procs.start_sink(mp.address, work / "sink", logs, name="bench-sink")
         started.append(sink)
-        aiida_args = [
-            *("--listen", "127.0.0.1:0", "--marketplace", mp.address, "--state-dir", str(work / "aiida")),
-            *("--profile", str(PROFILES / "vienna-p1.toml"), "--time-scale", str(TIME_SCALE)),
-            *("--instance-id", "aiida-bench", "--pairing-code", "BENCH-2026"),
-        ]
-        aiida = procs.start("bench-aiida", ["aiida_stub", *aiida_args], logs)
+        aiida = procs.start_aiida(
+            mp.address,
+            work / "aiida",
+            PROFILES / "vienna-p1.toml",
+            logs,
+            *(
+                "--time-scale",
+                str(TIME_SCALE),
+                "--instance-id",
+                "aiida-bench",
+                "--pairing-code",
+                "BENCH-2026",
+            ),
+            name="bench-aiida",
+        )
         started.append(aiida)
         return asyncio.run(_measure(mp.address, sink.address, trials))
     finally:

@@ -150,20 +150,8 @@ async def _restart_to_full_reach(
 ) -> tuple[float, procs.Proc]:
     old.stop()
     t0 = time.perf_counter()
-    mp = procs.start(
-        "marketplace-restarted",
-        [
-            "marketplace_server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--search-rate",
-            "100000",
-            "--log-level",
-            "warning",
-        ],
-        work,
+    mp = procs.start_marketplace(
+        data_dir, work, "--search-rate", "100000", "--log-level", "warning", name="marketplace-restarted"
     )
     async with MarketplaceClient(mp.address) as client:
         ep = await client.log_in("bench-ep@bench.example", PASSWORD)
@@ -175,45 +163,18 @@ async def _restart_to_full_reach(
 def product(n: int, searches: int, work: Path) -> dict[str, Any]:
     data_dir = work / f"marketplace-{n}"
     fleet_dir = work / f"fleet-{n}"
-    mp = procs.start(
-        "marketplace",
-        [
-            "marketplace_server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--search-rate",
-            "100000",
-            "--claim-rate",
-            "100000",
-            "--log-level",
-            "warning",
-        ],
-        work,
+    mp = procs.start_marketplace(
+        data_dir, work, "--search-rate", "100000", "--claim-rate", "100000", "--log-level", "warning"
     )
     fleet = None
     try:
-        fleet = procs.start(
-            "fleet",
-            [
-                "aiida_stub",
-                "--fleet",
-                str(n),
-                "--id-prefix",
-                f"bench{n}",
-                "--listen",
-                "127.0.0.1:0",
-                "--marketplace",
-                mp.address,
-                "--state-dir",
-                str(fleet_dir),
-                "--profile",
-                str(PROFILES),
-                "--log-level",
-                "warning",
-            ],
+        fleet = procs.start_aiida(
+            mp.address,
+            fleet_dir,
+            PROFILES,
             work,
+            *("--fleet", str(n), "--id-prefix", f"bench{n}", "--log-level", "warning"),
+            name="fleet",
             timeout=600,
         )
         fleet_csv = fleet_dir / "fleet.csv"

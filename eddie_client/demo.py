@@ -67,49 +67,20 @@ class Cast:
 def start_cast(work: Path, time_scale: float) -> Cast:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    mp = procs.start(
-        "marketplace",
-        ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(work / "marketplace")],
-        logs,
-    )
+    mp = procs.start_marketplace(work / "marketplace", logs)
     started = [mp]
     try:
-        sink = procs.start(
-            "eddie-sink",
-            [
-                "eddie_sink",
-                "--listen",
-                "127.0.0.1:0",
-                "--marketplace",
-                mp.address,
-                "--data-dir",
-                str(work / "sink"),
-                "--jsonl",
-                str(work / "readings.jsonl"),
-            ],
-            logs,
-        )
+        sink = procs.start_sink(mp.address, work / "sink", logs, "--jsonl", str(work / "readings.jsonl"))
         started.append(sink)
         aiidas = {}
         for who, _, profile in HOUSEHOLDS:
-            p = procs.start(
-                f"aiida-{who}",
-                [
-                    "aiida_stub",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--marketplace",
-                    mp.address,
-                    "--state-dir",
-                    str(work / f"aiida-{who}"),
-                    "--profile",
-                    str(PROFILES / profile),
-                    "--instance-id",
-                    f"aiida-{who}",
-                    "--time-scale",
-                    str(time_scale),
-                ],
+            p = procs.start_aiida(
+                mp.address,
+                work / f"aiida-{who}",
+                PROFILES / profile,
                 logs,
+                *("--instance-id", f"aiida-{who}", "--time-scale", str(time_scale)),
+                name=f"aiida-{who}",
             )
             started.append(p)
             code = p.wait_for(r"pairing code: (\S+)", 10).group(1)

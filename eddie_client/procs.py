@@ -82,3 +82,50 @@ def start(
     match = proc.wait_for(LISTENING.pattern, timeout)
     proc.port = int(match.group(2))
     return proc
+
+
+# The three programs with the flags every caller gives them; `flags` adds the rest.
+
+
+def start_marketplace(
+    data_dir: Path,
+    log_dir: Path | None,
+    *flags: str,
+    name: str = "marketplace",
+    listen: str = "127.0.0.1:0",
+    timeout: float = 60.0,
+) -> Proc:
+    """A marketplace on `listen` (a free port by default) with its data in `data_dir`."""
+    args = ["marketplace_server", "--listen", listen, "--data-dir", str(data_dir), *flags]
+    return start(name, args, log_dir, timeout=timeout)
+
+
+def start_sink(
+    marketplace: str, data_dir: Path, log_dir: Path | None, *flags: str, name: str = "eddie-sink"
+) -> Proc:
+    """An EP sink on a free port that trusts the marketplace at `marketplace`."""
+    args = [
+        "eddie_sink",
+        "--listen",
+        "127.0.0.1:0",
+        "--marketplace",
+        marketplace,
+        "--data-dir",
+        str(data_dir),
+    ]
+    return start(name, [*args, *flags], log_dir)
+
+
+def start_aiida(
+    marketplace: str,
+    state_dir: Path,
+    profile: Path,
+    log_dir: Path | None,
+    *flags: str,
+    name: str = "aiida-stub",
+    timeout: float = 60.0,
+) -> Proc:
+    """An aiida-stub (a fleet with `--fleet N` in `flags`) on a free port, registering at `marketplace`."""
+    args = ["aiida_stub", "--listen", "127.0.0.1:0", "--marketplace", marketplace]
+    args += ["--state-dir", str(state_dir), "--profile", str(profile)]
+    return start(name, [*args, *flags], log_dir, timeout=timeout)

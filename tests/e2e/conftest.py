@@ -24,49 +24,20 @@ class Cast:
 def cast(tmp_path: Path) -> Iterator[Cast]:
     started: list[procs.Proc] = []
     try:
-        mp = procs.start(
-            "marketplace",
-            ["marketplace_server", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "mp")],
-            tmp_path,
-        )
+        mp = procs.start_marketplace(tmp_path / "mp", tmp_path)
         started.append(mp)
-        sink = procs.start(
-            "sink",
-            [
-                "eddie_sink",
-                "--listen",
-                "127.0.0.1:0",
-                "--marketplace",
-                mp.address,
-                "--data-dir",
-                str(tmp_path / "sink"),
-            ],
-            tmp_path,
-        )
+        sink = procs.start_sink(mp.address, tmp_path / "sink", tmp_path, name="sink")
         started.append(sink)
         aiidas = {}
         for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
             code = f"{who.upper()}-2026"
-            p = procs.start(
-                f"aiida-{who}",
-                [
-                    "aiida_stub",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--marketplace",
-                    mp.address,
-                    "--state-dir",
-                    str(tmp_path / who),
-                    "--profile",
-                    str(PROFILES / profile),
-                    "--instance-id",
-                    f"aiida-{who}",
-                    "--pairing-code",
-                    code,
-                    "--time-scale",
-                    "60",
-                ],
+            p = procs.start_aiida(
+                mp.address,
+                tmp_path / who,
+                PROFILES / profile,
                 tmp_path,
+                *("--instance-id", f"aiida-{who}", "--pairing-code", code, "--time-scale", "60"),
+                name=f"aiida-{who}",
             )
             started.append(p)
             aiidas[who] = (p, code)

@@ -851,10 +851,6 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
 # --- 2. the marketplace is SIGKILLed while customers approve ---
 
 
-def _start(name: str, args: list[str], logs: Path) -> procs.Proc:
-    return procs.start(name, args, logs)
-
-
 async def _until(predicate: Any, timeout: float, what: str, step: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -874,26 +870,34 @@ async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates
     started: list[procs.Proc] = []
 
     def marketplace(port: int) -> procs.Proc:
-        args = ["marketplace_server", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-        return _start("marketplace", [*args, "--claim-rate", "1000", "--grace-period", "1"], tmp_path)
+        flags = ("--claim-rate", "1000", "--grace-period", "1")
+        return procs.start_marketplace(data_dir, tmp_path, *flags, listen=f"127.0.0.1:{port}")
 
     mp = await asyncio.to_thread(marketplace, 0)
     started.append(mp)
     client = MarketplaceClient(mp.address)
     try:
-        sink = await asyncio.to_thread(
-            _start,
-            "sink",
-            ["eddie_sink", "--marketplace", mp.address, "--data-dir", str(tmp_path / "sink")],
-            tmp_path,
-        )
+        sink = await asyncio.to_thread(procs.start_sink, mp.address, tmp_path / "sink", tmp_path, name="sink")
         started.append(sink)
         stubs = {}
         for who, profile in (("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")):
-            args = ["aiida_stub", "--marketplace", mp.address, "--state-dir", str(tmp_path / who)]
-            args += ["--profile", str(PROFILES / profile), "--instance-id", f"aiida-{who}"]
-            args += ["--pairing-code", f"{who.upper()}-2026", "--time-scale", "60"]
-            stubs[who] = await asyncio.to_thread(_start, f"aiida-{who}", args, tmp_path)
+            flags = (
+                "--instance-id",
+                f"aiida-{who}",
+                "--pairing-code",
+                f"{who.upper()}-2026",
+                "--time-scale",
+                "60",
+            )
+            stubs[who] = await asyncio.to_thread(
+                procs.start_aiida,
+                mp.address,
+                tmp_path / who,
+                PROFILES / profile,
+                tmp_path,
+                *flags,
+                name=f"aiida-{who}",
+            )
             started.append(stubs[who])
         ep = await client.sign_up(ROLE_ELIGIBLE_PARTY, "ep@faults.example", PASSWORD, "Fault Research")
         customers = {}
