@@ -10,22 +10,28 @@ Used inside the caller's transaction:
 `remember` inserts the key before the resource, so of two concurrent duplicates
 the second blocks on the primary key and then fails with `IntegrityError`; the
 caller rolls back and calls `find` again in a fresh transaction (see
-`find_after_conflict`), which returns the winner's result.
+`find_after_conflict`), which returns the winner's result. `create_once` wraps
+a create in exactly that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from google.protobuf.message import Message
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie_common.errors import InvalidArgument, Validator
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import IdempotencyKeyRow
 
-__all__ = ["check_request_id", "find", "find_after_conflict", "fingerprint", "remember"]
+__all__ = ["check_request_id", "create_once", "find", "find_after_conflict", "fingerprint", "remember"]
+
+T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
@@ -86,6 +92,28 @@ async def remember(
         )
     )
     await session.flush()
+
+
+async def create_once(
+    sessions: async_sessionmaker[AsyncSession],
+    account_id: str,
+    method: str,
+    request_id: str,
+    request_fingerprint: str,
+    create: Callable[[], Awaitable[T]],
+    replay: Callable[[str], Awaitable[T]],
+) -> T:
+    """Runs `create` (which calls `find` / `remember` in its transaction). If it lost the race for
+    `request_id` to a concurrent duplicate, returns `replay(winner's stored result)` instead."""
+    try:
+        return await create()
+    except IntegrityError:
+        if not request_id:
+            raise
+        earlier = await find_after_conflict(sessions, account_id, method, request_id, request_fingerprint)
+        if earlier is None:
+            raise
+        return await replay(earlier)
 
 
 async def find_after_conflict(

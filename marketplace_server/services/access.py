@@ -7,7 +7,6 @@ import re
 from datetime import timedelta
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
@@ -175,19 +174,20 @@ class AccessService:
             canonical.CopyFrom(request)
             canonical.request_id = ""
             fingerprint = idempotency.fingerprint(canonical)
-        try:
-            rows = await self._create(caller, data_request_id, request, fingerprint)
-        except IntegrityError:
-            if not request_id:
-                raise
-            # A concurrent call with the same request id won the race: return its result.
-            earlier = await idempotency.find_after_conflict(
-                self.sessions, caller, METHOD_REQUEST, request_id, fingerprint
-            )
-            if earlier is None:
-                raise
+
+        async def replay(earlier: str) -> list[PermissionRow]:
             async with self.sessions() as session:
-                rows = await self._load_in_order(session, earlier.split())
+                return await self._load_in_order(session, earlier.split())
+
+        rows = await idempotency.create_once(
+            self.sessions,
+            caller,
+            METHOD_REQUEST,
+            request_id,
+            fingerprint,
+            lambda: self._create(caller, data_request_id, request, fingerprint),
+            replay,
+        )
         return access_pb2.RequestAccessResponse(permissions=[permission_to_proto(r) for r in rows])
 
     async def _create(

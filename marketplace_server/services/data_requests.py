@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
@@ -169,21 +168,16 @@ class DataRequestService:
         new = validate_create(request)
         request_id = request.request_id
         fingerprint = idempotency.fingerprint(new.canonical()) if request_id else ""
-        try:
+
+        async def create() -> data_request_pb2.DataRequest:
             row, owner_name, created = await self._insert(owner_id, new, request_id, fingerprint)
-        except IntegrityError:
-            if not request_id:
-                raise
-            # A concurrent call with the same request id won the race: return its result.
-            earlier = await idempotency.find_after_conflict(
-                self.sessions, owner_id, METHOD_CREATE, request_id, fingerprint
-            )
-            if earlier is None:
-                raise
-            return await self._get_by_id(earlier)
-        if created:
-            log_event(log, "data_request_created", data_request=row.id, owner=owner_id, seq=row.seq)
-        return data_request_to_proto(row, owner_name)
+            if created:
+                log_event(log, "data_request_created", data_request=row.id, owner=owner_id, seq=row.seq)
+            return data_request_to_proto(row, owner_name)
+
+        return await idempotency.create_once(
+            self.sessions, owner_id, METHOD_CREATE, request_id, fingerprint, create, self._get_by_id
+        )
 
     async def _insert(
         self, owner_id: str, new: NewDataRequest, request_id: str, fingerprint: str
