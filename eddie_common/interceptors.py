@@ -14,7 +14,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -223,24 +223,27 @@ def _status_details(rpc_error: grpc.RpcError) -> list[any_pb2.Any]:
     return []
 
 
+_Detail = TypeVar("_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
+
+
+def _detail(rpc_error: grpc.RpcError, kind: type[_Detail]) -> _Detail | None:
+    """The first status detail of type `kind` of a failed call, if any."""
+    for detail in _status_details(rpc_error):
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            return message
+    return None
+
+
 def error_info(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """Extracts the ErrorInfo detail of a failed call (for clients and tests)."""
-    for detail in _status_details(rpc_error):
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    return _detail(rpc_error, error_details_pb2.ErrorInfo)
 
 
 def bad_request(rpc_error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
     """Extracts the BadRequest detail of a failed call, if any."""
-    for detail in _status_details(rpc_error):
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            return bad
-    return None
+    return _detail(rpc_error, error_details_pb2.BadRequest)
 
 
 __all__ = [
