@@ -38,9 +38,7 @@ FLAGS = [
 
 
 def test_help_lists_every_flag_with_its_environment_variable() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "aiida_stub", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=30
-    )
+    result = _run_stub("--help")
     assert result.returncode == 0
     for flag in FLAGS:
         assert flag in result.stdout
@@ -129,26 +127,17 @@ async def test_rejected_registration_exits_non_zero(tmp_path: Path, marketplace:
     assert "PERMISSION_DENIED" in stderr
 
 
+def _run_stub(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m aiida_stub ARGS` to completion (it is expected to exit by itself)."""
+    return subprocess.run(
+        [sys.executable, "-m", "aiida_stub", *args], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+
+
 def test_bad_profile_exits_with_a_readable_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('region = "AT-9"\nseed = 1\n')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aiida_stub",
-            "--marketplace",
-            "127.0.0.1:1",
-            "--state-dir",
-            str(tmp_path),
-            "--profile",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = _run_stub("--marketplace", "127.0.0.1:1", "--state-dir", str(tmp_path), "--profile", str(bad))
     assert result.returncode == 2
     assert f"{bad}: sources" in result.stderr
     assert "Traceback" not in result.stderr
@@ -161,22 +150,8 @@ def test_port_in_use_exits_with_a_readable_message(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "aiida_stub",
-                "--marketplace",
-                "127.0.0.1:1",
-                "--state-dir",
-                str(tmp_path),
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=30,
+        result = _run_stub(
+            "--marketplace", "127.0.0.1:1", "--state-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}"
         )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
