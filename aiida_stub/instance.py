@@ -19,12 +19,12 @@ from aiida_stub.auth import MarketplaceTrust
 from aiida_stub.matcher import find_source
 from aiida_stub.meter import meter_for
 from aiida_stub.profile import Profile
-from aiida_stub.retry import Backoff
 from aiida_stub.state import AccessRecord, InstanceRecord, StateStore, StateValue
 from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.errors import InvalidArgument, NotFound
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import grpc
 
 from aiida_stub.auth import trust_for
 from aiida_stub.instance import AiidaInstance
-from aiida_stub.retry import Backoff, retry_log_level
 from eddie.marketplace.v1 import instance_pb2, instance_pb2_grpc
 from eddie_common import tokens
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff, retry_log_level
 
 log = logging.getLogger(__name__)
 

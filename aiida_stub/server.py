@@ -24,7 +24,6 @@ from aiida_stub.fleet import FLEET_CSV, fleet_records, round_robin, write_fleet_
 from aiida_stub.instance import AiidaInstance, Runtime
 from aiida_stub.profile import Profile, load_profiles, shipped_profiles_dir
 from aiida_stub.registration import RegistrationRejected, marketplace_channel, register_all
-from aiida_stub.retry import Backoff
 from aiida_stub.servicer import AiidaServiceServicer
 from aiida_stub.state import InstanceRecord, StateStore
 from aiida_stub.streamer import SimClock, SinkChannels
@@ -33,6 +32,7 @@ from eddie.marketplace.v1 import instance_pb2_grpc
 from eddie_common.cli import split_host_port
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff
 from eddie_common.serving import (
     SERVER_OPTIONS,
     Lifecycle,

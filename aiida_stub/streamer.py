@@ -27,12 +27,12 @@ from google.protobuf import timestamp_pb2
 
 from aiida_stub.meter import Meter, MeterReading
 from aiida_stub.profile import Source
-from aiida_stub.retry import Backoff, retry_log_level
 from aiida_stub.state import AccessRecord, StateValue
 from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff, retry_log_level
 
 log = logging.getLogger(__name__)
 

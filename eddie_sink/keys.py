@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
@@ -19,11 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc
 from eddie_common.errors import Unauthenticated, Unavailable
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff
 from eddie_common.tokens import ALGORITHM, TokenVerifier, load_public_key
 
 log = logging.getLogger(__name__)
-# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
-_jitter = random.Random()
 
 REFRESH_INTERVAL_SECONDS = 30.0
 FETCH_TIMEOUT_SECONDS = 3.0
@@ -33,21 +31,6 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-
-
-class Backoff:
-    """Exponential backoff with full jitter: delays in [base/2, base], base doubling up to `cap`."""
-
-    def __init__(self, initial: float = 0.1, cap: float = 5.0, factor: float = 2.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.factor = factor
-        self._next = initial
-
-    def next_delay(self) -> float:
-        base = self._next
-        self._next = min(self.cap, self._next * self.factor)
-        return _jitter.uniform(base / 2, base)
 
 
 class MarketplaceKeys:
@@ -94,14 +77,14 @@ class MarketplaceKeys:
         return self._ready.is_set()
 
     async def fetch_until_available(self) -> None:
-        backoff = Backoff()
+        backoff = Backoff(initial=0.1, cap=5.0)
         attempt = 0
         while not self._ready.is_set():
             attempt += 1
             try:
                 await self._fetch()
             except (grpc.RpcError, ValueError) as exc:
-                delay = backoff.next_delay()
+                delay = backoff.delay(attempt)
                 log_event(
                     log,
                     "signing_keys_unavailable",

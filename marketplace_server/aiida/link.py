@@ -12,7 +12,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from marketplace_server.aiida.manager import ConnectionManager
 
 log = logging.getLogger(__name__)
-# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
-_jitter = random.Random()
 
 CONNECT_METHOD = "/eddie.aiida.v1.AiidaService/Connect"
 SEND_QUEUE_SIZE = 64
@@ -122,8 +119,7 @@ class InstanceLink:
             finally:
                 await self._on_disconnected()
             attempt = 0 if opened else attempt + 1
-            delay = min(self.manager.max_backoff, 0.5 * 2 ** min(attempt, 10))
-            delay = delay * (0.5 + _jitter.random() / 2)  # jitter
+            delay = self.manager.reconnect_backoff.delay(attempt + 1)
             self._reconnect_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reconnect_now.wait(), delay)

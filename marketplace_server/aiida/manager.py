@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.energy.v1 import energy_pb2
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff
 from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
 from marketplace_server.aiida.fanout import SearchTally
 from marketplace_server.aiida.heap import HeapFreezer
@@ -56,7 +57,7 @@ class ConnectionManager:
         self.config = config
         self.issuer = issuer
         self.sessions = sessions
-        self.max_backoff = config.reconnect_max_backoff
+        self.reconnect_backoff = Backoff(initial=0.5, cap=config.reconnect_max_backoff)
         self.connect_timeout = 10.0
         self.connect_slots = asyncio.Semaphore(256)
         self.links: dict[str, InstanceLink] = {}

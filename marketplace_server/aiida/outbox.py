@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.energy.v1 import energy_pb2
 from eddie_common.logging import log_event
+from eddie_common.retry import Backoff
 from eddie_common.tokens import AUDIENCE_SINK, TokenIssuer
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.background import Loop
@@ -39,8 +39,6 @@ from marketplace_server.services.permissions import ACTIVE_STATES, CONFIGURE, RE
 __all__ = ["OutboxWorker", "configure_payload"]
 
 log = logging.getLogger(__name__)
-# Jitter from a generator of our own: the global `random` state belongs to the application (and tests).
-_jitter = random.Random()
 
 CALL_TIMEOUT = 5.0
 MAX_IN_FLIGHT = 32
@@ -93,10 +91,7 @@ class Delivery:
 UP_BATCH_SECONDS = 0.05  # how long stream-up events are gathered before one database update
 
 
-def _retry_delay(attempts: int) -> float:
-    """Exponential backoff with jitter, capped."""
-    delay: float = min(RETRY_CAP, RETRY_BASE * 2.0 ** min(attempts, 16))
-    return delay * (0.5 + _jitter.random() / 2)
+_RETRY = Backoff(RETRY_BASE, RETRY_CAP)
 
 
 class OutboxWorker:
@@ -362,7 +357,7 @@ class OutboxWorker:
             await self.on_reported(delivery.instance_id, status)
 
     async def _retry_later(self, delivery: Delivery, error: str) -> None:
-        delay = _retry_delay(delivery.attempts)
+        delay = _RETRY.delay(delivery.attempts + 1)
         async with self.sessions.begin() as session:
             await session.execute(
                 update(OutboxRow)

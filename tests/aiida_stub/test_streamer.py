@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from aiida_stub.accesses import stream_plan
 from aiida_stub.meter import Meter
 from aiida_stub.profile import load_profile, shipped_profiles_dir
-from aiida_stub.retry import Backoff
 from aiida_stub.state import AccessRecord
 from aiida_stub.streamer import BACKLOG_LIMIT, AccessStreamer, SimClock, SinkChannels
 from eddie.aiida.v1 import aiida_pb2
+from eddie_common.retry import Backoff
 
 from .helpers import S, data_need
 

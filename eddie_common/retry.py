@@ -1,4 +1,4 @@
-"""Retry pacing shared by registration and sink delivery: exponential backoff with jitter."""
+"""Retry pacing for every program: exponential backoff with jitter, and how loudly to log retries."""
 
 from __future__ import annotations
 
