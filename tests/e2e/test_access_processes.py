@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,6 +24,7 @@ from eddie_client.client import (
     list_readings,
 )
 from tests.e2e.conftest import Cast
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "end to end passphrase"
@@ -85,16 +85,6 @@ async def _readings(cast: Cast, ep: Session, permission: access_pb2.Permission) 
     )
 
 
-async def _until(predicate, timeout: float, step: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError("condition not reached in time")
-
-
 async def test_whole_workflow_six_with_real_processes(cast: Cast) -> None:
     mp, ep, customers = await _setup(cast)
     need = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 180, ["AT"])
@@ -125,12 +115,12 @@ async def test_whole_workflow_six_with_real_processes(cast: Cast) -> None:
     assert bernd_decision.state == S.STATE_REJECTED and bernd_decision.state_reason
 
     alice = permissions["aiida-alice"]
-    readings = await _until(lambda: _readings(cast, ep, alice), 10)
+    readings = await eventually(lambda: _readings(cast, ep, alice), 10)
     assert {r.data_tag for r in readings} == {"1-0:1.8.0"}
     assert all(r.permission_id == alice.name.removeprefix("permissions/") for r in readings)
     assert all(r.unit == "kWh" for r in readings)
     # Window of 180 s simulated at 60x: FULFILLED after about 3 s, readings one simulated minute apart.
-    await _until(lambda: _state_is(ep, alice.name, S.STATE_FULFILLED), 20)
+    await eventually(lambda: _state_is(ep, alice.name, S.STATE_FULFILLED), 20)
     readings = await _readings(cast, ep, alice)
     times = sorted(r.time.ToSeconds() for r in readings)
     assert len(times) >= 3
@@ -160,8 +150,8 @@ async def test_revocation_stops_the_readings_within_a_second(cast: Cast) -> None
     assert matches == ["aiida-alice"]
     (permission,) = await ep.request_access(request.name, matches, f"grpc://{cast.sink.address}")
     await customers["alice"].decide(permission.name, True)
-    await _until(lambda: _state_is(ep, permission.name, S.STATE_ACTIVE), 10)
-    readings = await _until(lambda: _readings(cast, ep, permission), 10)
+    await eventually(lambda: _state_is(ep, permission.name, S.STATE_ACTIVE), 10)
+    readings = await eventually(lambda: _readings(cast, ep, permission), 10)
     assert {r.data_tag for r in readings} <= {"1-0:1.8.0", "1-0:1.7.0"}
     await asyncio.sleep(2.5)
     assert {r.data_tag for r in await _readings(cast, ep, permission)} == {"1-0:1.8.0", "1-0:1.7.0"}

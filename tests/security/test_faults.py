@@ -78,7 +78,7 @@ from tests.conftest import (
     test_config,
 )
 from tests.e2e.fleet import start_aiida
-from tests.helpers import expect_error
+from tests.helpers import eventually, expect_error
 from tests.security.hostile_aiida import (
     Flood,
     Garbage,
@@ -851,16 +851,6 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
 # --- 2. the marketplace is SIGKILLed while customers approve ---
 
 
-async def _until(predicate: Any, timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not reached within {timeout}s: {what}"
-        await asyncio.sleep(step)
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates_nothing(
@@ -907,7 +897,7 @@ async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates
             )
             await session.claim(f"aiida-{who}", f"{who.upper()}-2026", wait=10)
         for session in customers.values():
-            await _until(lambda s=session: _all_connected(s), 10, "the AIIDAs connected")
+            await eventually(lambda s=session: _all_connected(s), 10, "the AIIDAs connected")
 
         # Three data requests, each matched by both AIIDAs: six permissions, all pending.
         need = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400, ["AT"])
@@ -962,7 +952,7 @@ async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates
             states = [(await ep.get_permission(p.name)).state for p in permissions]
             return all(s == Permission.STATE_ACTIVE for s in states)
 
-        await _until(all_active, 20, "every permission active")
+        await eventually(all_active, 20, "every permission active")
         # None lost, none duplicated: each data request still has its two permissions, and an answered
         # decision kept its time (it was not decided a second time).
         for p in permissions:
@@ -1015,7 +1005,7 @@ async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates
             async def readings(pid: str = permission_id) -> list[Any]:
                 return await list_readings(sink.address, pid, ep.token.access_token)
 
-            got = await _until(readings, 15, f"readings of {permission_id}")
+            got = await eventually(readings, 15, f"readings of {permission_id}")
             keys = [(r.permission_id, r.data_tag, r.time.ToNanoseconds()) for r in got]
             assert len(keys) == len(set(keys)), f"duplicate readings for {permission_id}"
             assert {r.permission_id for r in got} == {permission_id}
@@ -1096,7 +1086,7 @@ async def test_a_configure_cut_off_mid_call_still_starts_the_data_flow(tmp_path:
         async def all_streaming() -> bool:
             return all(recorder.readings[i] > 0 for i in ids)
 
-        await _until(all_streaming, 10, f"readings of every access: {dict(recorder.readings)}")
+        await eventually(all_streaming, 10, f"readings of every access: {dict(recorder.readings)}")
     finally:
         await aiida.app.stop(0)
         await sink.stop(0)
