@@ -660,6 +660,13 @@ async def test_stop_under_load_drains_in_flight_calls_and_refuses_new_ones(tmp_p
         await arena.add(honest, "silent-box")
         started = count_started(market.app)
         load = await start_load(arena)
+
+        # Client and server share this loop: under a busy machine the server may not have picked up
+        # any call 0.3 s in. Stop only once calls are really running inside the server.
+        async def in_flight() -> bool:
+            return started.total() - sum(task.done() for task in load.unary) >= 2
+
+        await eventually(in_flight, 10, "calls running inside the server", step=0.005)
         signalled = time.monotonic()
         stopping = asyncio.create_task(market.app.stop())
         ended = await assert_drained(load, signalled, grace, market.address)
@@ -684,24 +691,8 @@ async def test_sigterm_under_load_drains_and_exits_zero(tmp_path: Path) -> None:
     """The real process: SIGTERM with calls and streams in flight; exit 0 within grace + a few seconds."""
     grace = 4.0
     honest = await HostileAiida({**{i: Script(m) for i, m in HONEST.items()}, "silent-box": Silent()}).start()
-    mp = await asyncio.to_thread(
-        procs.start,
-        "marketplace",
-        [
-            "marketplace_server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "mp"),
-            "--grace-period",
-            str(grace),
-            "--claim-rate",
-            "1000",
-            "--search-rate",
-            "1000",
-        ],
-        tmp_path,
-    )
+    flags = ("--grace-period", str(grace), "--claim-rate", "1000", "--search-rate", "1000")
+    mp = await asyncio.to_thread(procs.start_marketplace, tmp_path / "mp", tmp_path, *flags)
     channel = grpc.aio.insecure_channel(mp.address)
     try:
         arena = await build_arena(channel, mp.address, None, honest)
