@@ -163,8 +163,8 @@ class Session:
         matches: list[str] = []
         summary = data_request_pb2.SearchSummary()
         async for response in self.data_requests.SearchInstances(request, metadata=self.metadata):
-            if response.HasField("match"):
-                matches.append(response.match.instance_id)
+            if response.HasField("matches"):
+                matches.extend(response.matches.instance_ids)
             else:
                 summary = response.summary
         return matches, summary

@@ -100,9 +100,9 @@ class SearchService:
         need = energy_pb2.DataNeed.FromString(row.data_need)
         tally = self.manager.begin_search(need)
         try:
-            async for instance_id in _matches_until(tally, started + timeout):
+            async for batch in _matches_until(tally, started + timeout):
                 yield data_request_pb2.SearchInstancesResponse(
-                    match=data_request_pb2.InstanceMatch(instance_id=instance_id)
+                    matches=data_request_pb2.InstanceMatches(instance_ids=batch)
                 )
         finally:
             timed_out = self.manager.end_search(tally)
@@ -194,18 +194,30 @@ class SearchService:
         )
 
 
-async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[str]:
-    """Yields matched instance ids until every instance answered or the deadline passed.
+async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[list[str]]:
+    """Yields batches of matched instance ids until every instance answered or the deadline passed.
 
-    One timer for the whole search puts the end marker into the queue, so waiting
-    for the next match costs no task or timer per match.
+    The generator resumes once the previous message has been written; every id that
+    arrived meanwhile goes into the next batch, so there is no timer per batch and a
+    broad search sends few large messages. One timer for the whole search puts the
+    end marker into the queue.
     """
     queue = tally.matches
     loop = asyncio.get_running_loop()
     timer = loop.call_later(max(0.0, deadline - time.perf_counter()), queue.put_nowait, None)
     try:
-        while (instance_id := await queue.get()) is not None:
-            yield instance_id
+        while (first := await queue.get()) is not None:
+            batch = [first]
+            ended = False
+            while not queue.empty():
+                instance_id = queue.get_nowait()
+                if instance_id is None:
+                    ended = True
+                    break
+                batch.append(instance_id)
+            yield batch
+            if ended:
+                return
     finally:
         timer.cancel()
 

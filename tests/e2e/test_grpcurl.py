@@ -54,7 +54,7 @@ async def test_readme_grpcurl_commands_work_against_a_live_server(marketplace: R
     assert code == 0, f"grpcurl block failed:\n{err}\n{out}"
     assert "eddie.marketplace.v1.DataRequestService" in out  # list
     assert "rpc SearchInstances" in out  # describe
-    assert "streams back each" in out  # with the proto comments
+    assert "streams back the" in out  # with the proto comments
     assert out.count('"status": "SERVING"') == 2  # overall and per-service health
     assert '"displayName": "Ops"' in out  # CreateAccount, then GetCurrentAccount
     assert "ROLE_ELIGIBLE_PARTY" in out

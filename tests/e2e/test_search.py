@@ -137,8 +137,8 @@ async def _search(
         data_request_pb2.SearchInstancesRequest(data_request=name, timeout=duration(timeout)),
         metadata=ep.metadata,
     ):
-        if response.HasField("match"):
-            matches.append(response.match.instance_id)
+        if response.HasField("matches"):
+            matches.extend(response.matches.instance_ids)
         else:
             assert summary is None, "more than one summary"
             summary = response.summary

@@ -104,8 +104,8 @@ class Scene:
         )
         matched = []
         async for response in self.ep.data_requests.SearchInstances(request, metadata=self.ep.metadata):
-            if response.HasField("match"):
-                matched.append(response.match.instance_id)
+            if response.HasField("matches"):
+                matched.extend(response.matches.instance_ids)
         return matched
 
     async def request_access(

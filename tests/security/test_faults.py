@@ -190,8 +190,8 @@ class Arena:
             metadata=self.ep.metadata,
             timeout=timeout + 10,
         ):
-            if response.HasField("match"):
-                matches.append(response.match.instance_id)
+            if response.HasField("matches"):
+                matches.extend(response.matches.instance_ids)
             else:
                 assert summary is None, "a second summary"
                 summary = response.summary

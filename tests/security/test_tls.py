@@ -166,8 +166,8 @@ async def _search(ep: Client) -> tuple[str, list[str]]:
     search = data_request_pb2.SearchInstancesRequest(data_request=dr.name, timeout=Duration(seconds=3))
     matches = []
     async for response in ep.data_requests.SearchInstances(search, metadata=ep.metadata):
-        if response.HasField("match"):
-            matches.append(response.match.instance_id)
+        if response.HasField("matches"):
+            matches.extend(response.matches.instance_ids)
     return dr.name, matches
 
 

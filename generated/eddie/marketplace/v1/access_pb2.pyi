@@ -110,7 +110,9 @@ class Permission(_message.Message):
     state_reason: _builtins.str
     """Output only. Why the permission is in its state (always set for terminal states)."""
     sink_uri: _builtins.str
-    """Output only. Where the AIIDA sends readings, `grpc://host:port`."""
+    """Output only. Where the AIIDA sends readings: `grpc://`, `grpcs://`,
+    `mqtt://` or `mqtts://` `host:port`.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. Creation time."""
@@ -174,7 +176,10 @@ class RequestAccessRequest(_message.Message):
     data_request: _builtins.str
     """Required. `dataRequests/{id}` of the caller."""
     sink_uri: _builtins.str
-    """Required. `grpc://host:port` (or `grpcs://`) of the EP's data sink."""
+    """Required. The EP's data sink: `grpc://host:port` or `grpcs://host:port`
+    (DataSinkService), or an MQTT broker `mqtt://host:port` / `mqtts://host:port`
+    (EDDIE's AIIDA topics).
+    """
     request_id: _builtins.str
     """Optional idempotency key (AIP-155), 1 to 64 characters."""
     @_builtins.property

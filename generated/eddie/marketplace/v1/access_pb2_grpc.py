@@ -71,7 +71,10 @@ class AccessServiceServicer:
     def RequestAccess(self, request, context):
         """Creates one PENDING permission per instance, all or nothing. Only instances
         matched by a stored search of the data request may be asked
-        (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created).
+        (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created;
+        a withheld search matches nobody). An instance that already has a live
+        (PENDING, ACCEPTED or ACTIVE) permission for the data request gets that
+        permission back instead of a second one.
         Owner of the data request only. A repeated `request_id` returns the first result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -38,7 +38,10 @@ class AccessServiceStub:
     RequestAccess: _grpc.UnaryUnaryMultiCallable[_access_pb2.RequestAccessRequest, _access_pb2.RequestAccessResponse]
     """Creates one PENDING permission per instance, all or nothing. Only instances
     matched by a stored search of the data request may be asked
-    (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created).
+    (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created;
+    a withheld search matches nobody). An instance that already has a live
+    (PENDING, ACCEPTED or ACTIVE) permission for the data request gets that
+    permission back instead of a second one.
     Owner of the data request only. A repeated `request_id` returns the first result.
     """
     GetPermission: _grpc.UnaryUnaryMultiCallable[_access_pb2.GetPermissionRequest, _access_pb2.Permission]
@@ -67,7 +70,10 @@ class AccessServiceAsyncStub(AccessServiceStub):
     RequestAccess: _aio.UnaryUnaryMultiCallable[_access_pb2.RequestAccessRequest, _access_pb2.RequestAccessResponse]  # type: ignore[assignment]
     """Creates one PENDING permission per instance, all or nothing. Only instances
     matched by a stored search of the data request may be asked
-    (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created).
+    (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created;
+    a withheld search matches nobody). An instance that already has a live
+    (PENDING, ACCEPTED or ACTIVE) permission for the data request gets that
+    permission back instead of a second one.
     Owner of the data request only. A repeated `request_id` returns the first result.
     """
     GetPermission: _aio.UnaryUnaryMultiCallable[_access_pb2.GetPermissionRequest, _access_pb2.Permission]  # type: ignore[assignment]
@@ -99,7 +105,10 @@ class AccessServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_access_pb2.RequestAccessResponse, _abc.Awaitable[_access_pb2.RequestAccessResponse]]:
         """Creates one PENDING permission per instance, all or nothing. Only instances
         matched by a stored search of the data request may be asked
-        (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created).
+        (FAILED_PRECONDITION, reason INSTANCE_NOT_MATCHED, and nothing is created;
+        a withheld search matches nobody). An instance that already has a live
+        (PENDING, ACCEPTED or ACTIVE) permission for the data request gets that
+        permission back instead of a second one.
         Owner of the data request only. A repeated `request_id` returns the first result.
         """
 

@@ -24,31 +24,48 @@ _sym_db = _symbol_database.Default()
 
 from eddie.marketplace.v1 import access_pb2 as eddie_dot_marketplace_dot_v1_dot_access__pb2
 from eddie.marketplace.v1 import data_request_pb2 as eddie_dot_marketplace_dot_v1_dot_data__request__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"eddie/marketplace/v1/consent.proto\x12\x14\x65\x64\x64ie.marketplace.v1\x1a!eddie/marketplace/v1/access.proto\x1a\'eddie/marketplace/v1/data_request.proto\"B\n\x0e\x43onnectRequest\x12\x30\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1e.eddie.marketplace.v1.Decision\"?\n\x08\x44\x65\x63ision\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x92\x02\n\x0f\x43onnectResponse\x12=\n\x0e\x61\x63\x63\x65ss_request\x18\x01 \x01(\x0b\x32#.eddie.marketplace.v1.AccessRequestH\x00\x12=\n\x11permission_update\x18\x02 \x01(\x0b\x32 .eddie.marketplace.v1.PermissionH\x00\x12=\n\x0e\x64\x65\x63ision_error\x18\x03 \x01(\x0b\x32#.eddie.marketplace.v1.DecisionErrorH\x00\x12\x39\n\x05ready\x18\x04 \x01(\x0b\x32(.eddie.marketplace.v1.ConsentStreamReadyH\x00\x42\x07\n\x05\x65vent\"~\n\rAccessRequest\x12\x34\n\npermission\x18\x01 \x01(\x0b\x32 .eddie.marketplace.v1.Permission\x12\x37\n\x0c\x64\x61ta_request\x18\x02 \x01(\x0b\x32!.eddie.marketplace.v1.DataRequest\"R\n\rDecisionError\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"+\n\x12\x43onsentStreamReady\x12\x15\n\rpending_count\x18\x01 \x01(\x05\"J\n\x13\x44\x65\x63ideAccessRequest\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x17RevokePermissionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xae\x02\n\x0e\x43onsentService\x12Z\n\x07\x43onnect\x12$.eddie.marketplace.v1.ConnectRequest\x1a%.eddie.marketplace.v1.ConnectResponse(\x01\x30\x01\x12[\n\x0c\x44\x65\x63ideAccess\x12).eddie.marketplace.v1.DecideAccessRequest\x1a .eddie.marketplace.v1.Permission\x12\x63\n\x10RevokePermission\x12-.eddie.marketplace.v1.RevokePermissionRequest\x1a .eddie.marketplace.v1.Permissionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"eddie/marketplace/v1/consent.proto\x12\x14\x65\x64\x64ie.marketplace.v1\x1a!eddie/marketplace/v1/access.proto\x1a\'eddie/marketplace/v1/data_request.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0e\x43onnectRequest\x12\x30\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1e.eddie.marketplace.v1.Decision\"?\n\x08\x44\x65\x63ision\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x92\x02\n\x0f\x43onnectResponse\x12=\n\x0e\x61\x63\x63\x65ss_request\x18\x01 \x01(\x0b\x32#.eddie.marketplace.v1.AccessRequestH\x00\x12=\n\x11permission_update\x18\x02 \x01(\x0b\x32 .eddie.marketplace.v1.PermissionH\x00\x12=\n\x0e\x64\x65\x63ision_error\x18\x03 \x01(\x0b\x32#.eddie.marketplace.v1.DecisionErrorH\x00\x12\x39\n\x05ready\x18\x04 \x01(\x0b\x32(.eddie.marketplace.v1.ConsentStreamReadyH\x00\x42\x07\n\x05\x65vent\"~\n\rAccessRequest\x12\x34\n\npermission\x18\x01 \x01(\x0b\x32 .eddie.marketplace.v1.Permission\x12\x37\n\x0c\x64\x61ta_request\x18\x02 \x01(\x0b\x32!.eddie.marketplace.v1.DataRequest\"R\n\rDecisionError\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"+\n\x12\x43onsentStreamReady\x12\x15\n\rpending_count\x18\x01 \x01(\x05\"J\n\x13\x44\x65\x63ideAccessRequest\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x17RevokePermissionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\x15ListActivitiesRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x16ListActivitiesResponse\x12\x32\n\nactivities\x18\x01 \x03(\x0b\x32\x1e.eddie.marketplace.v1.Activity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xf3\x03\n\x08\x41\x63tivity\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x31\n\x04kind\x18\x02 \x01(\x0e\x32#.eddie.marketplace.v1.Activity.Kind\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x61ta_request\x18\x04 \x01(\t\x12#\n\x1b\x65ligible_party_display_name\x18\x05 \x01(\t\x12\x0f\n\x07purpose\x18\x06 \x01(\t\x12\x0f\n\x07matched\x18\x07 \x01(\x08\x12\x12\n\npermission\x18\x08 \x01(\t\x12\x35\n\x05state\x18\t \x01(\x0e\x32&.eddie.marketplace.v1.Permission.State\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x0e\n\x06search\x18\x0b \x01(\t\"\xac\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_SEARCH\x10\x01\x12\x19\n\x15KIND_ACCESS_REQUESTED\x10\x02\x12\x18\n\x14KIND_ACCESS_APPROVED\x10\x03\x12\x18\n\x14KIND_ACCESS_REJECTED\x10\x04\x12\x17\n\x13KIND_ACCESS_STARTED\x10\x05\x12\x15\n\x11KIND_ACCESS_ENDED\x10\x06\"C\n\x0e\x43onsentReceipt\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0b\n\x03jws\x18\x03 \x01(\t\"C\n\x1aListConsentReceiptsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"v\n\x1bListConsentReceiptsResponse\x12>\n\x10\x63onsent_receipts\x18\x01 \x03(\x0b\x32$.eddie.marketplace.v1.ConsentReceipt\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x18GetConsentReceiptRequest\x12\x12\n\npermission\x18\x01 \x01(\t2\x82\x05\n\x0e\x43onsentService\x12Z\n\x07\x43onnect\x12$.eddie.marketplace.v1.ConnectRequest\x1a%.eddie.marketplace.v1.ConnectResponse(\x01\x30\x01\x12[\n\x0c\x44\x65\x63ideAccess\x12).eddie.marketplace.v1.DecideAccessRequest\x1a .eddie.marketplace.v1.Permission\x12\x63\n\x10RevokePermission\x12-.eddie.marketplace.v1.RevokePermissionRequest\x1a .eddie.marketplace.v1.Permission\x12k\n\x0eListActivities\x12+.eddie.marketplace.v1.ListActivitiesRequest\x1a,.eddie.marketplace.v1.ListActivitiesResponse\x12z\n\x13ListConsentReceipts\x12\x30.eddie.marketplace.v1.ListConsentReceiptsRequest\x1a\x31.eddie.marketplace.v1.ListConsentReceiptsResponse\x12i\n\x11GetConsentReceipt\x12..eddie.marketplace.v1.GetConsentReceiptRequest\x1a$.eddie.marketplace.v1.ConsentReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eddie.marketplace.v1.consent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONNECTREQUEST']._serialized_start=136
-  _globals['_CONNECTREQUEST']._serialized_end=202
-  _globals['_DECISION']._serialized_start=204
-  _globals['_DECISION']._serialized_end=267
-  _globals['_CONNECTRESPONSE']._serialized_start=270
-  _globals['_CONNECTRESPONSE']._serialized_end=544
-  _globals['_ACCESSREQUEST']._serialized_start=546
-  _globals['_ACCESSREQUEST']._serialized_end=672
-  _globals['_DECISIONERROR']._serialized_start=674
-  _globals['_DECISIONERROR']._serialized_end=756
-  _globals['_CONSENTSTREAMREADY']._serialized_start=758
-  _globals['_CONSENTSTREAMREADY']._serialized_end=801
-  _globals['_DECIDEACCESSREQUEST']._serialized_start=803
-  _globals['_DECIDEACCESSREQUEST']._serialized_end=877
-  _globals['_REVOKEPERMISSIONREQUEST']._serialized_start=879
-  _globals['_REVOKEPERMISSIONREQUEST']._serialized_end=934
-  _globals['_CONSENTSERVICE']._serialized_start=937
-  _globals['_CONSENTSERVICE']._serialized_end=1239
+  _globals['_CONNECTREQUEST']._serialized_start=169
+  _globals['_CONNECTREQUEST']._serialized_end=235
+  _globals['_DECISION']._serialized_start=237
+  _globals['_DECISION']._serialized_end=300
+  _globals['_CONNECTRESPONSE']._serialized_start=303
+  _globals['_CONNECTRESPONSE']._serialized_end=577
+  _globals['_ACCESSREQUEST']._serialized_start=579
+  _globals['_ACCESSREQUEST']._serialized_end=705
+  _globals['_DECISIONERROR']._serialized_start=707
+  _globals['_DECISIONERROR']._serialized_end=789
+  _globals['_CONSENTSTREAMREADY']._serialized_start=791
+  _globals['_CONSENTSTREAMREADY']._serialized_end=834
+  _globals['_DECIDEACCESSREQUEST']._serialized_start=836
+  _globals['_DECIDEACCESSREQUEST']._serialized_end=910
+  _globals['_REVOKEPERMISSIONREQUEST']._serialized_start=912
+  _globals['_REVOKEPERMISSIONREQUEST']._serialized_end=967
+  _globals['_LISTACTIVITIESREQUEST']._serialized_start=969
+  _globals['_LISTACTIVITIESREQUEST']._serialized_end=1049
+  _globals['_LISTACTIVITIESRESPONSE']._serialized_start=1051
+  _globals['_LISTACTIVITIESRESPONSE']._serialized_end=1152
+  _globals['_ACTIVITY']._serialized_start=1155
+  _globals['_ACTIVITY']._serialized_end=1654
+  _globals['_ACTIVITY_KIND']._serialized_start=1482
+  _globals['_ACTIVITY_KIND']._serialized_end=1654
+  _globals['_CONSENTRECEIPT']._serialized_start=1656
+  _globals['_CONSENTRECEIPT']._serialized_end=1723
+  _globals['_LISTCONSENTRECEIPTSREQUEST']._serialized_start=1725
+  _globals['_LISTCONSENTRECEIPTSREQUEST']._serialized_end=1792
+  _globals['_LISTCONSENTRECEIPTSRESPONSE']._serialized_start=1794
+  _globals['_LISTCONSENTRECEIPTSRESPONSE']._serialized_end=1912
+  _globals['_GETCONSENTRECEIPTREQUEST']._serialized_start=1914
+  _globals['_GETCONSENTRECEIPTREQUEST']._serialized_end=1960
+  _globals['_CONSENTSERVICE']._serialized_start=1963
+  _globals['_CONSENTSERVICE']._serialized_end=2605
 # @@protoc_insertion_point(module_scope)

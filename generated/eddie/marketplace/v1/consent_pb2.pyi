@@ -3,10 +3,14 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from eddie.marketplace.v1 import access_pb2 as _access_pb2
 from eddie.marketplace.v1 import data_request_pb2 as _data_request_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -257,3 +261,278 @@ class RevokePermissionRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokePermissionRequest: _TypeAlias = RevokePermissionRequest  # noqa: Y015
+
+@_typing.final
+class ListActivitiesRequest(_message.Message):
+    """Request of ConsentService.ListActivities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    """Required. `instances/{instance_id}` of one of the caller's instances."""
+    page_size: _builtins.int
+    """Maximum number of results; default 50, at most 500."""
+    page_token: _builtins.str
+    """`next_page_token` of a previous response; `instance` must be unchanged."""
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActivitiesRequest: _TypeAlias = ListActivitiesRequest  # noqa: Y015
+
+@_typing.final
+class ListActivitiesResponse(_message.Message):
+    """Response of ConsentService.ListActivities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
+        """One page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        activities: _abc.Iterable[Global___Activity] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListActivitiesResponse: _TypeAlias = ListActivitiesResponse  # noqa: Y015
+
+@_typing.final
+class Activity(_message.Message):
+    """One entry of a household's audit feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Activity._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: Activity._Kind.ValueType  # 0
+        """Not set."""
+        KIND_SEARCH: Activity._Kind.ValueType  # 1
+        """An eligible party's search asked the instance's AIIDA (see `matched`)."""
+        KIND_ACCESS_REQUESTED: Activity._Kind.ValueType  # 2
+        """An eligible party asked for access (a permission became PENDING)."""
+        KIND_ACCESS_APPROVED: Activity._Kind.ValueType  # 3
+        """The customer approved (ACCEPTED)."""
+        KIND_ACCESS_REJECTED: Activity._Kind.ValueType  # 4
+        """The customer rejected (REJECTED)."""
+        KIND_ACCESS_STARTED: Activity._Kind.ValueType  # 5
+        """The AIIDA started sending data (ACTIVE)."""
+        KIND_ACCESS_ENDED: Activity._Kind.ValueType  # 6
+        """The access ended: revoked, terminated, fulfilled, timed out or unfulfillable."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What happened."""
+
+    KIND_UNSPECIFIED: Activity.Kind.ValueType  # 0
+    """Not set."""
+    KIND_SEARCH: Activity.Kind.ValueType  # 1
+    """An eligible party's search asked the instance's AIIDA (see `matched`)."""
+    KIND_ACCESS_REQUESTED: Activity.Kind.ValueType  # 2
+    """An eligible party asked for access (a permission became PENDING)."""
+    KIND_ACCESS_APPROVED: Activity.Kind.ValueType  # 3
+    """The customer approved (ACCEPTED)."""
+    KIND_ACCESS_REJECTED: Activity.Kind.ValueType  # 4
+    """The customer rejected (REJECTED)."""
+    KIND_ACCESS_STARTED: Activity.Kind.ValueType  # 5
+    """The AIIDA started sending data (ACTIVE)."""
+    KIND_ACCESS_ENDED: Activity.Kind.ValueType  # 6
+    """The access ended: revoked, terminated, fulfilled, timed out or unfulfillable."""
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DATA_REQUEST_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_PARTY_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    PERMISSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SEARCH_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """The instance the activity concerns."""
+    kind: Global___Activity.Kind.ValueType
+    """What happened."""
+    data_request: _builtins.str
+    """The data request, `dataRequests/{id}`."""
+    eligible_party_display_name: _builtins.str
+    """The eligible party's display name (as it was when the activity happened
+    or, for a deleted eligible party, empty).
+    """
+    purpose: _builtins.str
+    """The data request's purpose."""
+    matched: _builtins.bool
+    """KIND_SEARCH only: whether the AIIDA answered "match"."""
+    permission: _builtins.str
+    """Access kinds: the permission, `permissions/{id}`."""
+    state: _access_pb2.Permission.State.ValueType
+    """Access kinds: the permission's state after this step."""
+    reason: _builtins.str
+    """Access kinds: the reason recorded with this step."""
+    search: _builtins.str
+    """KIND_SEARCH only: the stored search, `dataRequests/{id}/searches/{id}`."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        kind: Global___Activity.Kind.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        data_request: _builtins.str = ...,
+        eligible_party_display_name: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        matched: _builtins.bool = ...,
+        permission: _builtins.str = ...,
+        state: _access_pb2.Permission.State.ValueType = ...,
+        reason: _builtins.str = ...,
+        search: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_request", b"data_request", "eligible_party_display_name", b"eligible_party_display_name", "instance_id", b"instance_id", "kind", b"kind", "matched", b"matched", "permission", b"permission", "purpose", b"purpose", "reason", b"reason", "search", b"search", "state", b"state", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Activity: _TypeAlias = Activity  # noqa: Y015
+
+@_typing.final
+class ConsentReceipt(_message.Message):
+    """A signed, chained record of one consent decision (GDPR Art. 7(1))."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMISSION_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    JWS_FIELD_NUMBER: _builtins.int
+    permission: _builtins.str
+    """The permission decided, `permissions/{id}`."""
+    sequence: _builtins.int
+    """Position in the customer's chain, from 1."""
+    jws: _builtins.str
+    """Compact JWS (ES256, `kid` of a key from IdentityService.ListSigningKeys)
+    over a JSON object with `receipt_id`, `sequence`, `previous_hash` (lowercase
+    hex SHA-256 of the previous receipt's `jws`, empty for the first),
+    `permission`, `customer`, `eligible_party`, `data_request`, `purpose`,
+    `policy_uri`, `data_need` (protobuf JSON), `decision` (`approve`, `reject`
+    or `revoke`), `reason` and `time` (RFC 3339).
+    """
+    def __init__(
+        self,
+        *,
+        permission: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        jws: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jws", b"jws", "permission", b"permission", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentReceipt: _TypeAlias = ConsentReceipt  # noqa: Y015
+
+@_typing.final
+class ListConsentReceiptsRequest(_message.Message):
+    """Request of ConsentService.ListConsentReceipts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of results; default 50, at most 500."""
+    page_token: _builtins.str
+    """`next_page_token` of a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentReceiptsRequest: _TypeAlias = ListConsentReceiptsRequest  # noqa: Y015
+
+@_typing.final
+class ListConsentReceiptsResponse(_message.Message):
+    """Response of ConsentService.ListConsentReceipts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_RECEIPTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def consent_receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentReceipt]:
+        """One page of the caller's chain, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        consent_receipts: _abc.Iterable[Global___ConsentReceipt] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_receipts", b"consent_receipts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentReceiptsResponse: _TypeAlias = ListConsentReceiptsResponse  # noqa: Y015
+
+@_typing.final
+class GetConsentReceiptRequest(_message.Message):
+    """Request of ConsentService.GetConsentReceipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERMISSION_FIELD_NUMBER: _builtins.int
+    permission: _builtins.str
+    """Required. `permissions/{id}`."""
+    def __init__(
+        self,
+        *,
+        permission: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["permission", b"permission"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsentReceiptRequest: _TypeAlias = GetConsentReceiptRequest  # noqa: Y015

@@ -27,8 +27,9 @@ if _version_not_supported:
 
 
 class ConsentServiceStub:
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     def __init__(self, channel):
@@ -52,11 +53,27 @@ class ConsentServiceStub:
                 request_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.RevokePermissionRequest.SerializeToString,
                 response_deserializer=eddie_dot_marketplace_dot_v1_dot_access__pb2.Permission.FromString,
                 _registered_method=True)
+        self.ListActivities = channel.unary_unary(
+                '/eddie.marketplace.v1.ConsentService/ListActivities',
+                request_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesRequest.SerializeToString,
+                response_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesResponse.FromString,
+                _registered_method=True)
+        self.ListConsentReceipts = channel.unary_unary(
+                '/eddie.marketplace.v1.ConsentService/ListConsentReceipts',
+                request_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsRequest.SerializeToString,
+                response_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsResponse.FromString,
+                _registered_method=True)
+        self.GetConsentReceipt = channel.unary_unary(
+                '/eddie.marketplace.v1.ConsentService/GetConsentReceipt',
+                request_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.GetConsentReceiptRequest.SerializeToString,
+                response_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ConsentReceipt.FromString,
+                _registered_method=True)
 
 
 class ConsentServiceServicer:
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     def Connect(self, request_iterator, context):
@@ -87,6 +104,34 @@ class ConsentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListActivities(self, request, context):
+        """The household's audit feed for one of the caller's instances, newest
+        first: every search its AIIDA was asked since the claim (matched or not,
+        with the data request, the EP's name and purpose) and every step of every
+        permission on it. Errors: NOT_FOUND (not the caller's instance),
+        INVALID_ARGUMENT (bad name or page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsentReceipts(self, request, context):
+        """The caller's consent receipts, oldest first: one hash chain over every
+        approval, rejection and revocation the caller made.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsentReceipt(self, request, context):
+        """The latest consent receipt of a permission. Its customer and its eligible
+        party may ask (this RPC alone of ConsentService is open to eligible
+        parties). Errors: NOT_FOUND (unknown, someone else's, or undecided).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +150,21 @@ def add_ConsentServiceServicer_to_server(servicer, server):
                     request_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.RevokePermissionRequest.FromString,
                     response_serializer=eddie_dot_marketplace_dot_v1_dot_access__pb2.Permission.SerializeToString,
             ),
+            'ListActivities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActivities,
+                    request_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesRequest.FromString,
+                    response_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesResponse.SerializeToString,
+            ),
+            'ListConsentReceipts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsentReceipts,
+                    request_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsRequest.FromString,
+                    response_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsResponse.SerializeToString,
+            ),
+            'GetConsentReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsentReceipt,
+                    request_deserializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.GetConsentReceiptRequest.FromString,
+                    response_serializer=eddie_dot_marketplace_dot_v1_dot_consent__pb2.ConsentReceipt.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'eddie.marketplace.v1.ConsentService', rpc_method_handlers)
@@ -114,8 +174,9 @@ def add_ConsentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ConsentService:
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     @staticmethod
@@ -189,6 +250,87 @@ class ConsentService:
             '/eddie.marketplace.v1.ConsentService/RevokePermission',
             eddie_dot_marketplace_dot_v1_dot_consent__pb2.RevokePermissionRequest.SerializeToString,
             eddie_dot_marketplace_dot_v1_dot_access__pb2.Permission.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActivities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eddie.marketplace.v1.ConsentService/ListActivities',
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesRequest.SerializeToString,
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListActivitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsentReceipts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eddie.marketplace.v1.ConsentService/ListConsentReceipts',
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsRequest.SerializeToString,
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.ListConsentReceiptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsentReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eddie.marketplace.v1.ConsentService/GetConsentReceipt',
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.GetConsentReceiptRequest.SerializeToString,
+            eddie_dot_marketplace_dot_v1_dot_consent__pb2.ConsentReceipt.FromString,
             options,
             channel_credentials,
             insecure,

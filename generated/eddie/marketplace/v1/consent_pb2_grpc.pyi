@@ -28,8 +28,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ConsentServiceStub:
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     @_typing.overload
@@ -52,11 +53,28 @@ class ConsentServiceStub:
     """Withdraws an accepted or active permission (STATE_REVOKED); the AIIDA stops
     sending. Errors: NOT_FOUND, FAILED_PRECONDITION (PERMISSION_NOT_ACTIVE).
     """
+    ListActivities: _grpc.UnaryUnaryMultiCallable[_consent_pb2.ListActivitiesRequest, _consent_pb2.ListActivitiesResponse]
+    """The household's audit feed for one of the caller's instances, newest
+    first: every search its AIIDA was asked since the claim (matched or not,
+    with the data request, the EP's name and purpose) and every step of every
+    permission on it. Errors: NOT_FOUND (not the caller's instance),
+    INVALID_ARGUMENT (bad name or page token).
+    """
+    ListConsentReceipts: _grpc.UnaryUnaryMultiCallable[_consent_pb2.ListConsentReceiptsRequest, _consent_pb2.ListConsentReceiptsResponse]
+    """The caller's consent receipts, oldest first: one hash chain over every
+    approval, rejection and revocation the caller made.
+    """
+    GetConsentReceipt: _grpc.UnaryUnaryMultiCallable[_consent_pb2.GetConsentReceiptRequest, _consent_pb2.ConsentReceipt]
+    """The latest consent receipt of a permission. Its customer and its eligible
+    party may ask (this RPC alone of ConsentService is open to eligible
+    parties). Errors: NOT_FOUND (unknown, someone else's, or undecided).
+    """
 
 @_typing.type_check_only
 class ConsentServiceAsyncStub(ConsentServiceStub):
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -76,10 +94,27 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     """Withdraws an accepted or active permission (STATE_REVOKED); the AIIDA stops
     sending. Errors: NOT_FOUND, FAILED_PRECONDITION (PERMISSION_NOT_ACTIVE).
     """
+    ListActivities: _aio.UnaryUnaryMultiCallable[_consent_pb2.ListActivitiesRequest, _consent_pb2.ListActivitiesResponse]  # type: ignore[assignment]
+    """The household's audit feed for one of the caller's instances, newest
+    first: every search its AIIDA was asked since the claim (matched or not,
+    with the data request, the EP's name and purpose) and every step of every
+    permission on it. Errors: NOT_FOUND (not the caller's instance),
+    INVALID_ARGUMENT (bad name or page token).
+    """
+    ListConsentReceipts: _aio.UnaryUnaryMultiCallable[_consent_pb2.ListConsentReceiptsRequest, _consent_pb2.ListConsentReceiptsResponse]  # type: ignore[assignment]
+    """The caller's consent receipts, oldest first: one hash chain over every
+    approval, rejection and revocation the caller made.
+    """
+    GetConsentReceipt: _aio.UnaryUnaryMultiCallable[_consent_pb2.GetConsentReceiptRequest, _consent_pb2.ConsentReceipt]  # type: ignore[assignment]
+    """The latest consent receipt of a permission. Its customer and its eligible
+    party may ask (this RPC alone of ConsentService is open to eligible
+    parties). Errors: NOT_FOUND (unknown, someone else's, or undecided).
+    """
 
 class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Workflow 6, customer side: the consent app's live channel and decisions.
-    Customers only (PERMISSION_DENIED otherwise).
+    """Workflow 6, customer side: the consent app's live channel, decisions, the
+    household's audit feed and consent receipts. Customers only
+    (PERMISSION_DENIED otherwise), except GetConsentReceipt.
     """
 
     @_abc_1.abstractmethod
@@ -114,6 +149,40 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_access_pb2.Permission, _abc.Awaitable[_access_pb2.Permission]]:
         """Withdraws an accepted or active permission (STATE_REVOKED); the AIIDA stops
         sending. Errors: NOT_FOUND, FAILED_PRECONDITION (PERMISSION_NOT_ACTIVE).
+        """
+
+    @_abc_1.abstractmethod
+    def ListActivities(
+        self,
+        request: _consent_pb2.ListActivitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_pb2.ListActivitiesResponse, _abc.Awaitable[_consent_pb2.ListActivitiesResponse]]:
+        """The household's audit feed for one of the caller's instances, newest
+        first: every search its AIIDA was asked since the claim (matched or not,
+        with the data request, the EP's name and purpose) and every step of every
+        permission on it. Errors: NOT_FOUND (not the caller's instance),
+        INVALID_ARGUMENT (bad name or page token).
+        """
+
+    @_abc_1.abstractmethod
+    def ListConsentReceipts(
+        self,
+        request: _consent_pb2.ListConsentReceiptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_pb2.ListConsentReceiptsResponse, _abc.Awaitable[_consent_pb2.ListConsentReceiptsResponse]]:
+        """The caller's consent receipts, oldest first: one hash chain over every
+        approval, rejection and revocation the caller made.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsentReceipt(
+        self,
+        request: _consent_pb2.GetConsentReceiptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_pb2.ConsentReceipt, _abc.Awaitable[_consent_pb2.ConsentReceipt]]:
+        """The latest consent receipt of a permission. Its customer and its eligible
+        party may ask (this RPC alone of ConsentService is open to eligible
+        parties). Errors: NOT_FOUND (unknown, someone else's, or undecided).
         """
 
 def add_ConsentServiceServicer_to_server(servicer: ConsentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -332,15 +332,15 @@ Global___SearchInstancesRequest: _TypeAlias = SearchInstancesRequest  # noqa: Y0
 
 @_typing.final
 class SearchInstancesResponse(_message.Message):
-    """One message of the SearchInstances stream: matches, then one summary."""
+    """One message of the SearchInstances stream: batches of matches, then one summary."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MATCH_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def match(self) -> Global___InstanceMatch:
-        """An instance whose AIIDA answered that it matches."""
+    def matches(self) -> Global___InstanceMatches:
+        """Instances whose AIIDAs answered that they match, since the previous message."""
 
     @_builtins.property
     def summary(self) -> Global___SearchSummary:
@@ -349,40 +349,45 @@ class SearchInstancesResponse(_message.Message):
     def __init__(
         self,
         *,
-        match: Global___InstanceMatch | None = ...,
+        matches: Global___InstanceMatches | None = ...,
         summary: Global___SearchSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["match", b"match", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["matches", b"matches", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["match", b"match", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matches", b"matches", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["match", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["matches", "summary"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___SearchInstancesResponse: _TypeAlias = SearchInstancesResponse  # noqa: Y015
 
 @_typing.final
-class InstanceMatch(_message.Message):
-    """An AIIDA that matches a search."""
+class InstanceMatches(_message.Message):
+    """A batch of instances that match a search: every id that arrived while the
+    previous message was being written. The union of all batches of a search is
+    its matched set; no id appears twice.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    INSTANCE_ID_FIELD_NUMBER: _builtins.int
-    instance_id: _builtins.str
-    """The instance id."""
+    INSTANCE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instance_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The instance ids, in arrival order."""
+
     def __init__(
         self,
         *,
-        instance_id: _builtins.str = ...,
+        instance_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_ids", b"instance_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___InstanceMatch: _TypeAlias = InstanceMatch  # noqa: Y015
+Global___InstanceMatches: _TypeAlias = InstanceMatches  # noqa: Y015
 
 @_typing.final
 class SearchSummary(_message.Message):
@@ -397,6 +402,7 @@ class SearchSummary(_message.Message):
     UNREACHABLE_FIELD_NUMBER: _builtins.int
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     ELAPSED_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     search: _builtins.str
     """The stored search, `dataRequests/{id}/searches/{id}`."""
     queried: _builtins.int
@@ -409,6 +415,11 @@ class SearchSummary(_message.Message):
     """Instances that were offline or whose stream broke before answering."""
     timed_out: _builtins.int
     """Instances that did not answer within the timeout."""
+    withheld: _builtins.bool
+    """True when the search matched more than 0 but fewer than the marketplace's
+    singling-out floor (`--min-match-set`): no ids were streamed or stored, and
+    its instances cannot be asked for access. The counts stay.
+    """
     @_builtins.property
     def elapsed(self) -> _duration_pb2.Duration:
         """Time from the call to the summary."""
@@ -423,10 +434,11 @@ class SearchSummary(_message.Message):
         unreachable: _builtins.int = ...,
         timed_out: _builtins.int = ...,
         elapsed: _duration_pb2.Duration | None = ...,
+        withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "matched", b"matched", "not_matched", b"not_matched", "queried", b"queried", "search", b"search", "timed_out", b"timed_out", "unreachable", b"unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "matched", b"matched", "not_matched", b"not_matched", "queried", b"queried", "search", b"search", "timed_out", b"timed_out", "unreachable", b"unreachable", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,7 +458,7 @@ class Search(_message.Message):
     """Resource name, `dataRequests/{id}/searches/{id}`."""
     @_builtins.property
     def matched_instance_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of the instances that matched."""
+        """Ids of the instances that matched (empty when the summary says `withheld`)."""
 
     @_builtins.property
     def summary(self) -> Global___SearchSummary:

@@ -104,9 +104,13 @@ class DataRequestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchInstances(self, request, context):
-        """Sends the data need to every claimed, connected AIIDA and streams back each
-        match as it arrives, then exactly one summary. Owner only. Each AIIDA
-        answers with a single bit; the marketplace learns nothing else.
+        """Sends the data need to every claimed, connected AIIDA and streams back the
+        matches in batches as they arrive (`matches`: every id that arrived since
+        the previous message; the first match leaves at once, no id twice), then
+        exactly one summary. Owner only. Each AIIDA answers with a single bit; the
+        marketplace learns nothing else. With the singling-out floor
+        (`--min-match-set K`), a search matching 1 to K-1 instances streams no ids
+        and its summary says `withheld`.
         Errors: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
         (DATA_REQUEST_CLOSED), RESOURCE_EXHAUSTED (search rate limit).
         """

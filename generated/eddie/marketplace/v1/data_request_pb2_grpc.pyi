@@ -49,9 +49,13 @@ class DataRequestServiceStub:
     (others get NOT_FOUND or PERMISSION_DENIED). Idempotent.
     """
     SearchInstances: _grpc.UnaryStreamMultiCallable[_data_request_pb2.SearchInstancesRequest, _data_request_pb2.SearchInstancesResponse]
-    """Sends the data need to every claimed, connected AIIDA and streams back each
-    match as it arrives, then exactly one summary. Owner only. Each AIIDA
-    answers with a single bit; the marketplace learns nothing else.
+    """Sends the data need to every claimed, connected AIIDA and streams back the
+    matches in batches as they arrive (`matches`: every id that arrived since
+    the previous message; the first match leaves at once, no id twice), then
+    exactly one summary. Owner only. Each AIIDA answers with a single bit; the
+    marketplace learns nothing else. With the singling-out floor
+    (`--min-match-set K`), a search matching 1 to K-1 instances streams no ids
+    and its summary says `withheld`.
     Errors: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
     (DATA_REQUEST_CLOSED), RESOURCE_EXHAUSTED (search rate limit).
     """
@@ -79,9 +83,13 @@ class DataRequestServiceAsyncStub(DataRequestServiceStub):
     (others get NOT_FOUND or PERMISSION_DENIED). Idempotent.
     """
     SearchInstances: _aio.UnaryStreamMultiCallable[_data_request_pb2.SearchInstancesRequest, _data_request_pb2.SearchInstancesResponse]  # type: ignore[assignment]
-    """Sends the data need to every claimed, connected AIIDA and streams back each
-    match as it arrives, then exactly one summary. Owner only. Each AIIDA
-    answers with a single bit; the marketplace learns nothing else.
+    """Sends the data need to every claimed, connected AIIDA and streams back the
+    matches in batches as they arrive (`matches`: every id that arrived since
+    the previous message; the first match leaves at once, no id twice), then
+    exactly one summary. Owner only. Each AIIDA answers with a single bit; the
+    marketplace learns nothing else. With the singling-out floor
+    (`--min-match-set K`), a search matching 1 to K-1 instances streams no ids
+    and its summary says `withheld`.
     Errors: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
     (DATA_REQUEST_CLOSED), RESOURCE_EXHAUSTED (search rate limit).
     """
@@ -136,9 +144,13 @@ class DataRequestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _data_request_pb2.SearchInstancesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_data_request_pb2.SearchInstancesResponse], _abc.AsyncIterator[_data_request_pb2.SearchInstancesResponse]]:
-        """Sends the data need to every claimed, connected AIIDA and streams back each
-        match as it arrives, then exactly one summary. Owner only. Each AIIDA
-        answers with a single bit; the marketplace learns nothing else.
+        """Sends the data need to every claimed, connected AIIDA and streams back the
+        matches in batches as they arrive (`matches`: every id that arrived since
+        the previous message; the first match leaves at once, no id twice), then
+        exactly one summary. Owner only. Each AIIDA answers with a single bit; the
+        marketplace learns nothing else. With the singling-out floor
+        (`--min-match-set K`), a search matching 1 to K-1 instances streams no ids
+        and its summary says `withheld`.
         Errors: NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION
         (DATA_REQUEST_CLOSED), RESOURCE_EXHAUSTED (search rate limit).
         """

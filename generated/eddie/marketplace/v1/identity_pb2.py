@@ -22,36 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#eddie/marketplace/v1/identity.proto\x12\x14\x65\x64\x64ie.marketplace.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.eddie.marketplace.v1.Role\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x14\x43reateAccountRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.eddie.marketplace.v1.Role\"5\n\x12\x43reateTokenRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xce\x01\n\x05Token\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07\x61\x63\x63ount\x18\x04 \x01(\x0b\x32\x1d.eddie.marketplace.v1.Account\x12\x37\n\x13refresh_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x1a\n\x18GetCurrentAccountRequest\"\x18\n\x16ListSigningKeysRequest\"a\n\x17ListSigningKeysResponse\x12\x36\n\x0csigning_keys\x18\x01 \x03(\x0b\x32 .eddie.marketplace.v1.SigningKey\x12\x0e\n\x06issuer\x18\x02 \x01(\t\"G\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t*H\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_CUSTOMER\x10\x01\x12\x17\n\x13ROLE_ELIGIBLE_PARTY\x10\x02\x32\xef\x03\n\x0fIdentityService\x12Z\n\rCreateAccount\x12*.eddie.marketplace.v1.CreateAccountRequest\x1a\x1d.eddie.marketplace.v1.Account\x12T\n\x0b\x43reateToken\x12(.eddie.marketplace.v1.CreateTokenRequest\x1a\x1b.eddie.marketplace.v1.Token\x12V\n\x0cRefreshToken\x12).eddie.marketplace.v1.RefreshTokenRequest\x1a\x1b.eddie.marketplace.v1.Token\x12\x62\n\x11GetCurrentAccount\x12..eddie.marketplace.v1.GetCurrentAccountRequest\x1a\x1d.eddie.marketplace.v1.Account\x12n\n\x0fListSigningKeys\x12,.eddie.marketplace.v1.ListSigningKeysRequest\x1a-.eddie.marketplace.v1.ListSigningKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#eddie/marketplace/v1/identity.proto\x12\x14\x65\x64\x64ie.marketplace.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.eddie.marketplace.v1.Role\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x14\x43reateAccountRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.eddie.marketplace.v1.Role\"5\n\x12\x43reateTokenRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xce\x01\n\x05Token\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07\x61\x63\x63ount\x18\x04 \x01(\x0b\x32\x1d.eddie.marketplace.v1.Account\x12\x37\n\x13refresh_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x13RefreshTokenRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x1a\n\x18GetCurrentAccountRequest\"\x18\n\x16ListSigningKeysRequest\"a\n\x17ListSigningKeysResponse\x12\x36\n\x0csigning_keys\x18\x01 \x03(\x0b\x32 .eddie.marketplace.v1.SigningKey\x12\x0e\n\x06issuer\x18\x02 \x01(\t\"G\n\nSigningKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\"$\n\x14\x44\x65leteAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*H\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_CUSTOMER\x10\x01\x12\x17\n\x13ROLE_ELIGIBLE_PARTY\x10\x02\x32\xc4\x04\n\x0fIdentityService\x12Z\n\rCreateAccount\x12*.eddie.marketplace.v1.CreateAccountRequest\x1a\x1d.eddie.marketplace.v1.Account\x12T\n\x0b\x43reateToken\x12(.eddie.marketplace.v1.CreateTokenRequest\x1a\x1b.eddie.marketplace.v1.Token\x12V\n\x0cRefreshToken\x12).eddie.marketplace.v1.RefreshTokenRequest\x1a\x1b.eddie.marketplace.v1.Token\x12\x62\n\x11GetCurrentAccount\x12..eddie.marketplace.v1.GetCurrentAccountRequest\x1a\x1d.eddie.marketplace.v1.Account\x12n\n\x0fListSigningKeys\x12,.eddie.marketplace.v1.ListSigningKeysRequest\x1a-.eddie.marketplace.v1.ListSigningKeysResponse\x12S\n\rDeleteAccount\x12*.eddie.marketplace.v1.DeleteAccountRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eddie.marketplace.v1.identity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=905
-  _globals['_ROLE']._serialized_end=977
-  _globals['_ACCOUNT']._serialized_start=95
-  _globals['_ACCOUNT']._serialized_end=246
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=248
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=367
-  _globals['_CREATETOKENREQUEST']._serialized_start=369
-  _globals['_CREATETOKENREQUEST']._serialized_end=422
-  _globals['_TOKEN']._serialized_start=425
-  _globals['_TOKEN']._serialized_end=631
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=633
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=677
-  _globals['_GETCURRENTACCOUNTREQUEST']._serialized_start=679
-  _globals['_GETCURRENTACCOUNTREQUEST']._serialized_end=705
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=707
-  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=731
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=733
-  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=830
-  _globals['_SIGNINGKEY']._serialized_start=832
-  _globals['_SIGNINGKEY']._serialized_end=903
-  _globals['_IDENTITYSERVICE']._serialized_start=980
-  _globals['_IDENTITYSERVICE']._serialized_end=1475
+  _globals['_ROLE']._serialized_start=972
+  _globals['_ROLE']._serialized_end=1044
+  _globals['_ACCOUNT']._serialized_start=124
+  _globals['_ACCOUNT']._serialized_end=275
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=277
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=396
+  _globals['_CREATETOKENREQUEST']._serialized_start=398
+  _globals['_CREATETOKENREQUEST']._serialized_end=451
+  _globals['_TOKEN']._serialized_start=454
+  _globals['_TOKEN']._serialized_end=660
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=662
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=706
+  _globals['_GETCURRENTACCOUNTREQUEST']._serialized_start=708
+  _globals['_GETCURRENTACCOUNTREQUEST']._serialized_end=734
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_start=736
+  _globals['_LISTSIGNINGKEYSREQUEST']._serialized_end=760
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_start=762
+  _globals['_LISTSIGNINGKEYSRESPONSE']._serialized_end=859
+  _globals['_SIGNINGKEY']._serialized_start=861
+  _globals['_SIGNINGKEY']._serialized_end=932
+  _globals['_DELETEACCOUNTREQUEST']._serialized_start=934
+  _globals['_DELETEACCOUNTREQUEST']._serialized_end=970
+  _globals['_IDENTITYSERVICE']._serialized_start=1047
+  _globals['_IDENTITYSERVICE']._serialized_end=1627
 # @@protoc_insertion_point(module_scope)

@@ -256,7 +256,9 @@ class ListSigningKeysResponse(_message.Message):
     """The `iss` claim of the marketplace's tokens."""
     @_builtins.property
     def signing_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SigningKey]:
-        """The current signing keys; the first one signs new tokens."""
+        """The current and earlier signing keys; the first one signs new tokens and
+        receipts, earlier ones keep older tokens and consent receipts verifiable.
+        """
 
     def __init__(
         self,
@@ -301,3 +303,25 @@ class SigningKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SigningKey: _TypeAlias = SigningKey  # noqa: Y015
+
+@_typing.final
+class DeleteAccountRequest(_message.Message):
+    """Request of IdentityService.DeleteAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `accounts/{id}` of the caller's own account."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAccountRequest: _TypeAlias = DeleteAccountRequest  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from eddie.marketplace.v1 import identity_pb2 as eddie_dot_marketplace_dot_v1_dot_identity__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -64,6 +65,11 @@ class IdentityServiceStub:
                 request_serializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysRequest.SerializeToString,
                 response_deserializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.DeleteAccount = channel.unary_unary(
+                '/eddie.marketplace.v1.IdentityService/DeleteAccount',
+                request_serializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.DeleteAccountRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -118,6 +124,22 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteAccount(self, request, context):
+        """Deletes the caller's own account (GDPR Art. 17). At once: its tokens are
+        refused everywhere; a customer's accepted and active permissions are
+        revoked (data stops), pending ones rejected, and its instances unclaimed
+        (claimable again with the device's pairing code); an eligible party's data
+        requests are closed and its live permissions terminated. The e-mail,
+        display name and password hash are erased; consent receipts stay
+        verifiable under the pseudonymous account id. Idempotent only in effect:
+        a deleted account cannot call again (UNAUTHENTICATED).
+        Errors: INVALID_ARGUMENT (not `accounts/{id}`), PERMISSION_DENIED
+        (another account, reason NOT_OWNER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +167,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ListSigningKeys,
                     request_deserializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysRequest.FromString,
                     response_serializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'DeleteAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAccount,
+                    request_deserializer=eddie_dot_marketplace_dot_v1_dot_identity__pb2.DeleteAccountRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -287,6 +314,33 @@ class IdentityService:
             '/eddie.marketplace.v1.IdentityService/ListSigningKeys',
             eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysRequest.SerializeToString,
             eddie_dot_marketplace_dot_v1_dot_identity__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eddie.marketplace.v1.IdentityService/DeleteAccount',
+            eddie_dot_marketplace_dot_v1_dot_identity__pb2.DeleteAccountRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from eddie.marketplace.v1 import identity_pb2 as _identity_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -61,6 +62,18 @@ class IdentityServiceStub:
     tokens, calls to AIIDAs, sink tokens), so that sinks and AIIDAs can verify
     them offline. Public.
     """
+    DeleteAccount: _grpc.UnaryUnaryMultiCallable[_identity_pb2.DeleteAccountRequest, _empty_pb2.Empty]
+    """Deletes the caller's own account (GDPR Art. 17). At once: its tokens are
+    refused everywhere; a customer's accepted and active permissions are
+    revoked (data stops), pending ones rejected, and its instances unclaimed
+    (claimable again with the device's pairing code); an eligible party's data
+    requests are closed and its live permissions terminated. The e-mail,
+    display name and password hash are erased; consent receipts stay
+    verifiable under the pseudonymous account id. Idempotent only in effect:
+    a deleted account cannot call again (UNAUTHENTICATED).
+    Errors: INVALID_ARGUMENT (not `accounts/{id}`), PERMISSION_DENIED
+    (another account, reason NOT_OWNER).
+    """
 
 @_typing.type_check_only
 class IdentityServiceAsyncStub(IdentityServiceStub):
@@ -94,6 +107,18 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """Returns the public keys the marketplace signs its tokens with (access
     tokens, calls to AIIDAs, sink tokens), so that sinks and AIIDAs can verify
     them offline. Public.
+    """
+    DeleteAccount: _aio.UnaryUnaryMultiCallable[_identity_pb2.DeleteAccountRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes the caller's own account (GDPR Art. 17). At once: its tokens are
+    refused everywhere; a customer's accepted and active permissions are
+    revoked (data stops), pending ones rejected, and its instances unclaimed
+    (claimable again with the device's pairing code); an eligible party's data
+    requests are closed and its live permissions terminated. The e-mail,
+    display name and password hash are erased; consent receipts stay
+    verifiable under the pseudonymous account id. Idempotent only in effect:
+    a deleted account cannot call again (UNAUTHENTICATED).
+    Errors: INVALID_ARGUMENT (not `accounts/{id}`), PERMISSION_DENIED
+    (another account, reason NOT_OWNER).
     """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -155,6 +180,24 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the public keys the marketplace signs its tokens with (access
         tokens, calls to AIIDAs, sink tokens), so that sinks and AIIDAs can verify
         them offline. Public.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAccount(
+        self,
+        request: _identity_pb2.DeleteAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes the caller's own account (GDPR Art. 17). At once: its tokens are
+        refused everywhere; a customer's accepted and active permissions are
+        revoked (data stops), pending ones rejected, and its instances unclaimed
+        (claimable again with the device's pairing code); an eligible party's data
+        requests are closed and its live permissions terminated. The e-mail,
+        display name and password hash are erased; consent receipts stay
+        verifiable under the pseudonymous account id. Idempotent only in effect:
+        a deleted account cannot call again (UNAUTHENTICATED).
+        Errors: INVALID_ARGUMENT (not `accounts/{id}`), PERMISSION_DENIED
+        (another account, reason NOT_OWNER).
         """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
