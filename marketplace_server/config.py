@@ -27,6 +27,8 @@ class Config:
     search_timeout_default: float = 3.0
     search_timeout_max: float = 60.0
     search_rate_per_minute: float = 60.0
+    # Singling-out floor: a search matching 0 < n < K instances streams and stores no ids (1 = off).
+    min_match_set: int = 1
     login_attempts_per_minute: float = 10.0
     claim_attempts_per_minute: float = 5.0
     max_streams_per_account: int = 16
@@ -112,6 +114,13 @@ def build_parser() -> EnvArgumentParser:
         help="searches an eligible party may start per minute",
     )
     p.add_flag(
+        "--min-match-set",
+        type=int,
+        default=d.min_match_set,
+        help="singling-out floor K: a search matching fewer than K instances (but some) streams and "
+        "stores no ids and says withheld (default 1 = off; 5 or more recommended in production)",
+    )
+    p.add_flag(
         "--login-rate",
         type=float,
         default=d.login_attempts_per_minute,
@@ -179,6 +188,8 @@ def build_parser() -> EnvArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    if args.min_match_set < 1:
+        raise SystemExit("--min-match-set must be at least 1")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -197,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         search_timeout_default=args.search_timeout,
         search_timeout_max=args.search_timeout_max,
         search_rate_per_minute=args.search_rate,
+        min_match_set=args.min_match_set,
         login_attempts_per_minute=args.login_rate,
         claim_attempts_per_minute=args.claim_rate,
         max_streams_per_account=args.max_streams_per_account,

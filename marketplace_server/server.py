@@ -37,12 +37,14 @@ from marketplace_server.rpc.data_requests import DataRequestServicer
 from marketplace_server.rpc.identity import IdentityServicer
 from marketplace_server.rpc.instances import InstanceServicer
 from marketplace_server.services.access import AccessService
+from marketplace_server.services.activities import ActivityFeed
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
 from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
 from marketplace_server.services.permissions import PermissionLedger
+from marketplace_server.services.receipts import ReceiptService, ReceiptSigner
 from marketplace_server.services.search import SearchService
 from marketplace_server.services.statuses import StatusApplier
 from marketplace_server.services.timeouts import DecisionTimeouts
@@ -174,11 +176,14 @@ def _add_permission_services(
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
     access = AccessService(ledger, timeouts, pages, config.decision_timeout)
-    consent = ConsentService(ledger, hub, timeouts)
+    receipts = ReceiptService(sessions, ReceiptSigner(issuer.key, config.issuer), pages)
+    consent = ConsentService(ledger, hub, timeouts, receipts.signer)
     access_pb2_grpc.add_AccessServiceServicer_to_server(
         AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
     )
-    consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentServicer(consent), server)
+    consent_pb2_grpc.add_ConsentServiceServicer_to_server(
+        ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
+    )
     return {
         "events": hub,
         "permissions": ledger,
@@ -187,4 +192,5 @@ def _add_permission_services(
         "outbox": outbox,
         "access": access,
         "consent": consent,
+        "receipts": receipts,
     }
