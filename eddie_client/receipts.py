@@ -29,6 +29,7 @@ from eddie_common.tokens import ALGORITHM, load_public_key
 __all__ = [
     "ReceiptError",
     "VerifiedReceipt",
+    "chain_summary",
     "fetch_signing_keys",
     "receipt_hash",
     "signing_keys",
