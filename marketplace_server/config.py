@@ -29,6 +29,8 @@ class Config:
     search_rate_per_minute: float = 60.0
     # Singling-out floor: a search matching 0 < n < K instances streams and stores no ids (1 = off).
     min_match_set: int = 1
+    # Retire the current signing key and create a new one at start-up (see marketplace_server.keyring).
+    rotate_signing_key: bool = False
     login_attempts_per_minute: float = 10.0
     claim_attempts_per_minute: float = 5.0
     max_streams_per_account: int = 16
@@ -121,6 +123,12 @@ def build_parser() -> EnvArgumentParser:
         "stores no ids and says withheld (default 1 = off; 5 or more recommended in production)",
     )
     p.add_flag(
+        "--rotate-signing-key",
+        action="store_true",
+        help="retire the current signing key (kept in DATA_DIR/retired-signing-keys, still listed by "
+        "ListSigningKeys) and sign with a new one from this start on",
+    )
+    p.add_flag(
         "--login-rate",
         type=float,
         default=d.login_attempts_per_minute,
@@ -209,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         search_timeout_max=args.search_timeout_max,
         search_rate_per_minute=args.search_rate,
         min_match_set=args.min_match_set,
+        rotate_signing_key=args.rotate_signing_key,
         login_attempts_per_minute=args.login_rate,
         claim_attempts_per_minute=args.claim_rate,
         max_streams_per_account=args.max_streams_per_account,

@@ -29,6 +29,7 @@ from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, ma
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.keyring import load_key_ring
 from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
@@ -95,13 +96,14 @@ class Marketplace:
 async def create_server(config: Config) -> tuple[Marketplace, int]:
     """Builds (but does not start) the marketplace; returns it and its bound port."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    signing_key = SigningKey.load_or_create(config.data_dir / "signing-key.pem")
+    ring = load_key_ring(config.data_dir, rotate=config.rotate_signing_key)
+    signing_key = ring.current
     issuer = TokenIssuer(signing_key, config.issuer)
     engine = create_engine(config.effective_database_url, schema=config.database_schema)
     await migrate(engine)
     sessions = create_sessionmaker(engine)
 
-    verifier = marketplace_verifier({signing_key.key_id: signing_key.public_key}, config.issuer)
+    verifier = marketplace_verifier({k.key_id: k.public_key for k in ring.keys}, config.issuer)
     authenticator = AccessTokenAuthenticator(verifier, sessions)
     interceptor = ServiceInterceptor(
         domain=DOMAIN,
@@ -123,13 +125,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         login_limiter=RateLimiter(config.login_attempts_per_minute),
     )
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, [signing_key], config.issuer), server
+        IdentityServicer(identity, ring.keys, config.issuer), server
     )
     pages = PageTokenCodec.from_signing_key(signing_key)
-    manager = ConnectionManager(config, issuer, sessions)
+    # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
+    manager = ConnectionManager(config, TokenIssuer(ring.device_key, config.issuer), sessions)
     instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(
-        InstanceServicer(instances, signing_key.public_pem, config.issuer, pages), server
+        InstanceServicer(instances, ring.device_key.public_pem, config.issuer, pages), server
     )
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
