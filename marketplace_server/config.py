@@ -40,6 +40,10 @@ class Config:
     aiida_client_key: Path | None = None
     reconnect_max_backoff: float = 30.0
     ping_interval: float = 30.0
+    # An external OpenID Connect provider whose access tokens are accepted beside the embedded IAM.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_role_claim: str = "eddie_role"
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -175,6 +179,22 @@ def build_parser() -> EnvArgumentParser:
         default=d.ping_interval,
         help="seconds between liveness pings on each AIIDA stream",
     )
+    p.add_flag(
+        "--oidc-issuer",
+        default=None,
+        help="also accept access tokens of this OpenID Connect issuer (keys from its discovery "
+        "document's jwks_uri); needs --oidc-audience",
+    )
+    p.add_flag(
+        "--oidc-audience",
+        default=None,
+        help="the `aud` the external issuer's access tokens must carry (e.g. the marketplace's client id)",
+    )
+    p.add_flag(
+        "--oidc-role-claim",
+        default=d.oidc_role_claim,
+        help="claim (dotted path, e.g. realm_access.roles) naming the role: customer or eligible_party",
+    )
     return p
 
 
@@ -184,6 +204,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("--tls-cert and --tls-key must be given together")
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if bool(args.oidc_issuer) != bool(args.oidc_audience):
+        raise SystemExit("--oidc-issuer and --oidc-audience must be given together")
+    if args.oidc_issuer and args.oidc_issuer == args.issuer:
+        raise SystemExit("--oidc-issuer must differ from --issuer (the marketplace's own tokens)")
     return Config(
         listen=args.listen,
         data_dir=args.data_dir,
@@ -208,4 +232,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         aiida_client_cert=args.aiida_client_cert,
         aiida_client_key=args.aiida_client_key,
         ping_interval=args.ping_interval,
+        oidc_issuer=args.oidc_issuer or None,
+        oidc_audience=args.oidc_audience or None,
+        oidc_role_claim=args.oidc_role_claim,
     )
