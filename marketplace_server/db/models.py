@@ -60,6 +60,17 @@ class AccountRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class ExternalIdentityRow(Base):
+    """An account of an external OpenID Connect provider: (issuer, subject) -> the marketplace account."""
+
+    __tablename__ = "external_identities"
+
+    issuer: Mapped[str] = mapped_column(String(300), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class RefreshTokenRow(Base):
     __tablename__ = "refresh_tokens"
 
@@ -215,6 +226,7 @@ __all__ = [
     "Base",
     "CounterRow",
     "DataRequestRow",
+    "ExternalIdentityRow",
     "IdempotencyKeyRow",
     "InstanceRow",
     "OutboxRow",
