@@ -1,7 +1,7 @@
 """cluster mode: bucket leases and the replica set
 
 Revision ID: 0005
-Revises: 0001
+Revises: 0004
 Create Date: 2026-12-04 20:50:00
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 import marketplace_server.db.models
 
 revision = "0005"
-down_revision = "0001"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
