@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiida_stub.accesses import PERMISSION_ID, stream_plan, validate_data_access
-from aiida_stub.auth import MarketplaceTrust
 from aiida_stub.matcher import find_source
 from aiida_stub.meter import meter_for
 from aiida_stub.profile import Profile
 from aiida_stub.state import AccessRecord, InstanceRecord, StateStore, StateValue
 from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels
+from aiida_stub.trust import MarketplaceTrust
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.errors import InvalidArgument, NotFound
 from eddie_common.logging import log_event

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import identity_pb2
 from eddie_common.errors import PermissionDenied, Unauthenticated
-from eddie_common.interceptors import current_principal
+from eddie_common.interceptors import caller_as
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
 from marketplace_server.db import models
 
@@ -41,7 +41,6 @@ class Principal:
 
     account_id: str
     role: int
-    peer: str = ""
 
     @property
     def name(self) -> str:
@@ -58,8 +57,8 @@ class Principal:
 
 def principal() -> Principal:
     """The caller of the current RPC (set by the interceptor)."""
-    value = current_principal.get()
-    if not isinstance(value, Principal):
+    value = caller_as(Principal)
+    if value is None:
         raise Unauthenticated("authentication required", reason="UNAUTHENTICATED")
     return value
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from eddie_common.cli import EnvArgumentParser
@@ -40,7 +40,6 @@ class Config:
     aiida_client_key: Path | None = None
     reconnect_max_backoff: float = 30.0
     ping_interval: float = 30.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def effective_database_url(self) -> str:
