@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import identity_pb2
-from eddie_common.errors import PermissionDenied, Unauthenticated
+from eddie_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from eddie_common.interceptors import caller_as
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
 from marketplace_server.db import models
+from marketplace_server.resources import account_name, parse_account_name
 
 PUBLIC_METHODS = frozenset(
     {
@@ -44,7 +45,7 @@ class Principal:
 
     @property
     def name(self) -> str:
-        return f"accounts/{self.account_id}"
+        return account_name(self.account_id)
 
     @property
     def is_customer(self) -> bool:
@@ -110,10 +111,10 @@ class AccessTokenAuthenticator:
         claims = self.verifier.verify(token)
         if claims.get("typ") != "access":
             raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
-        subject = str(claims["sub"])
-        if not subject.startswith("accounts/"):
-            raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID")
-        account_id = subject.removeprefix("accounts/")
+        try:
+            account_id = parse_account_name(str(claims["sub"]))
+        except InvalidArgument:
+            raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID") from None
         role = await self._account_role(account_id)
         if role is None:
             raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")

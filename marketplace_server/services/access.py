@@ -333,5 +333,5 @@ def not_active(row: PermissionRow) -> FailedPrecondition:
     return FailedPrecondition(
         f"{permission_name(row.id)} has already ended",
         reason="PERMISSION_NOT_ACTIVE",
-        metadata={"state": access_pb2.Permission.State.Name(row.state)},  # type: ignore[arg-type]
+        metadata={"state": access_pb2.Permission.State.Name(row.state)},
     )

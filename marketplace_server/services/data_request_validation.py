@@ -18,6 +18,7 @@ from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.errors import Validator
 from marketplace_server import idempotency
 from marketplace_server import text as text_rules
+from marketplace_server.db.models import DataRequestKind
 from marketplace_server.iso3166 import normalize_region
 
 __all__ = ["MAX_REGIONS", "NewDataRequest", "validate_create"]
@@ -48,7 +49,7 @@ _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
 class NewDataRequest:
     """A validated, normalized data request as its owner submitted it."""
 
-    kind: int
+    kind: DataRequestKind
     title: str
     description: str
     purpose: str
@@ -58,7 +59,7 @@ class NewDataRequest:
     def canonical(self) -> data_request_pb2.DataRequest:
         """The input as a message (the content a request id stands for)."""
         return DataRequest(
-            kind=self.kind,  # type: ignore[arg-type]
+            kind=self.kind,
             title=self.title,
             description=self.description,
             purpose=self.purpose,

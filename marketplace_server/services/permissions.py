@@ -21,7 +21,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.errors import Aborted
 from marketplace_server.clock import utcnow
-from marketplace_server.db.models import OutboxRow, PermissionRow, PermissionTransitionRow
+from marketplace_server.db.models import OutboxRow, PermissionRow, PermissionState, PermissionTransitionRow
 from marketplace_server.deliveries import CONFIGURE, REVOKE, ConfigurePayload, DeliveryKind, RevokePayload
 from marketplace_server.errors import InvalidArgument, NotFound
 from marketplace_server.resources import permission_name, permission_to_proto
@@ -54,7 +54,7 @@ REVOKED = access_pb2.Permission.STATE_REVOKED
 TERMINATED = access_pb2.Permission.STATE_TERMINATED
 FULFILLED = access_pb2.Permission.STATE_FULFILLED
 
-ALLOWED: dict[int, frozenset[int]] = {
+ALLOWED: dict[PermissionState, frozenset[PermissionState]] = {
     PENDING: frozenset({ACCEPTED, REJECTED, TIMED_OUT, TERMINATED}),  # TERMINATED: withdrawn by the EP
     ACCEPTED: frozenset({ACTIVE, UNFULFILLABLE, REVOKED, TERMINATED, FULFILLED}),
     ACTIVE: frozenset({REVOKED, TERMINATED, FULFILLED, UNFULFILLABLE}),
@@ -91,7 +91,7 @@ def required_reason(reason: str, field: str = "reason") -> str:
 class Move:
     """A planned transition: the target state, its reason, and other columns to set."""
 
-    to_state: int
+    to_state: PermissionState
     reason: str = ""
     changes: dict[str, Any] = field(default_factory=dict)
 
@@ -101,7 +101,7 @@ class Applied:
     """What `PermissionTx.apply` did: the row (None if unknown), the state it left (None: unchanged)."""
 
     row: PermissionRow | None
-    previous_state: int | None
+    previous_state: PermissionState | None
 
     @property
     def moved(self) -> bool:
@@ -127,7 +127,7 @@ class PermissionTx:
         """Applies `move` to `row` if its state is still the one read; False if it changed meanwhile."""
         from_state = row.state
         if move.to_state not in ALLOWED.get(from_state, frozenset()):
-            raise InvalidTransition(f"{State.Name(from_state)} -> {State.Name(move.to_state)}")  # type: ignore[arg-type]
+            raise InvalidTransition(f"{State.Name(from_state)} -> {State.Name(move.to_state)}")
         if move.to_state in TERMINAL_STATES and not move.reason:
             raise InvalidTransition("a terminal state needs a reason")
         now = utcnow()
@@ -216,7 +216,7 @@ class PermissionTx:
 
 
 def changed(
-    row: PermissionRow, previous_state: int, permission: access_pb2.Permission | None = None
+    row: PermissionRow, previous_state: PermissionState, permission: access_pb2.Permission | None = None
 ) -> PermissionChanged:
     return PermissionChanged(
         permission=permission or permission_to_proto(row),

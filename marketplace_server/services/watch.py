@@ -80,7 +80,7 @@ class PermissionWatch:
                 if isinstance(event, PermissionChanged) and not _already_shown(event, snapshot):
                     yield access_pb2.PermissionEvent(
                         permission=event.permission,
-                        previous_state=event.previous_state,  # type: ignore[arg-type]
+                        previous_state=event.previous_state,
                     )
 
     async def _current(self, caller: str, data_request_id: str) -> AsyncIterator[PermissionRow]:
