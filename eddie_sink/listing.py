@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from eddie.framework.v1 import data_sink_pb2
 from eddie_common.errors import InvalidArgument, NotFound
+from eddie_common.ids import MAX_PERMISSION_ID, is_permission_id
 from eddie_common.page_tokens import PageTokenCodec, invalid_page_token, page_size
 from eddie_sink.auth import Account
 from eddie_sink.store import ReadingStore
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MAX_PERMISSION_ID_LENGTH = 128
 METHOD_LIST = "ListReadings"
 
 
@@ -53,8 +53,10 @@ async def list_readings(
 ) -> data_sink_pb2.ListReadingsResponse:
     """One page of the permission's readings, oldest first by (time, data_tag)."""
     permission_id = request.permission_id
-    if not permission_id or len(permission_id) > MAX_PERMISSION_ID_LENGTH:
-        raise InvalidArgument.for_field("permission_id", "required, at most 128 characters")
+    if not is_permission_id(permission_id):
+        raise InvalidArgument.for_field(
+            "permission_id", f"required: 1 to {MAX_PERMISSION_ID} characters of [A-Za-z0-9_-]"
+        )
     size = page_size(request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     # Someone else's permission looks exactly like one that does not exist.
     if await store.eligible_party_of(permission_id) != caller.name:
