@@ -9,8 +9,7 @@ from typing import Any
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.logging import log_event
 from eddie_sink.auth import current_account, current_publisher
-from eddie_sink.listing import list_readings
-from eddie_sink.page_tokens import PageTokens
+from eddie_sink.listing import ReadingPageTokens, list_readings
 from eddie_sink.readings import accept_reading
 from eddie_sink.store import ReadingStore
 from eddie_sink.writer import ReadingWriter, StreamReceipts
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
     """Receives readings from AIIDAs and lets the eligible party list them."""
 
-    def __init__(self, store: ReadingStore, writer: ReadingWriter, page_tokens: PageTokens) -> None:
+    def __init__(self, store: ReadingStore, writer: ReadingWriter, page_tokens: ReadingPageTokens) -> None:
         self._store = store
         self._writer = writer
         self._page_tokens = page_tokens

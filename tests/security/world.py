@@ -164,7 +164,7 @@ async def _register_and_claim(world: World, instance_id: str, owner: Client | No
             instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=code),
             metadata=owner.metadata,
         )
-        manager = world.market.app.components["manager"]
+        manager = world.market.app.manager
         async with asyncio.timeout(10):
             while not manager.is_connected(instance_id):
                 await asyncio.sleep(0.01)
