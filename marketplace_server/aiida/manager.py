@@ -188,10 +188,7 @@ class ConnectionManager:
 
     def on_match_reply(self, link: InstanceLink, query_id: str, matched: bool) -> bool:
         tally = self._tallies.get(query_id)
-        if tally is None or link.instance_id not in tally.asked:
-            return False
-        tally.on_reply(link.instance_id, matched)
-        return True
+        return tally is not None and tally.on_reply(link.instance_id, matched)
 
     def on_status(self, link: InstanceLink, status: aiida_pb2.DataAccessStatus) -> None:
         for listener in self.status_listeners:
