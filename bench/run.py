@@ -58,6 +58,12 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
                 *(f"{r['search'][key]['cpu_us_per_instance']:.0f}" for r in rows),
             )
         )
+        print(
+            _row(
+                "  fleet (all N AIIDAs) CPU us per instance",
+                *(f"{r['search'][key]['fleet_cpu_us_per_instance']:.0f}" for r in rows),
+            )
+        )
     print(
         _row("floor client CPU us per instance", *(f"{r['floor']['cpu_us_per_instance']:.0f}" for r in rows))
     )
@@ -76,6 +82,12 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
         _row(
             "restart -> search reaches all s",
             *(f"{r['search']['restart_to_full_reach_s']:.1f}" for r in rows),
+        )
+    )
+    print(
+        _row(
+            "  of which marketplace start-up s",
+            *(f"{r['search']['restart_to_listening_s']:.1f}" for r in rows),
         )
     )
     print(_row("claims per second", *(f"{r['search']['claims_per_s']:.0f}" for r in rows)))

@@ -108,9 +108,10 @@ async def _wait_connected(ep: Session, need: Any, n: int, timeout: float) -> flo
 
 
 async def _product_searches(
-    address: str, fleet_csv: Path, n: int, searches: int, mp_pid: int
+    address: str, fleet_csv: Path, n: int, searches: int, mp_pid: int, fleet_pid: int
 ) -> tuple[dict[str, Any], Session]:
     mp_proc = psutil.Process(mp_pid)
+    fleet_proc = psutil.Process(fleet_pid)
     async with MarketplaceClient(address) as mp:
         ep = await mp.sign_up(ROLE_ELIGIBLE_PARTY, "bench-ep@bench.example", PASSWORD, "Bench EP")
         rss_before = mp_proc.memory_info().rss
@@ -128,7 +129,7 @@ async def _product_searches(
             "rss_per_instance_kib": rss_per_instance / 1024,
         }
         for label, (need, share) in SEARCHES.items():
-            result[label] = await _timed_searches(ep, label, need, n, searches, mp_proc)
+            result[label] = await _timed_searches(ep, label, need, n, searches, mp_proc, fleet_proc)
             expected = round(n * share)
             assert result[label]["matched"] == expected, (label, result[label]["matched"], expected)
         return result, ep
@@ -151,7 +152,13 @@ async def _counted_search(ep: Session, name: str) -> tuple[int, int, data_reques
 
 
 async def _timed_searches(
-    ep: Session, title: str, need: Any, n: int, searches: int, mp_proc: psutil.Process
+    ep: Session,
+    title: str,
+    need: Any,
+    n: int,
+    searches: int,
+    mp_proc: psutil.Process,
+    fleet_proc: psutil.Process,
 ) -> dict[str, Any]:
     """p50/p95 of call -> summary over `searches` searches of one data request (after a warm-up),
     the marketplace's CPU per instance per search, and the `matches` messages per search."""
@@ -159,6 +166,7 @@ async def _timed_searches(
     await _counted_search(ep, request.name)
     samples, server_elapsed, messages, matched = [], [], [], 0
     cpu_before = sum(mp_proc.cpu_times()[:2])
+    fleet_before = sum(fleet_proc.cpu_times()[:2])
     for _ in range(searches):
         t = time.perf_counter()
         matched, sent, summary = await _counted_search(ep, request.name)
@@ -167,6 +175,7 @@ async def _timed_searches(
         messages.append(sent)
         assert summary.queried == n and summary.matched + summary.not_matched == n, summary
     cpu = (sum(mp_proc.cpu_times()[:2]) - cpu_before) / searches
+    fleet_cpu = (sum(fleet_proc.cpu_times()[:2]) - fleet_before) / searches
     return {
         "p50_ms": statistics.median(samples) * 1000,
         "p95_ms": _p95(samples) * 1000,
@@ -175,21 +184,25 @@ async def _timed_searches(
         "messages_p50": statistics.median(messages),
         "cpu_ms_per_search": cpu * 1000,
         "cpu_us_per_instance": cpu / n * 1e6,
+        "fleet_cpu_us_per_instance": fleet_cpu / n * 1e6,
     }
 
 
 async def _restart_to_full_reach(
     data_dir: Path, work: Path, n: int, old: procs.Proc
-) -> tuple[float, procs.Proc]:
+) -> tuple[float, float, procs.Proc]:
+    """Seconds from starting a new marketplace to a search reaching all n, and to its
+    `listening` line (the process start-up: imports, migrations, loading the instances)."""
     old.stop()
     t0 = time.perf_counter()
     mp = procs.start_marketplace(
         data_dir, work, "--search-rate", "100000", "--log-level", "warning", name="marketplace-restarted"
     )
+    listening = time.perf_counter() - t0
     async with MarketplaceClient(mp.address) as client:
         ep = await client.log_in("bench-ep@bench.example", PASSWORD)
         await _wait_connected(ep, BROAD_80, n, timeout=300)
-    return time.perf_counter() - t0, mp
+    return time.perf_counter() - t0, listening, mp
 
 
 def product(n: int, searches: int, work: Path) -> dict[str, Any]:
@@ -215,9 +228,12 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
         deadline = time.monotonic() + 600
         while not fleet_csv.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        result, _ = asyncio.run(_product_searches(mp.address, fleet_csv, n, searches, mp.popen.pid))
-        restart_s, mp = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
+        result, _ = asyncio.run(
+            _product_searches(mp.address, fleet_csv, n, searches, mp.popen.pid, fleet.popen.pid)
+        )
+        restart_s, listening_s, mp = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
         result["restart_to_full_reach_s"] = restart_s
+        result["restart_to_listening_s"] = listening_s
         return result
     finally:
         if fleet is not None:
