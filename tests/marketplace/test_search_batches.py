@@ -158,3 +158,33 @@ async def test_the_first_match_arrives_before_the_last_answer(
     assert late in later
     summary = rest[-1].summary
     assert (summary.matched, summary.not_matched, summary.timed_out) == (4, 1, 0)
+
+
+async def test_concurrent_searches_queue_behind_each_other_on_every_link(
+    market: RunningMarketplace, aiida: RunningAiida
+) -> None:
+    """Several searches at once put several queries on each link's stream: the later ones wait
+    behind the write in progress and every search still gets exactly its answers."""
+    scene, yes, no = await _scene_with(market, aiida, matched=3, unmatched=2)
+    results = await asyncio.gather(*(_collect_search(scene) for _ in range(6)))
+    for ids, summary in results:
+        assert sorted(ids) == sorted(yes)
+        assert (summary.matched, summary.not_matched, summary.unreachable, summary.timed_out) == (3, 2, 0, 0)
+    # The double went away mid-life and came back: the links reconnect and write again.
+    await aiida.stop()
+    await asyncio.gather(*(scene.until_linked(i, linked=False) for i in yes | no))
+    await aiida.start()
+    await asyncio.gather(*(scene.until_linked(i) for i in yes | no))
+    ids, summary = await _collect_search(scene)
+    assert sorted(ids) == sorted(yes) and summary.not_matched == 2
+
+
+async def _collect_search(scene: Scene) -> tuple[list[str], data_request_pb2.SearchSummary]:
+    ids: list[str] = []
+    summary = data_request_pb2.SearchSummary()
+    async for response in _search_messages(scene):
+        if response.HasField("matches"):
+            ids.extend(response.matches.instance_ids)
+        else:
+            summary = response.summary
+    return ids, summary
