@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +35,19 @@ def http_url(value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"expected an http(s) URL such as https://sso.example.org/realms/x, got {value!r}")
+
+
+def nats_url(value: str) -> None:
+    """A NATS server URL (nats://host:port, tls://host:port)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("nats", "tls") or not parts.netloc:
+        raise ValueError(f"expected a NATS URL such as nats://127.0.0.1:4222, got {value!r}")
+
+
+def subject_token(value: str) -> None:
+    """One NATS subject token: letters, digits, '-' and '_'."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(f"expected letters, digits, '-' or '_' (one NATS subject token), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -189,10 +203,29 @@ class Config:
         default="eddie_role",
         metavar="CLAIM",
     )
+    # Cluster mode (see marketplace_server.cluster): replicas on one PostgreSQL, talking over NATS.
+    nats_url: str | None = flag(
+        "NATS server (nats://host:port) of a cluster of replicas; needs a PostgreSQL --database-url "
+        "(default: one process, no NATS)",
+        default=None,
+        metavar="URL",
+        check=nats_url,
+    )
+    replica_id: str | None = flag(
+        "this replica's id in the cluster (default: generated at start)", default=None, metavar="ID"
+    )
+    cluster_name: str = flag(
+        "NATS subject prefix shared by the replicas of one marketplace",
+        default="eddie",
+        metavar="NAME",
+        check=subject_token,
+    )
     # Not flags.
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None
     reconnect_max_backoff: float = 30.0
+    lease_seconds: float = 10.0  # cluster bucket leases (marketplace_server.cluster.leases)
+    renew_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if self.tls is None and self.tls_cert is not None and self.tls_key is not None:
@@ -216,13 +249,25 @@ class Config:
                 f"--search-timeout ({self.search_timeout_default}) exceeds --search-timeout-max "
                 f"({self.search_timeout_max})"
             )
+        if self.nats_url is not None and not _is_postgresql(self.database_url):
+            problems.append("--nats-url (cluster mode) needs a PostgreSQL --database-url")
+        if self.replica_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.replica_id):
+            problems.append("--replica-id must be letters, digits, '-' or '_' (up to 64)")
         return problems
+
+    @property
+    def clustered(self) -> bool:
+        return self.nats_url is not None
 
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'marketplace.db').resolve()}"
+
+
+def _is_postgresql(url: str | None) -> bool:
+    return url is not None and make_url(url).get_backend_name() == "postgresql"
 
 
 PROGRAM = Program(

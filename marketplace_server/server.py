@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ from eddie_common.tokens import SigningKey, TokenIssuer
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
+from marketplace_server.cluster.events import ClusterEventHub
+from marketplace_server.cluster.leases import LeaseKeeper
+from marketplace_server.cluster.node import ClusterNode, connect_nats
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
@@ -103,10 +107,15 @@ class Marketplace:
     outbox: OutboxWorker
     access: AccessService
     consent: ConsentService
+    cluster: ClusterNode | None = None  # with --nats-url
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
+        if isinstance(self.events, ClusterEventHub):
+            await self.events.start()
+        if self.cluster is not None:  # its buckets first: the manager then links only their instances
+            await self.cluster.start()
         await self.server.start()
         for start in self.background:
             self._tasks.append(asyncio.create_task(start()))
@@ -175,10 +184,13 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(instances), server)
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
+    node = await _join_cluster(config, sessions, manager) if config.clustered else None
+    if node is not None:
+        search.cluster = node
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
         DataRequestServicer(data_requests, search), server
     )
-    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages)
+    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages, node)
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
@@ -204,11 +216,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         outbox=permissions.outbox,
         access=permissions.access,
         consent=permissions.consent,
+        cluster=node,
     )
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
     app.background.extend(worker.run for worker in workers)
     app.lifecycle.on_stop.extend(worker.stop for worker in workers)
+    if node is not None:  # hands its buckets over at once, before the workers stop
+        app.lifecycle.on_stop.insert(0, node.stop)
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
 
@@ -229,6 +244,23 @@ async def _external_identity(
         ) from None
 
 
+async def _join_cluster(
+    config: Config, sessions: async_sessionmaker[AsyncSession], manager: ConnectionManager
+) -> ClusterNode:
+    """Cluster mode: NATS (fails start-up in one line when unreachable) and this replica's leases."""
+    assert config.nats_url is not None
+    replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
+    nc = await connect_nats(config.nats_url, replica_id)
+    leases = LeaseKeeper(
+        sessions,
+        replica_id,
+        address=config.listen,
+        lease_seconds=config.lease_seconds,
+        renew_seconds=config.renew_seconds,
+    )
+    return ClusterNode(nc, leases, sessions, manager, config.cluster_name)
+
+
 def _add_permission_services(
     server: grpc.aio.Server,
     config: Config,
@@ -236,14 +268,21 @@ def _add_permission_services(
     manager: ConnectionManager,
     issuer: TokenIssuer,
     pages: PageTokenCodec,
+    node: ClusterNode | None,
 ) -> PermissionServices:
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
+    if node is not None:  # events also reach (and come from) the other replicas' streams
+        hub = ClusterEventHub(config.max_streams_per_account, node.nc, node.prefix, node.replica_id)
     ledger = PermissionLedger(sessions, hub)
     timeouts = DecisionTimeouts(ledger)
     statuses = StatusApplier(ledger)
     outbox = OutboxWorker(sessions, manager, issuer, ledger.may_hold_access, statuses.apply)
     ledger.outbox_listeners.append(outbox.submit)
+    if node is not None:  # only the owner of an instance delivers its rows
+        outbox.local_instances = node.local_instances
+        node.outbox = outbox
+        ledger.outbox_listeners.append(node.on_outbox_rows)
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
     access = AccessService(ledger, timeouts, pages, config.decision_timeout)

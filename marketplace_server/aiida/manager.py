@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +72,10 @@ class ConnectionManager:
         self.status_listeners: list[StatusListener] = []
         self.up_listeners: list[UpListener] = []
         self.heap = HeapFreezer()
+        # Cluster mode (marketplace_server.cluster.node): which instances this replica holds
+        # streams for, and where an ensure for another replica's instance goes.
+        self.owns: Callable[[str], bool] = _everything
+        self.forward: Callable[[str, str], None] | None = None
 
     # --- lifecycle ---
 
@@ -86,7 +90,8 @@ class ConnectionManager:
                 )
             ).all()
         for instance_id, address in rows:
-            self.ensure(instance_id, address)
+            if self.owns(instance_id):
+                self.link(instance_id, address)
         self._tasks.append(asyncio.create_task(self._flush_last_seen_forever()))
         self._tasks.append(asyncio.create_task(self._ping_forever()))
         log_event(log, "connection_manager_started", instances=len(rows))
@@ -103,7 +108,17 @@ class ConnectionManager:
         self._connect_methods.clear()
 
     def ensure(self, instance_id: str, address: str) -> None:
-        """Connects a newly claimed instance, or reconnects one that re-registered."""
+        """Connects a newly claimed instance, or reconnects one that re-registered.
+
+        In a cluster an instance another replica owns is forwarded to its owner.
+        """
+        if self.owns(instance_id):
+            self.link(instance_id, address)
+        elif self.forward is not None:
+            self.forward(instance_id, address)
+
+    def link(self, instance_id: str, address: str) -> None:
+        """Holds (or readdresses) this replica's stream to the instance."""
         link = self.links.get(instance_id)
         if link is None:
             link = InstanceLink(self, instance_id, address)
@@ -111,6 +126,16 @@ class ConnectionManager:
             link.start()
         elif link.address != address or not link.connected:
             link.readdress(address)
+
+    async def drop(self, instance_ids: Iterable[str]) -> None:
+        """Stops the streams of instances this replica no longer owns (a lost bucket)."""
+        links = [link for i in instance_ids if (link := self.links.pop(i, None)) is not None]
+        for link in links:
+            for tally in list(self._tallies.values()):
+                tally.on_lost(link.instance_id)
+        await asyncio.gather(*(link.stop() for link in links), return_exceptions=True)
+        if links:
+            self.heap.changed()
 
     def is_connected(self, instance_id: str) -> bool:
         link = self.links.get(instance_id)
@@ -176,17 +201,24 @@ class ConnectionManager:
 
     # --- search fan-out ---
 
-    def begin_search(self, data_need: energy_pb2.DataNeed) -> SearchTally:
-        """Queues the query on every claimed instance's stream; replies land in the tally."""
+    def begin_search(
+        self, data_need: energy_pb2.DataNeed, instance_ids: Collection[str] | None = None
+    ) -> SearchTally:
+        """Queues the query on every claimed instance's stream (or those of `instance_ids` this
+        replica holds, in a cluster); replies land in the tally."""
         query_id = secrets.token_hex(8)
         payload = aiida_pb2.ConnectRequest(
             search_query=aiida_pb2.SearchQuery(query_id=query_id, data_need=data_need)
         ).SerializeToString()
         tally = SearchTally(query_id)
-        tally.queried = len(self.links)
+        if instance_ids is None:
+            targets = self.links
+        else:
+            targets = {i: link for i in instance_ids if (link := self.links.get(i)) is not None}
+        tally.queried = len(targets)
         self._tallies[query_id] = tally
         asked = tally.asked
-        for instance_id, link in self.links.items():
+        for instance_id, link in targets.items():
             if link.send(payload):
                 asked.add(instance_id)
             else:
@@ -258,6 +290,10 @@ class ConnectionManager:
                 if link.connected:
                     link.ping()
             previous_round = this_round
+
+
+def _everything(instance_id: str) -> bool:
+    return True
 
 
 def _notify(listener: Callable[..., None], *args: object) -> None:

@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import grpc
-from sqlalchemy import func, select, update
+from sqlalchemy import ARRAY, Select, String, any_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.aiida.v1 import aiida_pb2
@@ -78,6 +79,8 @@ class Delivery:
 UP_BATCH_SECONDS = 0.05  # how long stream-up events are gathered before one database update
 
 
+T = TypeVar("T")
+
 _RETRY = Backoff(RETRY_BASE, RETRY_CAP)
 
 
@@ -103,6 +106,9 @@ class OutboxWorker:
         self._handled_at: dict[int, float] = {}  # row id -> when this process finished or rescheduled it
         self._came_up: set[str] = set()  # instances whose streams came up, not yet made due
         self._up_flusher: asyncio.Task[None] | None = None
+        # In a cluster only the replica that owns an instance delivers (and parks) its rows:
+        # the instances whose streams this replica holds (None: one process, every row).
+        self.local_instances: Callable[[], Collection[str]] | None = None
 
     def wake(self) -> None:
         self.loop.wake()
@@ -201,7 +207,7 @@ class OutboxWorker:
         async with self.sessions() as session:
             rows = list(
                 await session.scalars(
-                    select(OutboxRow)
+                    self._local(select(OutboxRow))
                     .where(OutboxRow.done.is_(False), OutboxRow.next_attempt_time <= now)
                     .order_by(OutboxRow.id)
                     .limit(BATCH)
@@ -231,10 +237,16 @@ class OutboxWorker:
             await self._make_due(*back)
             self.wake()
 
+    def _local(self, statement: Select[T]) -> Select[T]:
+        if self.local_instances is None:
+            return statement
+        ids = list(self.local_instances())
+        return statement.where(OutboxRow.instance_id == any_(bindparam("local", ids, type_=ARRAY(String))))
+
     async def _seconds_to_next_due(self) -> float:
         async with self.sessions() as session:
             earliest = await session.scalar(
-                select(func.min(OutboxRow.next_attempt_time)).where(OutboxRow.done.is_(False))
+                self._local(select(func.min(OutboxRow.next_attempt_time))).where(OutboxRow.done.is_(False))
             )
         if earliest is None:
             return IDLE_POLL

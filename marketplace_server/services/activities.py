@@ -26,6 +26,7 @@ from sqlalchemy import and_, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
+from eddie_common.page_tokens import PageTokenCodec, invalid_page_token, page_size
 from marketplace_server.auth import require_customer
 from marketplace_server.clock import to_timestamp
 from marketplace_server.db.models import (
@@ -38,8 +39,7 @@ from marketplace_server.db.models import (
     SearchRow,
 )
 from marketplace_server.errors import InvalidArgument, NotFound
-from marketplace_server.pagination import PageTokenCodec, invalid_page_token, page_size
-from marketplace_server.services.instances import INSTANCE_ID
+from marketplace_server.resources import is_instance_id
 
 __all__ = ["ActivityFeed", "kind_of_state"]
 
@@ -99,7 +99,7 @@ class _Entry:
 
 def parse_instance(name: str) -> str:
     instance_id = name.removeprefix("instances/")
-    if not name.startswith("instances/") or not INSTANCE_ID.fullmatch(instance_id):
+    if not name.startswith("instances/") or not is_instance_id(instance_id):
         raise InvalidArgument.for_field("instance", "must be instances/{instance_id}")
     return instance_id
 

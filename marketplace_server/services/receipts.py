@@ -30,15 +30,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import consent_pb2
+from eddie_common.page_tokens import PageTokenCodec, page_size
 from eddie_common.tokens import ALGORITHM, SigningKey
 from marketplace_server.auth import principal, require_customer
 from marketplace_server.clock import utcnow
 from marketplace_server.db.counters import next_value
 from marketplace_server.db.models import ConsentReceiptRow, DataRequestRow, PermissionRow
 from marketplace_server.errors import NotFound
-from marketplace_server.pagination import PageTokenCodec, page_size
+from marketplace_server.resources import parse_permission_name
 from marketplace_server.security import new_id, sha256_hex
-from marketplace_server.services.permissions import parse_permission_name
 
 __all__ = [
     "APPROVE",

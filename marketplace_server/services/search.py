@@ -8,10 +8,11 @@ last, after the search is stored, so RequestAccess can rely on it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol, cast
 
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -19,7 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.logging import log_event
-from marketplace_server.aiida.fanout import SearchTally
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import to_duration, to_timestamp, utcnow
@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 _MATCHES = cast(Table, SearchMatchRow.__table__)
 
 
+# A search's output: batches of matched ids as they arrive, then the counts of the summary.
+Results = AsyncGenerator[list[str] | dict[str, int], None]
+
+
+class ClusterSearch(Protocol):
+    """A search across the replicas' streams (`ClusterNode.search`)."""
+
+    def search(self, data_need: energy_pb2.DataNeed, timeout: float) -> Results: ...
+
+
 class SearchService:
     """Runs searches for the owners of data requests and keeps their results."""
 
@@ -51,6 +61,7 @@ class SearchService:
         self.manager = manager
         self.config = config
         self.limiter = RateLimiter(config.search_rate_per_minute)
+        self.cluster: ClusterSearch | None = None  # set in cluster mode (marketplace_server.cluster.node)
 
     def _timeout(self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None) -> float:
         timeout = self.config.search_timeout_default
@@ -85,43 +96,69 @@ class SearchService:
         row = await self._load_owned_open(data_request_id)
         self.limiter.acquire(f"account:{row.owner_id}", what="searches")
         need = energy_pb2.DataNeed.FromString(row.data_need)
-        tally = self.manager.begin_search(need)
         floor = MatchFloor(self.config.min_match_set)
-        deadline = asyncio.get_running_loop().time() + timeout - (time.perf_counter() - started)
-        try:
-            async for batch in tally.batches(deadline):
-                if released := floor.admit(batch):
+        remaining_time = timeout - (time.perf_counter() - started)
+        source: Results
+        if self.cluster is None:
+            source = self._local(need, remaining_time)
+        else:
+            source = self.cluster.search(need, max(0.0, remaining_time))
+        matched_ids: list[str] = []
+        counts: dict[str, int] = {}
+        async with contextlib.aclosing(source):
+            async for item in source:
+                if isinstance(item, dict):
+                    counts = item
+                    continue
+                matched_ids.extend(item)
+                if released := floor.admit(item):
                     yield data_request_pb2.SearchInstancesResponse(
                         matches=data_request_pb2.InstanceMatches(instance_ids=released)
                     )
-        finally:
-            timed_out = self.manager.end_search(tally)
         summary = data_request_pb2.SearchSummary(
-            queried=tally.queried,
-            matched=tally.matched,
-            not_matched=tally.not_matched,
-            unreachable=tally.unreachable,
-            timed_out=timed_out,
-            withheld=floor.withholds(tally.matched),
+            queried=counts["queried"],
+            matched=counts["matched"],
+            not_matched=counts["not_matched"],
+            unreachable=counts["unreachable"],
+            timed_out=counts["timed_out"],
+            withheld=floor.withholds(counts["matched"]),
         )
-        summary.search = await self._store(data_request_id, tally, summary, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        summary.search = await self._store(data_request_id, matched_ids, summary, elapsed)
         summary.elapsed.CopyFrom(to_duration(time.perf_counter() - started))
         log_event(
             log,
             "search_finished",
             data_request=data_request_id,
-            queried=tally.queried,
-            matched=tally.matched,
-            unreachable=tally.unreachable,
-            timed_out=timed_out,
+            queried=summary.queried,
+            matched=summary.matched,
+            unreachable=summary.unreachable,
+            timed_out=summary.timed_out,
             elapsed_ms=int(summary.elapsed.ToMilliseconds()),
         )
         yield data_request_pb2.SearchInstancesResponse(summary=summary)
 
+    async def _local(self, need: energy_pb2.DataNeed, timeout: float) -> Results:
+        """This process's fan-out: batches of matched ids, then the counts (as a cluster search)."""
+        tally = self.manager.begin_search(need)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async for batch in tally.batches(deadline):
+                yield batch
+        finally:
+            timed_out = self.manager.end_search(tally)
+        yield {
+            "queried": tally.queried,
+            "matched": tally.matched,
+            "not_matched": tally.not_matched,
+            "unreachable": tally.unreachable,
+            "timed_out": timed_out,
+        }
+
     async def _store(
         self,
         data_request_id: str,
-        tally: SearchTally,
+        matched_ids: list[str],
         summary: data_request_pb2.SearchSummary,
         elapsed: float,
     ) -> str:
@@ -142,14 +179,14 @@ class SearchService:
                 )
             )
             await session.flush()
-            if tally.matched_ids and not summary.withheld:
+            if matched_ids and not summary.withheld:
                 # One executemany on the table (Core), not the ORM's bulk path: a broad search
                 # stores thousands of ids and the ORM spent more on them than the fan-out did.
                 await session.execute(
                     insert(_MATCHES),
                     [
                         {"search_id": search_id, "instance_id": i, "data_request_id": data_request_id}
-                        for i in tally.matched_ids
+                        for i in matched_ids
                     ],
                 )
         return search_name(data_request_id, search_id)

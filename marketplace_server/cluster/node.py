@@ -1,0 +1,319 @@
+"""One replica's part in a cluster: NATS, its bucket leases, its streams, and search serving.
+
+Wiring (`create_server` with `--nats-url`):
+
+- the `LeaseKeeper` decides which buckets this replica owns; the connection
+  manager holds Connect streams only for claimed instances in those buckets
+  (`owns`). Acquiring a bucket loads its claimed instances from the database and
+  links them; losing one stops their streams at once (fencing);
+- a claim or re-registration served here for an instance another replica owns
+  is published on `{prefix}.instances`; the owner links (or readdresses) it. A
+  periodic resync from the database repairs a missed message;
+- outbox rows are delivered by the owner only (`OutboxWorker.local_instances`);
+  rows committed here for another replica's instance wake the owners' workers;
+- `{prefix}.search.{replica}` serves the owner's side of a cluster search
+  (`marketplace_server.cluster.search`): the local fan-out over the requested
+  buckets it owns under the given tokens, `matches` batches, one tally per bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections import Counter
+from collections.abc import AsyncGenerator, Collection
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.energy.v1 import energy_pb2
+from eddie_common.logging import log_event
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.aiida.outbox import OutboxWorker
+from marketplace_server.cluster.leases import LeaseKeeper, bucket_of
+from marketplace_server.cluster.search import BucketSnapshot, BucketTally, gather
+from marketplace_server.db.models import BucketLeaseRow, InstanceRow, OutboxRow
+
+__all__ = ["ClusterNode", "ClusterUnavailable", "connect_nats"]
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 15.0
+CONNECT_SECONDS = 5.0
+# The owner ends its part a little before the coordinator's deadline, so its tallies arrive in time.
+OWNER_DEADLINE_SHARE = 0.85
+
+
+class ClusterUnavailable(OSError):
+    """NATS could not be reached at start-up (one line for the operator)."""
+
+
+async def connect_nats(url: str, name: str) -> Any:
+    """A NATS connection that reconnects forever once up; fails fast if the server is down now."""
+    import nats
+
+    try:
+        async with asyncio.timeout(CONNECT_SECONDS):
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+            )
+    except Exception as exc:
+        raise ClusterUnavailable(
+            f"NATS at {url} is unreachable ({type(exc).__name__}) — check --nats-url"
+        ) from None
+
+
+class ClusterNode:
+    """This replica's leases, its share of the streams, and its side of cluster searches."""
+
+    def __init__(
+        self,
+        nc: Any,
+        leases: LeaseKeeper,
+        sessions: async_sessionmaker[AsyncSession],
+        manager: ConnectionManager,
+        prefix: str,
+    ) -> None:
+        self.nc = nc
+        self.leases = leases
+        self.sessions = sessions
+        self.manager = manager
+        self.prefix = prefix
+        self.replica_id = leases.replica_id
+        self.outbox: OutboxWorker | None = None
+        self._subscriptions: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resync = asyncio.Event()
+        self._lost: set[int] = set()
+        manager.owns = self.owns
+        manager.forward = self.forward
+        leases.on_acquired.append(self._on_acquired)
+        leases.on_lost.append(self._on_lost)
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        self._subscriptions.append(await self.nc.subscribe(f"{self.prefix}.instances", cb=self._on_instances))
+        self._subscriptions.append(
+            await self.nc.subscribe(f"{self.prefix}.search.{self.replica_id}", cb=self._on_search)
+        )
+        await self.nc.flush()
+        await self.leases.start()
+        self._spawn(self._resync_forever())
+        log_event(log, "cluster_joined", replica=self.replica_id, buckets=len(self.leases.held))
+
+    async def stop(self) -> None:
+        """Hands the buckets over at once (their new owners take the streams) and leaves NATS."""
+        await self.leases.stop()
+        await self._drop_lost()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    def owns(self, instance_id: str) -> bool:
+        return bucket_of(instance_id, self.leases.buckets) in self.leases.held
+
+    def local_instances(self) -> Collection[str]:
+        return self.manager.links.keys()
+
+    # --- ownership of streams ---
+
+    def forward(self, instance_id: str, address: str) -> None:
+        """An instance another replica owns was claimed or re-registered here: tell its owner."""
+        body = {"t": "ensure", "id": instance_id, "addr": address}
+        self._spawn(self._publish(f"{self.prefix}.instances", body))
+
+    def _on_acquired(self, bucket: int, token: int) -> None:
+        self._resync.set()
+
+    def _on_lost(self, bucket: int, token: int) -> None:
+        first = not self._lost
+        self._lost.add(bucket)
+        if first:
+            self._spawn(self._drop_lost())
+
+    async def _drop_lost(self) -> None:
+        lost, self._lost = self._lost, set()
+        if not lost:
+            return
+        buckets = self.leases.buckets
+        gone = [i for i in self.manager.links if bucket_of(i, buckets) in lost and not self.owns(i)]
+        await self.manager.drop(gone)
+        log_event(
+            log, "cluster_streams_dropped", replica=self.replica_id, buckets=len(lost), instances=len(gone)
+        )
+
+    async def _resync_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESYNC_SECONDS):
+                    await self._resync.wait()
+            self._resync.clear()
+            try:
+                await self.resync()
+            except Exception as exc:  # the next round repairs it
+                log_event(log, "cluster_resync_failed", logging.WARNING, error=repr(exc)[:200])
+
+    async def resync(self) -> None:
+        """Links every claimed instance of the buckets owned now; drops streams of others."""
+        async with self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(InstanceRow.instance_id, InstanceRow.address).where(
+                        InstanceRow.owner_id.is_not(None)
+                    )
+                )
+            ).all()
+        # No await between the ownership check and the link: both see the same leases.
+        linked = 0
+        for instance_id, address in rows:
+            if self.owns(instance_id) and instance_id not in self.manager.links:
+                self.manager.link(instance_id, address)
+                linked += 1
+        stray = [i for i in self.manager.links if not self.owns(i)]
+        if stray:
+            await self.manager.drop(stray)
+        if linked or stray:
+            log_event(log, "cluster_resynced", replica=self.replica_id, linked=linked, dropped=len(stray))
+
+    # --- outbox ---
+
+    def on_outbox_rows(self, rows: list[OutboxRow]) -> None:
+        """Rows committed here for instances another replica owns: wake the owners' workers."""
+        elsewhere = sorted({r.instance_id for r in rows if not self.owns(r.instance_id)})
+        if elsewhere:
+            self._spawn(self._publish(f"{self.prefix}.instances", {"t": "due", "ids": elsewhere}))
+
+    async def _on_instances(self, message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            kind = body["t"]
+            if kind == "ensure":
+                instance_id, address = str(body["id"]), str(body["addr"])
+                if self.owns(instance_id):
+                    self.manager.link(instance_id, address)
+            elif kind == "due" and self.outbox is not None and any(self.owns(str(i)) for i in body["ids"]):
+                self.outbox.wake()
+        except (ValueError, KeyError, TypeError) as exc:
+            log_event(log, "cluster_message_dropped", logging.WARNING, error=repr(exc)[:200])
+
+    # --- search: the coordinator's side ---
+
+    async def snapshot(self) -> dict[int, BucketSnapshot]:
+        """Each bucket with claimed instances: its live owner (or None), token and claimed count."""
+        async with self.sessions() as session:
+            leases = (
+                await session.execute(
+                    select(
+                        BucketLeaseRow.bucket,
+                        BucketLeaseRow.owner,
+                        BucketLeaseRow.token,
+                        BucketLeaseRow.expires_at > func.now(),
+                    )
+                )
+            ).all()
+            claimed = await session.scalars(
+                select(InstanceRow.instance_id).where(InstanceRow.owner_id.is_not(None))
+            )
+            counts = Counter(bucket_of(i, self.leases.buckets) for i in claimed)
+        return {
+            int(bucket): BucketSnapshot(int(bucket), owner if live else None, int(token), counts[bucket])
+            for bucket, owner, token, live in leases
+            if counts[bucket]
+        }
+
+    async def search(
+        self, data_need: energy_pb2.DataNeed, timeout: float
+    ) -> AsyncGenerator[list[str] | dict[str, int], None]:
+        """Batches of matched ids from every owner, then the summary (see `cluster.search.gather`)."""
+        snapshot = await self.snapshot()
+        inbox = f"{self.prefix}.reply.{self.replica_id}.{secrets.token_hex(8)}"
+
+        async def subscribe(subject: str, callback: Any) -> Any:
+            subscription = await self.nc.subscribe(subject, cb=callback)
+            await self.nc.flush()  # the inbox exists at the server before any owner answers
+            return subscription
+
+        async for item in gather(
+            snapshot,
+            data_need.SerializeToString(),
+            timeout,
+            prefix=self.prefix,
+            inbox=inbox,
+            subscribe=subscribe,
+            publish=self.nc.publish,
+        ):
+            yield item
+
+    # --- search: the owner's side ---
+
+    async def _on_search(self, message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            need = energy_pb2.DataNeed.FromString(bytes.fromhex(body["need"]))
+            buckets = {int(b): int(t) for b, t in body["buckets"].items()}
+            reply, timeout = str(body["reply"]), float(body["timeout"])
+        except Exception as exc:
+            log_event(log, "cluster_search_dropped", logging.WARNING, error=repr(exc)[:200])
+            return
+        deadline = asyncio.get_running_loop().time() + timeout * OWNER_DEADLINE_SHARE
+        groups: dict[int, list[str]] = {b: [] for b in buckets}
+        for instance_id in self.manager.links:
+            bucket = bucket_of(instance_id, self.leases.buckets)
+            if bucket in groups:
+                groups[bucket].append(instance_id)
+        for bucket, token in buckets.items():
+            if self.leases.held.get(bucket) == token:
+                self._spawn(self._serve_bucket(need, bucket, token, groups[bucket], reply, deadline))
+            else:  # not ours under that token: the coordinator counts the bucket unreachable
+                held = self.leases.held.get(bucket, -1)
+                self._spawn(self._publish(reply, BucketTally(bucket, held, 0, 0, 0, 0, 0).to_json()))
+
+    async def _serve_bucket(
+        self,
+        need: energy_pb2.DataNeed,
+        bucket: int,
+        token: int,
+        instance_ids: list[str],
+        reply: str,
+        deadline: float,
+    ) -> None:
+        tally = self.manager.begin_search(need, instance_ids)
+        try:
+            async for batch in tally.batches(deadline):
+                await self._publish(reply, {"t": "matches", "b": bucket, "k": token, "ids": batch})
+        finally:
+            timed_out = self.manager.end_search(tally)
+        # Fenced: lost mid-search, the bucket's answers are not ours to report.
+        held = self.leases.held.get(bucket, -1)
+        final = BucketTally(
+            bucket, held, tally.queried, tally.matched, tally.not_matched, tally.unreachable, timed_out
+        )
+        await self._publish(reply, final.to_json())
+
+    # --- plumbing ---
+
+    async def _publish(self, subject: str, body: dict[str, Any]) -> None:
+        try:
+            await self.nc.publish(subject, json.dumps(body, separators=(",", ":")).encode())
+        except Exception as exc:
+            log_event(log, "cluster_publish_failed", logging.WARNING, subject=subject, error=repr(exc)[:200])
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
