@@ -135,10 +135,13 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     """Builds (but does not start) the marketplace; returns it and its bound port."""
     engine = create_engine(config.effective_database_url, schema=config.database_schema)
     sessions = create_sessionmaker(engine)
+    replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
     try:
         external = await _external_identity(
             config, sessions
         )  # before any write: an unreachable IdP fails fast
+        # Likewise NATS in cluster mode (--nats-url).
+        nc = await connect_nats(config.nats_url, replica_id) if config.nats_url else None
     except BaseException:
         await engine.dispose()
         raise
@@ -184,7 +187,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(instances), server)
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
-    node = await _join_cluster(config, sessions, manager) if config.clustered else None
+    node = _cluster_node(config, nc, replica_id, sessions, manager) if nc is not None else None
     if node is not None:
         search.cluster = node
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
@@ -244,13 +247,14 @@ async def _external_identity(
         ) from None
 
 
-async def _join_cluster(
-    config: Config, sessions: async_sessionmaker[AsyncSession], manager: ConnectionManager
+def _cluster_node(
+    config: Config,
+    nc: Any,
+    replica_id: str,
+    sessions: async_sessionmaker[AsyncSession],
+    manager: ConnectionManager,
 ) -> ClusterNode:
-    """Cluster mode: NATS (fails start-up in one line when unreachable) and this replica's leases."""
-    assert config.nats_url is not None
-    replica_id = config.replica_id or f"replica-{secrets.token_hex(4)}"
-    nc = await connect_nats(config.nats_url, replica_id)
+    """Cluster mode: this replica's leases and its part of the streams and searches."""
     leases = LeaseKeeper(
         sessions,
         replica_id,
