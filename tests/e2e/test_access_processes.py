@@ -23,8 +23,8 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
-from tests.e2e.conftest import Cast
-from tests.helpers import eventually
+from tests.support.cast import Cast
+from tests.support.expect import eventually
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "end to end passphrase"

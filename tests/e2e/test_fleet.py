@@ -12,8 +12,8 @@ import pytest
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import create_server
 from eddie.marketplace.v1 import instance_pb2
-from tests.conftest import start_marketplace, test_config
 from tests.e2e.test_search import _request, _search
+from tests.support.marketplace import start_marketplace, test_config
 
 PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 N = 1000

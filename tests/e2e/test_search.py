@@ -17,9 +17,16 @@ import pytest
 
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import data_need
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import RunningAiida, ScriptedAiida, claim, start_aiida, start_scripted, wait_connected
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.fleet import (
+    RunningAiida,
+    ScriptedAiida,
+    claim,
+    start_aiida,
+    start_scripted,
+    wait_connected,
+)
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
 
 DAY = 86400.0
 

@@ -12,9 +12,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.interceptors import bad_request
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.data_request_support import DAY, create_as, data_request, need, serving
+from tests.support.data_requests import DAY, create_as, data_request, need, serving
+from tests.support.expect import expect_error
+from tests.support.marketplace import Client, RunningMarketplace
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -16,9 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from eddie.marketplace.v1 import data_request_pb2
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.data_request_support import (
+from tests.support.data_requests import (
     DAY,
     GAS,
     REQUEST,
@@ -29,6 +27,8 @@ from tests.marketplace.data_request_support import (
     need,
     serving,
 )
+from tests.support.expect import expect_error
+from tests.support.marketplace import Client, RunningMarketplace
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

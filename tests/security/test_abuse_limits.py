@@ -17,9 +17,9 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2, identity_pb2, instance_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.helpers import expect_error
-from tests.security.world import PASSWORD, SECRET, data_need
+from tests.support.expect import expect_error
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
+from tests.support.world import PASSWORD, SECRET, data_need
 
 LIMIT = 3
 

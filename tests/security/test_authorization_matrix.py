@@ -57,18 +57,10 @@ from eddie.framework.v1 import data_sink_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
 from eddie_common.interceptors import error_info
 from marketplace_server.db.models import InstanceRow, SearchRow
-from tests.conftest import Client
-from tests.eddie_sink.conftest import RunningSink, bearer, reading, sink_config, start_sink
-from tests.security.calls import RPCS
-from tests.security.world import (
-    PASSWORD,
-    SECRET,
-    SINK_URI,
-    World,
-    _register_and_claim,
-    build_world,
-    data_need,
-)
+from tests.support.calls import RPCS
+from tests.support.marketplace import Client
+from tests.support.sink import RunningSink, bearer, reading, sink_config, start_sink
+from tests.support.world import PASSWORD, SECRET, SINK_URI, World, _register_and_claim, build_world, data_need
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -69,17 +69,9 @@ from marketplace_server.aiida.link import MAX_UNSOLICITED_PER_MINUTE
 from marketplace_server.config import Config
 from marketplace_server.server import Marketplace
 from marketplace_server.services.statuses import WORKERS as STATUS_WORKERS
-from tests.conftest import (
-    POSTGRES_URL,
-    Client,
-    _postgres_execute,
-    postgres_reachable,
-    start_marketplace,
-    test_config,
-)
-from tests.e2e.fleet import start_aiida
-from tests.helpers import eventually, expect_error
-from tests.security.hostile_aiida import (
+from tests.support.expect import eventually, expect_error
+from tests.support.fleet import start_aiida
+from tests.support.hostile_aiida import (
     Flood,
     Garbage,
     HostileAiida,
@@ -91,6 +83,8 @@ from tests.security.hostile_aiida import (
     reply,
     status,
 )
+from tests.support.marketplace import Client, start_marketplace, test_config
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 DataAccess = aiida_pb2.DataAccess
 Permission = access_pb2.Permission
@@ -752,7 +746,7 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
         pytest.skip("needs the local PostgreSQL cluster on 127.0.0.1:5432 and pg_ctlcluster to stop it")
     schema = f"t_{secrets.token_hex(8)}"
     try:
-        await _postgres_execute(f"CREATE SCHEMA {schema}")
+        await postgres_execute(f"CREATE SCHEMA {schema}")
     except Exception as exc:
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
     honest = await HostileAiida({i: Script(m) for i, m in HONEST.items()}).start()
@@ -836,7 +830,7 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
         await market.channel.close()
         await market.app.stop(0.2)
         await honest.stop()
-        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 # --- 2. the marketplace is SIGKILLed while customers approve ---

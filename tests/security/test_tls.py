@@ -26,10 +26,10 @@ from eddie_sink.config import SinkConfig
 from eddie_sink.server import create_server as create_sink
 from marketplace_server.config import Config
 from marketplace_server.server import create_server
-from tests.conftest import Client, RunningMarketplace, test_config
-from tests.e2e.fleet import RunningAiida, claim, start_aiida, wait_connected
-from tests.security.certs import CertificateAuthority, KeyPair
-from tests.security.world import data_need
+from tests.support.certs import CertificateAuthority, KeyPair
+from tests.support.fleet import RunningAiida, claim, start_aiida, wait_connected
+from tests.support.marketplace import Client, RunningMarketplace, test_config
+from tests.support.world import data_need
 
 PROFILE = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles" / "vienna-p1.toml"
 

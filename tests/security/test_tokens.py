@@ -52,8 +52,8 @@ from eddie_sink.server import SinkApp
 from eddie_sink.server import create_server as create_sink
 from marketplace_server.auth import AccessTokenAuthenticator
 from marketplace_server.db.models import AccountRow, RefreshTokenRow
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -30,11 +30,11 @@ from eddie_common import tokens
 from eddie_sink.config import SinkConfig
 from eddie_sink.server import SinkApp
 from eddie_sink.server import create_server as create_sink
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import start_aiida
-from tests.marketplace.aiida_double import AiidaDouble
-from tests.marketplace.aiida_double import start_aiida as start_double
-from tests.security.world import SECRET, data_need
+from tests.support.aiida_double import AiidaDouble
+from tests.support.aiida_double import start_aiida as start_double
+from tests.support.fleet import start_aiida
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
+from tests.support.world import SECRET, data_need
 
 PROFILE = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles" / "vienna-p1.toml"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

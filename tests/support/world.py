@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
 from eddie_common import tokens
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.marketplace.aiida_double import AiidaDouble, RunningAiida, start_aiida
-from tests.security.strategies import Hints
+from tests.support.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
+from tests.support.strategies import Hints
 
 PASSWORD = "correct horse battery staple"
 SECRET = "s" * 40

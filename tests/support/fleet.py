@@ -15,7 +15,7 @@ from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import AiidaApp, create_server
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.marketplace.v1 import instance_pb2
-from tests.conftest import Client, RunningMarketplace
+from tests.support.marketplace import Client, RunningMarketplace
 
 
 @dataclass

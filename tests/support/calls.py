@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
 from eddie_common.interceptors import error_info
-from tests.conftest import Client
+from tests.support.marketplace import Client
 
 SERVICES: list[tuple[ServiceDescriptor, str]] = [
     (identity_pb2.DESCRIPTOR.services_by_name["IdentityService"], "identity"),

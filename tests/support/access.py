@@ -15,8 +15,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.marketplace.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
 
 Permission = access_pb2.Permission
 SINK_URI = "grpc://127.0.0.1:50099"

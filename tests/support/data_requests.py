@@ -12,8 +12,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
-from tests import conftest
-from tests.conftest import Client, RunningMarketplace
+from tests.support import marketplace
+from tests.support.marketplace import Client, RunningMarketplace
 
 DataRequest = data_request_pb2.DataRequest
 ELECTRICITY = energy_pb2.ENERGY_TYPE_ELECTRICITY
@@ -28,7 +28,7 @@ DAY = 86_400
 @contextlib.asynccontextmanager
 async def serving(tmp: Path) -> AsyncIterator[RunningMarketplace]:
     """A marketplace on SQLite in `tmp`, for module-scoped fixtures (tests that share one server)."""
-    running = await conftest.start_marketplace(conftest.test_config(tmp))
+    running = await marketplace.start_marketplace(marketplace.test_config(tmp))
     try:
         yield running
     finally:
