@@ -17,6 +17,7 @@ import pytest
 
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import data_need
+from eddie_client.client import Session
 from tests.support.expect import expect_error
 from tests.support.fleet import (
     RunningAiida,
@@ -26,7 +27,7 @@ from tests.support.fleet import (
     start_scripted,
     wait_connected,
 )
-from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 DAY = 86400.0
 
@@ -99,7 +100,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Client, list[RunningAiida]]:
+async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Session, list[RunningAiida]]:
     owner = await marketplace.customer()
     aiidas = []
     for name, text in households().items():
@@ -113,7 +114,7 @@ async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Clien
     return owner, aiidas
 
 
-async def _request(ep: Client, **need: object) -> data_request_pb2.DataRequest:
+async def _request(ep: Session, **need: object) -> data_request_pb2.DataRequest:
     values = dict(
         energy_type="ELECTRICITY",
         tags=["1-0:1.8.0"],
@@ -135,7 +136,7 @@ async def _request(ep: Client, **need: object) -> data_request_pb2.DataRequest:
 
 
 async def _search(
-    ep: Client, name: str, timeout: float = 3.0
+    ep: Session, name: str, timeout: float = 3.0
 ) -> tuple[list[str], data_request_pb2.SearchSummary]:
     from eddie_client.client import duration
 
@@ -154,7 +155,7 @@ async def _search(
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Client, list[RunningAiida]]]:
+async def world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Session, list[RunningAiida]]]:
     marketplace = await start_marketplace(test_config(tmp_path, search_rate_per_minute=1000))
     owner, aiidas = await _fleet(marketplace, tmp_path)
     yield marketplace, owner, aiidas

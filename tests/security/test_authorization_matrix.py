@@ -55,10 +55,10 @@ from sqlalchemy import func, select
 
 from eddie.framework.v1 import data_sink_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session
 from eddie_common.interceptors import error_info
 from marketplace_server.db.models import InstanceRow, SearchRow
 from tests.support.calls import RPCS
-from tests.support.marketplace import Client
 from tests.support.sink import RunningSink, bearer, reading, sink_config, start_sink
 from tests.support.world import PASSWORD, SECRET, SINK_URI, World, _register_and_claim, build_world, data_need
 
@@ -83,8 +83,8 @@ DataRequest = data_request_pb2.DataRequest
 class Tenant:
     """One tenant: a customer owning an instance, and an EP with a data request on it."""
 
-    customer: Client
-    ep: Client
+    customer: Session
+    ep: Session
     instance_id: str
     data_request: str = ""  # searched, with permissions on the instance
     search: str = ""  # the stored search of data_request
@@ -129,7 +129,7 @@ class Ctx:
     def tenant(self, label: str) -> Tenant:
         return self.a if label == "A" else self.b
 
-    def client(self, caller: str) -> Client:
+    def client(self, caller: str) -> Session:
         clients = {
             ANON: self.world.market.client(),
             CUSTOMER_A: self.a.customer,
@@ -146,12 +146,12 @@ class Ctx:
         return f"{prefix}-{next(self.counter)}-{uuid.uuid4().hex[:8]}"
 
 
-def _account(client: Client) -> str:
+def _account(client: Session) -> str:
     assert client.account is not None
     return client.account.name
 
 
-def aio(client: Client, service: str) -> Any:
+def aio(client: Session, service: str) -> Any:
     """The client's grpc.aio stub of `service` (the generated stubs are typed as synchronous)."""
     return getattr(client, service)
 
@@ -160,7 +160,7 @@ def _data_request_body(title: str = "Heat pump study") -> DataRequest:
     return DataRequest(title=title, purpose="Grid planning research", data_need=data_need())
 
 
-async def _create_data_request(ep: Client, request_id: str = "") -> str:
+async def _create_data_request(ep: Session, request_id: str = "") -> str:
     created = await aio(ep, "data_requests").CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(data_request=_data_request_body(), request_id=request_id),
         metadata=ep.metadata,
@@ -168,7 +168,7 @@ async def _create_data_request(ep: Client, request_id: str = "") -> str:
     return str(created.name)
 
 
-async def _search(ep: Client, data_request: str) -> str:
+async def _search(ep: Session, data_request: str) -> str:
     search = ""
     async for response in aio(ep, "data_requests").SearchInstances(
         data_request_pb2.SearchInstancesRequest(data_request=data_request, timeout=Duration(seconds=1)),
@@ -203,7 +203,7 @@ async def _accepted(t: Tenant) -> str:
     return name
 
 
-async def _build_tenant(customer: Client, ep: Client, instance_id: str) -> Tenant:
+async def _build_tenant(customer: Session, ep: Session, instance_id: str) -> Tenant:
     t = Tenant(customer, ep, instance_id)
     t.data_request = await _create_data_request(ep)
     t.search = await _search(ep, t.data_request)

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -43,11 +43,8 @@ from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie.marketplace.v1 import (
     access_pb2,
-    access_pb2_grpc,
     consent_pb2,
-    consent_pb2_grpc,
     data_request_pb2,
-    data_request_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
     instance_pb2,
@@ -83,7 +80,7 @@ from tests.support.hostile_aiida import (
     reply,
     status,
 )
-from tests.support.marketplace import Client, start_marketplace, test_config
+from tests.support.marketplace import PASSWORD, signup, start_marketplace, test_config
 from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 DataAccess = aiida_pb2.DataAccess
@@ -92,32 +89,10 @@ SINK_URI = "grpc://127.0.0.1:50099"
 STATUS_FLOOD = 6000
 PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 SECRET = "fault-secret-" + "f" * 32
-PASSWORD = "correct horse battery staple"
 # Four honest instances on one port: two match the need, two do not.
 HONEST = {"honest-match-1": True, "honest-match-2": True, "honest-miss-1": False, "honest-miss-2": False}
 EXPECTED = {i for i, matched in HONEST.items() if matched}
 NEED = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400, ["AT"])  # vienna-p1 matches it
-
-
-# The shared test Client types its stubs as the synchronous ones; these name what they are on an aio channel.
-def identity_of(c: Client) -> identity_pb2_grpc.IdentityServiceAsyncStub:
-    return cast("identity_pb2_grpc.IdentityServiceAsyncStub", c.identity)
-
-
-def instances_of(c: Client) -> instance_pb2_grpc.InstanceServiceAsyncStub:
-    return cast("instance_pb2_grpc.InstanceServiceAsyncStub", c.instances)
-
-
-def data_requests_of(c: Client) -> data_request_pb2_grpc.DataRequestServiceAsyncStub:
-    return cast("data_request_pb2_grpc.DataRequestServiceAsyncStub", c.data_requests)
-
-
-def access_of(c: Client) -> access_pb2_grpc.AccessServiceAsyncStub:
-    return cast("access_pb2_grpc.AccessServiceAsyncStub", c.access)
-
-
-def consent_of(c: Client) -> consent_pb2_grpc.ConsentServiceAsyncStub:
-    return cast("consent_pb2_grpc.ConsentServiceAsyncStub", c.consent)
 
 
 def health_of(channel: grpc.aio.Channel) -> Any:
@@ -133,8 +108,8 @@ class Arena:
     address: str
     app: Marketplace | None  # None: the marketplace is another process
     honest: HostileAiida
-    owner: Client
-    ep: Client
+    owner: Session
+    ep: Session
     data_request: data_request_pb2.DataRequest
 
     def linked(self, instance_id: str) -> bool:
@@ -150,7 +125,7 @@ class Arena:
             return
         deadline = time.monotonic() + timeout
         while (
-            await instances_of(self.owner).GetInstance(
+            await self.owner.instances.GetInstance(
                 instance_pb2.GetInstanceRequest(name=f"instances/{instance_id}"), metadata=self.owner.metadata
             )
         ).connected != linked:
@@ -165,7 +140,7 @@ class Arena:
                 instance_id=instance_id, address=aiida.address, instance_secret=SECRET, pairing_code=code
             )
         )
-        await instances_of(self.owner).ClaimInstance(
+        await self.owner.instances.ClaimInstance(
             instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=code),
             metadata=self.owner.metadata,
         )
@@ -177,7 +152,7 @@ class Arena:
         started = time.monotonic()
         matches: list[str] = []
         summary = None
-        async for response in data_requests_of(self.ep).SearchInstances(
+        async for response in self.ep.data_requests.SearchInstances(
             data_request_pb2.SearchInstancesRequest(
                 data_request=self.data_request.name, timeout=duration(timeout)
             ),
@@ -220,33 +195,6 @@ def assert_exact(
     )
 
 
-async def claim_when_registered(owner: Client, instance_id: str, code: str, timeout: float = 10.0) -> None:
-    """Claims a real AIIDA, which registers itself in the background after it started listening."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await instances_of(owner).ClaimInstance(
-                instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=code),
-                metadata=owner.metadata,
-            )
-            return
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.05)
-
-
-async def signup(channel: grpc.aio.Channel, role: int) -> Client:
-    """A new account of `role` (password PASSWORD), signed in."""
-    stub = identity_pb2_grpc.IdentityServiceStub(channel)
-    email = f"fault-{secrets.token_hex(6)}@example.org"
-    account = await stub.CreateAccount(
-        identity_pb2.CreateAccountRequest(email=email, password=PASSWORD, display_name="Fault", role=role)  # type: ignore[arg-type]
-    )
-    token = await stub.CreateToken(identity_pb2.CreateTokenRequest(email=email, password=PASSWORD))
-    return Client(channel, token.access_token, account, token.refresh_token)
-
-
 def arena_config(tmp_path: Path, **overrides: Any) -> Config:
     limits: dict[str, Any] = {
         "search_rate_per_minute": 1e6,
@@ -262,9 +210,10 @@ async def build_arena(
 ) -> Arena:
     """An owner of the honest instances (claimed and linked) and an EP with an open data request."""
     owner, ep = await asyncio.gather(
-        signup(channel, identity_pb2.ROLE_CUSTOMER), signup(channel, identity_pb2.ROLE_ELIGIBLE_PARTY)
+        signup(channel, identity_pb2.ROLE_CUSTOMER, "Fault"),
+        signup(channel, identity_pb2.ROLE_ELIGIBLE_PARTY, "Fault"),
     )
-    data_request = await data_requests_of(ep).CreateDataRequest(
+    data_request = await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(
             data_request=data_request_pb2.DataRequest(title="Faults", purpose="Robustness", data_need=NEED)
         ),
@@ -314,7 +263,7 @@ async def test_a_slow_aiida_is_timed_out_and_its_late_reply_counts_for_nothing(a
         matches, third, _ = await arena.search(timeout=3.0)
         assert_exact(matches, third, hostile=1, matched=EXPECTED | {"slow-box"})
 
-        stored = await data_requests_of(arena.ep).GetSearch(
+        stored = await arena.ep.data_requests.GetSearch(
             data_request_pb2.GetSearchRequest(name=first.search), metadata=arena.ep.metadata
         )
         assert set(stored.matched_instance_ids) == EXPECTED
@@ -352,7 +301,7 @@ async def test_a_flooding_aiida_loses_its_own_stream_and_nobody_else_does(arena:
     later = [s for s in arena.honest.history["flood-box"][1:] if s.ended.is_set()]
     assert later and all(s.sent < 200 for s in later), [s.sent for s in later]
     arena.assert_honest_untouched()
-    account = await identity_of(arena.owner).GetCurrentAccount(
+    account = await arena.owner.identity.GetCurrentAccount(
         identity_pb2.GetCurrentAccountRequest(), metadata=arena.owner.metadata
     )
     assert account.name == arena.owner.account.name  # type: ignore[union-attr]
@@ -363,7 +312,7 @@ async def test_a_status_flood_does_not_hold_up_another_instances_report(arena: A
     matches, _, _ = await arena.search(timeout=3.0)
     assert "honest-match-1" in matches
     [permission] = (
-        await access_of(arena.ep).RequestAccess(
+        await arena.ep.access.RequestAccess(
             access_pb2.RequestAccessRequest(
                 data_request=arena.data_request.name, instance_ids=["honest-match-1"], sink_uri=SINK_URI
             ),
@@ -371,7 +320,7 @@ async def test_a_status_flood_does_not_hold_up_another_instances_report(arena: A
         )
     ).permissions
     permission_id = permission.name.removeprefix("permissions/")
-    await consent_of(arena.owner).DecideAccess(
+    await arena.owner.consent.DecideAccess(
         consent_pb2.DecideAccessRequest(permission=permission.name, approve=True),
         metadata=arena.owner.metadata,
     )
@@ -390,7 +339,7 @@ async def test_a_status_flood_does_not_hold_up_another_instances_report(arena: A
     reported = time.monotonic()
     await arena.honest.streams["honest-match-1"].send(status(permission_id, DataAccess.STATE_ACTIVE))
     while (
-        await access_of(arena.ep).GetPermission(
+        await arena.ep.access.GetPermission(
             access_pb2.GetPermissionRequest(name=permission.name), metadata=arena.ep.metadata
         )
     ).state != Permission.STATE_ACTIVE:
@@ -401,7 +350,7 @@ async def test_a_status_flood_does_not_hold_up_another_instances_report(arena: A
     assert elapsed < 1.0
     for ghost in flood[:50]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await access_of(arena.ep).GetPermission(
+            await arena.ep.access.GetPermission(
                 access_pb2.GetPermissionRequest(name=f"permissions/{ghost}"), metadata=arena.ep.metadata
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -445,7 +394,7 @@ async def test_malformed_bytes_close_only_that_stream(arena: Arena) -> None:
     for instance_id in scripts:
         assert arena.honest.closed[instance_id] >= 1, f"{instance_id}'s stream was kept"
     arena.assert_honest_untouched()
-    account = await identity_of(arena.owner).GetCurrentAccount(
+    account = await arena.owner.identity.GetCurrentAccount(
         identity_pb2.GetCurrentAccountRequest(), metadata=arena.owner.metadata
     )
     assert account.name == arena.owner.account.name  # type: ignore[union-attr]
@@ -522,7 +471,7 @@ async def test_a_frozen_then_killed_aiida_process(arena: Arena, tmp_path: Path) 
     )
     pid = stub.popen.pid
     try:
-        await claim_when_registered(arena.owner, "frozen-box", "FROZEN-2026")
+        await arena.owner.claim("frozen-box", "FROZEN-2026", wait=10.0)
         await arena.until_linked("frozen-box")
         with_stub = EXPECTED | {"frozen-box"}
         matches, summary, _ = await arena.search(timeout=3.0)
@@ -589,7 +538,7 @@ async def start_load(arena: Arena, calls: int = 24) -> Load:
         unary.append(asyncio.create_task(_ended(identity.CreateToken(login))))
     health = health_of(arena.channel).Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await health.read()).status == health_pb2.HealthCheckResponse.SERVING
-    consent = consent_of(arena.owner).Connect(metadata=arena.owner.metadata)
+    consent = arena.owner.consent.Connect(metadata=arena.owner.metadata)
     opening: Any = None
     while opening is None or not opening.HasField("ready"):
         opening = await consent.read()
@@ -761,16 +710,16 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
         def calls() -> dict[str, Any]:
             """Calls that each need the database (authentication alone reads the account)."""
             return {
-                "CreateToken": identity_of(owner).CreateToken(
-                    identity_pb2.CreateTokenRequest(email=owner.account.email, password=PASSWORD)  # type: ignore[union-attr]
+                "CreateToken": owner.identity.CreateToken(
+                    identity_pb2.CreateTokenRequest(email=owner.account.email, password=PASSWORD)
                 ),
-                "GetCurrentAccount": identity_of(owner).GetCurrentAccount(
+                "GetCurrentAccount": owner.identity.GetCurrentAccount(
                     identity_pb2.GetCurrentAccountRequest(), metadata=owner.metadata
                 ),
-                "ListDataRequests": data_requests_of(ep).ListDataRequests(
+                "ListDataRequests": ep.data_requests.ListDataRequests(
                     data_request_pb2.ListDataRequestsRequest(), metadata=ep.metadata
                 ),
-                "CreateDataRequest": data_requests_of(ep).CreateDataRequest(
+                "CreateDataRequest": ep.data_requests.CreateDataRequest(
                     data_request_pb2.CreateDataRequestRequest(
                         data_request=data_request_pb2.DataRequest(
                             title="Outage", purpose="Test", data_need=NEED
@@ -812,14 +761,14 @@ async def test_a_database_outage_is_unavailable_and_the_same_process_recovers(tm
         matches, summary, _ = await arena.search(timeout=3.0)
         assert_exact(matches, summary, hostile=0)
         [permission] = (
-            await access_of(ep).RequestAccess(
+            await ep.access.RequestAccess(
                 access_pb2.RequestAccessRequest(
                     data_request=arena.data_request.name, instance_ids=["honest-match-1"], sink_uri=SINK_URI
                 ),
                 metadata=ep.metadata,
             )
         ).permissions
-        await consent_of(owner).DecideAccess(
+        await owner.consent.DecideAccess(
             consent_pb2.DecideAccessRequest(permission=permission.name, approve=True), metadata=owner.metadata
         )
         permission_id = permission.name.removeprefix("permissions/")

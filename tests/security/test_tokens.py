@@ -44,6 +44,7 @@ from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.energy.v1 import energy_pb2
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc, instance_pb2, instance_pb2_grpc
+from eddie_client.client import Session
 from eddie_common import tokens
 from eddie_common.errors import Unauthenticated
 from eddie_common.interceptors import error_info
@@ -53,7 +54,7 @@ from eddie_sink.server import create_server as create_sink
 from marketplace_server.auth import AccessTokenAuthenticator
 from marketplace_server.db.models import AccountRow, RefreshTokenRow
 from tests.support.expect import expect_error
-from tests.support.marketplace import Client, RunningMarketplace, start_marketplace, test_config
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -76,8 +77,8 @@ class Programs:
     aiida_channel: grpc.aio.Channel
     sink: SinkApp
     sink_channel: grpc.aio.Channel
-    customer: Client
-    ep: Client
+    customer: Session
+    ep: Session
     # A real sink token for PERMISSION, bound to `ep` and INSTANCE, as the marketplace's outbox mints it.
     sink_token: str = field(default="")
 
@@ -585,7 +586,7 @@ async def _delete(p: Programs, account_id: str) -> None:
         await session.execute(delete(AccountRow).where(AccountRow.id == account_id))
 
 
-async def _refused_within(client: Client, bound: float) -> float:
+async def _refused_within(client: Session, bound: float) -> float:
     """Polls ListInstances (which trusts the authenticator alone) until it is refused; returns the wait."""
     start = time.monotonic()
     while True:

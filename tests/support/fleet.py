@@ -15,7 +15,8 @@ from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import AiidaApp, create_server
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.marketplace.v1 import instance_pb2
-from tests.support.marketplace import Client, RunningMarketplace
+from eddie_client.client import Session
+from tests.support.marketplace import RunningMarketplace
 
 
 @dataclass
@@ -48,7 +49,7 @@ async def start_aiida(
     return RunningAiida(app, bound, instance_id, config.pairing_code, config)
 
 
-async def claim(owner: Client, aiida: RunningAiida) -> instance_pb2.Instance:
+async def claim(owner: Session, aiida: RunningAiida) -> instance_pb2.Instance:
     return await owner.instances.ClaimInstance(
         instance_pb2.ClaimInstanceRequest(instance_id=aiida.instance_id, pairing_code=aiida.pairing_code),
         metadata=owner.metadata,
@@ -56,7 +57,7 @@ async def claim(owner: Client, aiida: RunningAiida) -> instance_pb2.Instance:
 
 
 async def wait_connected(
-    owner: Client, instance_id: str, connected: bool = True, timeout: float = 10.0
+    owner: Session, instance_id: str, connected: bool = True, timeout: float = 10.0
 ) -> float:
     """Polls GetInstance until `connected` has the wanted value; returns the seconds it took."""
     start = time.monotonic()
@@ -98,7 +99,7 @@ class ScriptedAiida(aiida_pb2_grpc.AiidaServiceServicer):
 
 
 async def start_scripted(
-    marketplace: RunningMarketplace, owner: Client, instance_id: str, servicer: ScriptedAiida
+    marketplace: RunningMarketplace, owner: Session, instance_id: str, servicer: ScriptedAiida
 ) -> grpc.aio.Server:
     server = grpc.aio.server()
     aiida_pb2_grpc.add_AiidaServiceServicer_to_server(servicer, server)
