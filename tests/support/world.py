@@ -148,7 +148,7 @@ def data_need() -> energy_pb2.DataNeed:
     )
 
 
-async def _register_and_claim(world: World, instance_id: str, owner: Session | None) -> None:
+async def register_and_claim(world: World, instance_id: str, owner: Session | None) -> None:
     code = f"CODE-{instance_id}"
     await world.market.client().instances.RegisterInstance(
         instance_pb2.RegisterInstanceRequest(
@@ -278,8 +278,8 @@ async def build_world(tmp: Path, **overrides: Any) -> World:
     world.pools["account"] = [c.account.name for c in clients]  # type: ignore[union-attr]
     world.pools["email"] = [c.account.email for c in clients]  # type: ignore[union-attr]
     world.pools["refresh_token"] = [world.other_customer.refresh_token, "rt_" + "x" * 43]
-    await _register_and_claim(world, "fuzz-claimed-1", world.customer)
-    await _register_and_claim(world, "fuzz-unclaimed-1", None)
+    await register_and_claim(world, "fuzz-claimed-1", world.customer)
+    await register_and_claim(world, "fuzz-unclaimed-1", None)
     await _data_request_with_permission(world, approve=None)
     await _data_request_with_permission(world, approve=True)
     world.pools["page_token"] = await _page_tokens(world)
