@@ -937,7 +937,7 @@ async def test_a_marketplace_killed_while_customers_approve_loses_and_duplicates
             permission_id = p.name.removeprefix("permissions/")
 
             async def readings(pid: str = permission_id) -> list[Any]:
-                return await list_readings(sink.address, pid, ep.token.access_token)
+                return await list_readings(sink.address, pid, ep.token)
 
             got = await eventually(readings, 15, f"readings of {permission_id}")
             keys = [(r.permission_id, r.data_tag, r.time.ToNanoseconds()) for r in got]
