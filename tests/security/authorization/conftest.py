@@ -8,12 +8,7 @@ import pytest
 import pytest_asyncio
 
 from eddie.marketplace.v1 import identity_pb2
-from tests.support.authorization import (
-    CALLERS,
-    Ctx,
-    aio,
-    build_tenant,
-)
+from tests.support.authorization import CALLERS, Ctx, aio, build_tenant
 from tests.support.world import PASSWORD, build_world, register_and_claim
 
 

@@ -7,19 +7,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 
-from tests.support.authorization import (
-    CALLERS,
-    Ctx,
-    Expect,
-    Ok,
-    Row,
-    invoke,
-    judge,
-    signature,
-)
-from tests.support.authorization_matrix import (
-    MATRIX,
-)
+from tests.support.authorization import CALLERS, Ctx, Expect, Ok, Row, invoke, judge, signature
+from tests.support.authorization_matrix import MATRIX
 from tests.support.calls import RPCS
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")

@@ -10,17 +10,8 @@ import grpc
 import pytest
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
-from tests.support.authorization import (
-    FIRST_MESSAGE,
-    STREAM_IDLE,
-    Ctx,
-    Permission,
-    aio,
-    new_pending,
-)
-from tests.support.authorization_checks import (
-    permissions_in,
-)
+from tests.support.authorization import FIRST_MESSAGE, STREAM_IDLE, Ctx, Permission, aio, new_pending
+from tests.support.authorization_checks import permissions_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
