@@ -6,6 +6,7 @@ import asyncio
 import re
 import struct
 
+# grpc-python refuses to send header values outside printable ASCII, so these go out as raw HTTP/2.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 

@@ -106,3 +106,4 @@ async def test_instance_id_bytes_outside_printable_ascii_are_unauthenticated(pro
     ]
     status, message = await raw_grpc_call(programs.ports["aiida"], RAW_PATHS["aiida"], headers)
     assert (status, message) == (grpc.StatusCode.UNAUTHENTICATED.value[0], "unknown instance")
+    await assert_all_serving(programs)
