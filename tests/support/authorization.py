@@ -108,17 +108,12 @@ def _account(client: Session) -> str:
     return client.account.name
 
 
-def aio(client: Session, service: str) -> Any:
-    """The client's grpc.aio stub of `service` (the generated stubs are typed as synchronous)."""
-    return getattr(client, service)
-
-
 def data_request_body(title: str = "Heat pump study") -> DataRequest:
     return DataRequest(title=title, purpose="Grid planning research", data_need=data_need())
 
 
 async def _create_data_request(ep: Session, request_id: str = "") -> str:
-    created = await aio(ep, "data_requests").CreateDataRequest(
+    created = await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(data_request=data_request_body(), request_id=request_id),
         metadata=ep.metadata,
     )
@@ -127,7 +122,7 @@ async def _create_data_request(ep: Session, request_id: str = "") -> str:
 
 async def _search(ep: Session, data_request: str) -> str:
     search = ""
-    async for response in aio(ep, "data_requests").SearchInstances(
+    async for response in ep.data_requests.SearchInstances(
         data_request_pb2.SearchInstancesRequest(data_request=data_request, timeout=Duration(seconds=1)),
         metadata=ep.metadata,
     ):
@@ -144,7 +139,7 @@ def access_request(t: Tenant, request_id: str = "") -> access_pb2.RequestAccessR
 
 
 async def _request_access(t: Tenant, request_id: str = "") -> list[str]:
-    response = await aio(t.ep, "access").RequestAccess(access_request(t, request_id), metadata=t.ep.metadata)
+    response = await t.ep.access.RequestAccess(access_request(t, request_id), metadata=t.ep.metadata)
     return [p.name for p in response.permissions]
 
 
@@ -154,7 +149,7 @@ async def new_pending(t: Tenant) -> str:
 
 async def _accepted(t: Tenant) -> str:
     name = await new_pending(t)
-    await aio(t.customer, "consent").DecideAccess(
+    await t.customer.consent.DecideAccess(
         consent_pb2.DecideAccessRequest(permission=name, approve=True), metadata=t.customer.metadata
     )
     return name
@@ -175,7 +170,7 @@ async def build_tenant(customer: Session, ep: Session, instance_id: str) -> Tena
     t.dr_replayed = await _create_data_request(ep, t.dr_request_id)
     t.access_request_id = str(uuid.uuid4())
     t.access_replayed = tuple(await _request_access(t, t.access_request_id))
-    listed = await aio(ep, "access").ListPermissions(
+    listed = await ep.access.ListPermissions(
         access_pb2.ListPermissionsRequest(page_size=1), metadata=ep.metadata
     )
     t.permissions_page_token = listed.next_page_token

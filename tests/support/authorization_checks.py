@@ -18,7 +18,6 @@ from tests.support.authorization import (
     DataRequest,
     Permission,
     Tenant,
-    aio,
     is_decision_error,
 )
 
@@ -255,18 +254,18 @@ def refused_on_stream(label: str) -> Callable[[Ctx, str, list[Any]], None]:
 
 async def read_permission(t: Tenant, name: str) -> Permission:
     request = access_pb2.GetPermissionRequest(name=name)
-    permission: Permission = await aio(t.ep, "access").GetPermission(request, metadata=t.ep.metadata)
+    permission: Permission = await t.ep.access.GetPermission(request, metadata=t.ep.metadata)
     return permission
 
 
 async def read_data_request(t: Tenant, name: str) -> DataRequest:
     request = data_request_pb2.GetDataRequestRequest(name=name)
-    found: DataRequest = await aio(t.ep, "data_requests").GetDataRequest(request, metadata=t.ep.metadata)
+    found: DataRequest = await t.ep.data_requests.GetDataRequest(request, metadata=t.ep.metadata)
     return found
 
 
 async def read_permissions_of(t: Tenant) -> list[str]:
-    listed = await aio(t.ep, "access").ListPermissions(
+    listed = await t.ep.access.ListPermissions(
         access_pb2.ListPermissionsRequest(data_request=t.data_request, page_size=500), metadata=t.ep.metadata
     )
     return sorted(p.name for p in listed.permissions)

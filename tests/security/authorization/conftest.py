@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 
 from eddie.marketplace.v1 import identity_pb2
-from tests.support.authorization import CALLERS, Ctx, aio, build_tenant
+from tests.support.authorization import CALLERS, Ctx, build_tenant
 from tests.support.world import PASSWORD, build_world, register_and_claim
 
 
@@ -24,7 +24,7 @@ async def ctx(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ctx]:
         email = a.customer.account.email  # type: ignore[union-attr]
         refresh_tokens = []
         for _ in CALLERS:
-            token = await aio(world.market.client(), "identity").CreateToken(
+            token = await world.market.client().identity.CreateToken(
                 identity_pb2.CreateTokenRequest(email=email, password=PASSWORD)
             )
             refresh_tokens.append(token.refresh_token)

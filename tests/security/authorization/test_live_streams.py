@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
-from tests.support.authorization import FIRST_MESSAGE, STREAM_IDLE, Ctx, Permission, aio, new_pending
+from tests.support.authorization import FIRST_MESSAGE, STREAM_IDLE, Ctx, Permission, new_pending
 from tests.support.authorization_checks import permissions_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
@@ -42,14 +42,14 @@ async def test_live_streams_never_carry_another_tenants_events(ctx: Ctx, actor: 
     """A new access request and its decision reach the actor's streams and nobody else's."""
     t, other = (ctx.a, ctx.b) if actor == "A" else (ctx.b, ctx.a)
     calls: dict[str, Any] = {
-        "own_watch": aio(t.ep, "access").WatchPermissions(
+        "own_watch": t.ep.access.WatchPermissions(
             access_pb2.WatchPermissionsRequest(), metadata=t.ep.metadata
         ),
-        "own_consent": aio(t.customer, "consent").Connect(metadata=t.customer.metadata),
-        "other_watch": aio(other.ep, "access").WatchPermissions(
+        "own_consent": t.customer.consent.Connect(metadata=t.customer.metadata),
+        "other_watch": other.ep.access.WatchPermissions(
             access_pb2.WatchPermissionsRequest(), metadata=other.ep.metadata
         ),
-        "other_consent": aio(other.customer, "consent").Connect(metadata=other.customer.metadata),
+        "other_consent": other.customer.consent.Connect(metadata=other.customer.metadata),
     }
     seen: dict[str, list[Any]] = {name: [] for name in calls}
     try:
@@ -67,7 +67,7 @@ async def test_live_streams_never_carry_another_tenants_events(ctx: Ctx, actor: 
             lambda m: m.HasField("access_request") and m.access_request.permission.name == new,
             seen["own_consent"],
         )
-        await aio(t.customer, "consent").DecideAccess(
+        await t.customer.consent.DecideAccess(
             consent_pb2.DecideAccessRequest(permission=new, approve=False), metadata=t.customer.metadata
         )
         rejected = Permission.STATE_REJECTED
