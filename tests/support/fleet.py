@@ -14,8 +14,8 @@ import grpc
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import AiidaApp, create_server
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
-from eddie.marketplace.v1 import instance_pb2
-from eddie_client.client import Session
+from eddie.marketplace.v1 import data_request_pb2, instance_pb2
+from eddie_client.client import Session, data_need, duration
 from tests.support.marketplace import RunningMarketplace
 
 
@@ -119,3 +119,43 @@ async def start_scripted(
     )
     await wait_connected(owner, instance_id)
     return server
+
+
+async def create_data_request(ep: Session, **need: object) -> data_request_pb2.DataRequest:
+    """A data request of `ep` for the need `need` (data_need's plain values) on top of a broad default."""
+    values = dict(
+        energy_type="ELECTRICITY",
+        tags=["1-0:1.8.0"],
+        min_granularity=1,
+        max_granularity=900,
+        history=0,
+        duration_s=86400.0,
+        regions=[],
+    )
+    values.update(need)
+    return await ep.data_requests.CreateDataRequest(
+        data_request_pb2.CreateDataRequestRequest(
+            data_request=data_request_pb2.DataRequest(
+                title="Study", purpose="Research", data_need=data_need(**values)
+            )
+        ),  # type: ignore[arg-type]
+        metadata=ep.metadata,
+    )
+
+
+async def search(
+    ep: Session, name: str, timeout: float = 3.0
+) -> tuple[list[str], data_request_pb2.SearchSummary]:
+    """Runs a search of data request `name`: the matches in arrival order, and the one summary."""
+    matches, summary = [], None
+    async for response in ep.data_requests.SearchInstances(
+        data_request_pb2.SearchInstancesRequest(data_request=name, timeout=duration(timeout)),
+        metadata=ep.metadata,
+    ):
+        if response.HasField("matches"):
+            matches.extend(response.matches.instance_ids)
+        else:
+            assert summary is None, "more than one summary"
+            summary = response.summary
+    assert summary is not None, "no summary"
+    return matches, summary
