@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -245,6 +247,45 @@ def refused_on_stream(label: str) -> Callable[[Ctx, str, list[Any]], None]:
         updates = [r.permission_update.name for r in responses if r.HasField("permission_update")]
         assert target not in updates, "an update of another tenant's permission"
         _only_callers(ctx, caller, permissions_in(responses))
+
+    return check
+
+
+def feed_of(label: str) -> Callable[[Ctx, str, list[Any]], None]:
+    """The audit feed of tenant `label`'s instance: its searches and its permissions' steps, nothing else."""
+
+    def check(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+        t = ctx.tenant(label)
+        activities = list(_one(responses).activities)
+        assert {a.instance_id for a in activities} == {t.instance_id}, "another instance's activity"
+        assert t.search in {a.search for a in activities}, "the tenant's search is missing"
+        steps = {a.permission for a in activities if a.permission}
+        assert t.accepted in steps, "the accepted permission's steps are missing"
+        other = ctx.b if t is ctx.a else ctx.a
+        theirs = {other.pending, other.accepted, other.decide_me, other.revoke_me, other.terminate_me}
+        assert not steps & theirs, "another tenant's permission"
+
+    return check
+
+
+def _claims(jws: str) -> dict[str, Any]:
+    body = jws.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))))
+
+
+def own_receipts(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+    receipts = list(_one(responses).consent_receipts)
+    assert {_claims(r.jws)["customer"] for r in receipts} == {ctx.account(caller)}, "another's receipts"
+    mine = ctx.a if caller == CUSTOMER_A else ctx.b
+    assert mine.accepted in {r.permission for r in receipts}, "the approval's receipt is missing"
+
+
+def receipt_of(label: str) -> Callable[[Ctx, str, list[Any]], None]:
+    def check(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+        receipt = _one(responses)
+        claims = _claims(receipt.jws)
+        assert receipt.permission == claims["permission"] == ctx.tenant(label).accepted
+        assert (claims["decision"], claims["customer"]) == ("approve", ctx.tenant(label).customer_name)
 
     return check
 

@@ -38,6 +38,7 @@ from tests.support.authorization_checks import (
     consent_channel,
     created_by_caller,
     decided_on_stream,
+    feed_of,
     has_keys,
     in_state,
     instance_of,
@@ -50,12 +51,14 @@ from tests.support.authorization_checks import (
     new_account,
     own_instances,
     own_permissions,
+    own_receipts,
     page_continues,
     read_data_request,
     read_instance_row,
     read_permission,
     read_permissions_of,
     read_search_count,
+    receipt_of,
     refused_on_stream,
     registered_owned_by,
     registered_unclaimed,
@@ -590,6 +593,22 @@ def consent_rows() -> dict[str, list[Row]]:
             )
         ]
 
+    def activities(own: str) -> list[Row]:
+        return [
+            Row(
+                f"{own}'s instance",
+                lambda ctx, caller: consent_pb2.ListActivitiesRequest(instance=ctx.tenant(own).instance),
+                by_tenant(
+                    own,
+                    customer=Ok(feed_of(own)),
+                    ep=ROLE,
+                    other_customer=nf("INSTANCE_NOT_FOUND"),
+                    other_ep=ROLE,
+                ),
+                ghost=lambda ctx, caller: consent_pb2.ListActivitiesRequest(instance=GHOST_INSTANCE),
+            )
+        ]
+
     return {
         "ConsentService.Connect": [
             Row(
@@ -616,6 +635,39 @@ def consent_rows() -> dict[str, list[Row]]:
                 other_ep=ROLE,
             ),
             "pending permission",
+        ),
+        "ConsentService.ListActivities": both(activities),
+        "ConsentService.ListConsentReceipts": [
+            Row(
+                "the caller's chain",
+                lambda ctx, caller: consent_pb2.ListConsentReceiptsRequest(page_size=500),
+                {
+                    ANON: UNAUTH,
+                    CUSTOMER_A: Ok(own_receipts),
+                    CUSTOMER_B: Ok(own_receipts),
+                    EP_A: ROLE,
+                    EP_B: ROLE,
+                },
+            )
+        ],
+        # The one ConsentService RPC open to eligible parties: a permission's EP may prove its consent.
+        "ConsentService.GetConsentReceipt": _permission_rows(
+            lambda name: consent_pb2.GetConsentReceiptRequest(permission=name),
+            "accepted",
+            lambda own: by_tenant(
+                own,
+                customer=Ok(receipt_of(own)),
+                ep=Ok(receipt_of(own)),
+                other_customer=nf("CONSENT_RECEIPT_NOT_FOUND"),
+                other_ep=nf("CONSENT_RECEIPT_NOT_FOUND"),
+            ),
+            "accepted permission",
+        )
+        + _permission_rows(
+            lambda name: consent_pb2.GetConsentReceiptRequest(permission=name),
+            "pending",
+            lambda own: {**signed_in(nf("CONSENT_RECEIPT_NOT_FOUND"))},
+            "undecided permission",
         ),
         "ConsentService.RevokePermission": _permission_rows(
             lambda name: consent_pb2.RevokePermissionRequest(name=name, reason="changed my mind"),
