@@ -24,10 +24,12 @@ import pytest
 
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import create_server as create_fleet
-from eddie.marketplace.v1 import instance_pb2
+from eddie.marketplace.v1 import identity_pb2, instance_pb2
+from eddie_client.client import Session
 from tests.cluster.test_events import nats_reachable
 from tests.cluster.test_replicas import NATS_URL, PROFILES, balanced, create_request, search
-from tests.conftest import POSTGRES_URL, Client, RunningMarketplace, _postgres_execute, postgres_reachable
+from tests.support.marketplace import signup
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 pytestmark = [pytest.mark.postgres, pytest.mark.nats, pytest.mark.slow, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +85,7 @@ async def processes(tmp_path: Path) -> AsyncIterator[list[Replica]]:
     if not nats_reachable():
         pytest.skip("NATS is not reachable on 127.0.0.1:4222")
     schema = f"t_{secrets.token_hex(8)}"
-    await _postgres_execute(f"CREATE SCHEMA {schema}")
+    await postgres_execute(f"CREATE SCHEMA {schema}")
     prefix = f"test{secrets.token_hex(6)}"
     common = [
         "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "keys"),
@@ -101,10 +103,10 @@ async def processes(tmp_path: Path) -> AsyncIterator[list[Replica]]:
     finally:
         for replica in replicas:
             await replica.stop()
-        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
-def on(replica: Replica, client: Client) -> Client:
+def on(replica: Replica, client: Session) -> Session:
     assert replica.channel is not None
     return replace(client, channel=replica.channel)
 
@@ -128,9 +130,8 @@ async def test_sigkill_of_a_replica_during_searches_never_double_counts_and_its_
     await fleet.start()
     try:
         await fleet.wait_registered()
-        # An account through replica 0 (the helpers of conftest, on this replica's channel).
-        signup = RunningMarketplace(app=None, port=0, channel=first.channel)  # type: ignore[arg-type]
-        owner = await signup.customer()
+        # Accounts through replica 0; their tokens verify at every replica.
+        owner = await signup(first.channel, identity_pb2.ROLE_CUSTOMER)
         for row in csv.DictReader((tmp_path / "fleet" / "fleet.csv").open()):
             await owner.instances.ClaimInstance(
                 instance_pb2.ClaimInstanceRequest(
@@ -138,7 +139,7 @@ async def test_sigkill_of_a_replica_during_searches_never_double_counts_and_its_
                 ),
                 metadata=owner.metadata,
             )
-        ep = await signup.eligible_party()
+        ep = await signup(first.channel, identity_pb2.ROLE_ELIGIBLE_PARTY)
         request = await create_request(ep)
         searcher = on(processes[1], ep)  # searches go to a replica that survives
 

@@ -23,20 +23,14 @@ from aiida_stub.matcher import matches
 from aiida_stub.server import create_server as create_fleet
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
+from eddie_client.client import Session
 from marketplace_server.cluster.leases import BUCKETS
 from marketplace_server.config import Config
 from tests.cluster.test_events import nats_reachable
-from tests.conftest import (
-    POSTGRES_URL,
-    Client,
-    RunningMarketplace,
-    _postgres_execute,
-    postgres_reachable,
-    start_marketplace,
-    test_config,
-)
-from tests.marketplace.access_support import SECRET, SINK_URI, data_need, read_until
-from tests.marketplace.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.access import SECRET, SINK_URI, data_need, read_until
+from tests.support.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 pytestmark = [pytest.mark.postgres, pytest.mark.nats]
 NATS_URL = "nats://127.0.0.1:4222"
@@ -70,7 +64,7 @@ async def replicas(tmp_path: Path) -> AsyncIterator[list[RunningMarketplace]]:
         pytest.skip("NATS is not reachable on 127.0.0.1:4222")
     schema = f"t_{secrets.token_hex(8)}"
     try:
-        await _postgres_execute(f"CREATE SCHEMA {schema}")
+        await postgres_execute(f"CREATE SCHEMA {schema}")
     except Exception as exc:
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
     prefix = f"test{secrets.token_hex(6)}"  # this run's own subjects on the shared server
@@ -84,7 +78,7 @@ async def replicas(tmp_path: Path) -> AsyncIterator[list[RunningMarketplace]]:
         for replica in running:
             await replica.channel.close()
             await replica.app.stop(0.2)
-        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 async def settled(replicas: list[RunningMarketplace], timeout: float = 15.0) -> None:
@@ -100,12 +94,12 @@ async def settled(replicas: list[RunningMarketplace], timeout: float = 15.0) -> 
         await asyncio.sleep(0.1)
 
 
-def as_client(replica: RunningMarketplace, client: Client) -> Client:
+def as_client(replica: RunningMarketplace, client: Session) -> Session:
     """The same account (same token) talking to another replica."""
     return replace(client, channel=replica.channel)
 
 
-async def search(ep: Client, name: str, timeout: float = 5.0) -> tuple[list[str], Any]:
+async def search(ep: Session, name: str, timeout: float = 5.0) -> tuple[list[str], Any]:
     matched: list[str] = []
     summary = None
     request = data_request_pb2.SearchInstancesRequest(
@@ -126,7 +120,7 @@ def balanced(summary: Any) -> bool:
     return bool(summary.queried == rest)
 
 
-async def create_request(ep: Client, **need: Any) -> data_request_pb2.DataRequest:
+async def create_request(ep: Session, **need: Any) -> data_request_pb2.DataRequest:
     return await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(
             data_request=data_request_pb2.DataRequest(
@@ -198,7 +192,7 @@ async def test_a_search_on_any_replica_finds_exactly_the_matching_instances_of_a
 
 
 async def claimed_on_double(
-    replicas: list[RunningMarketplace], aiida: RunningAiida, customer: Client, instance_id: str
+    replicas: list[RunningMarketplace], aiida: RunningAiida, customer: Session, instance_id: str
 ) -> None:
     code = f"CODE-{instance_id}"
     aiida.double.matches[instance_id] = True
