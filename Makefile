@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHECK_CONTRACT ?= $(firstword $(wildcard ../shared/tools/check-contract /work/shared/tools/check-contract))
 PYTEST_ARGS ?=
 
-.PHONY: help venv generate check-generated docs lint test test-all demo run bench clean
+.PHONY: help venv generate check-generated docs lint test test-all demo run cluster bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ demo: $(STAMP) ## run all six workflows end to end on SQLite
 
 run: $(STAMP) ## run a marketplace on 127.0.0.1:50051 with data in ./var/marketplace
 	$(VENV)/bin/marketplace-server --listen 127.0.0.1:50051 --data-dir var/marketplace
+
+cluster: $(STAMP) ## three replicas (local PostgreSQL, fresh schema, and NATS), a fleet and a sink
+	$(PY) scripts/cluster.py
 
 bench: $(STAMP) ## benchmarks: search fan-out vs the bare grpc.aio floor, approval latency
 	$(PY) -m bench.run $(BENCH_ARGS)
