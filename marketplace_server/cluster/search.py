@@ -127,10 +127,13 @@ class ClusterSearchTally:
             if final is not None:
                 # The owner's counts are authoritative; matches it reported but we never saw are
                 # counted as matched (they were lost in transit, not unanswered).
-                totals["queried"] += final.queried
+                # Claimed instances the owner holds no stream for yet (it took the bucket over a
+                # moment ago) were not asked: unreachable, so that queried is still the claimed count.
+                missing = max(0, shot.claimed - final.queried)
+                totals["queried"] += final.queried + missing
                 totals["matched"] += final.matched
                 totals["not_matched"] += final.not_matched
-                totals["unreachable"] += final.unreachable
+                totals["unreachable"] += final.unreachable + missing
                 totals["timed_out"] += final.timed_out
                 continue
             queried = max(shot.claimed, matched)

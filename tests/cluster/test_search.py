@@ -157,3 +157,9 @@ def test_a_late_tally_or_batch_of_a_settled_bucket_changes_nothing() -> None:
     assert tally.on_matches(0, 1, ["late"]) == []
     tally.on_tally(BucketTally(0, 1, 2, 2, 0, 0, 0))
     assert tally.summary()["matched"] == 1
+
+
+def test_claimed_instances_an_owner_holds_no_stream_for_yet_count_as_unreachable() -> None:
+    tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 5)})
+    tally.on_tally(BucketTally(0, 1, 3, 1, 2, 0, 0))  # it linked 3 of the 5 claimed so far
+    assert tally.summary() == {"queried": 5, "matched": 1, "not_matched": 2, "unreachable": 2, "timed_out": 0}
