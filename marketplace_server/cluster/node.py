@@ -65,11 +65,27 @@ async def connect_nats(url: str, name: str) -> Any:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                error_cb=_on_nats_error,
+                disconnected_cb=_on_nats_disconnected,
+                reconnected_cb=_on_nats_reconnected,
             )
     except Exception as exc:
         raise ClusterUnavailable(
             f"NATS at {url} is unreachable ({type(exc).__name__}) — check --nats-url"
         ) from None
+
+
+async def _on_nats_error(exc: Exception) -> None:
+    # A slow consumer drops messages: say so loudly (a search then counts the bucket timed out).
+    log_event(log, "nats_error", logging.ERROR, error=repr(exc)[:200])
+
+
+async def _on_nats_disconnected() -> None:
+    log_event(log, "nats_disconnected", logging.WARNING)
+
+
+async def _on_nats_reconnected() -> None:
+    log_event(log, "nats_reconnected")
 
 
 class ClusterNode:
