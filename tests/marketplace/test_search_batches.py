@@ -15,9 +15,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.marketplace.v1 import data_request_pb2
 from marketplace_server.aiida.fanout import SearchTally
-from tests.conftest import RunningMarketplace
-from tests.marketplace.access_support import Scene, aiida, market, new_scene
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.access import Scene, aiida, market, new_scene
+from tests.support.aiida_double import RunningAiida
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 
