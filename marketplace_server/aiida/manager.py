@@ -90,7 +90,7 @@ class ConnectionManager:
                 )
             ).all()
         for instance_id, address in rows:
-            if self.owns(instance_id):
+            if self.owns(instance_id) and instance_id not in self.links:  # a cluster may have linked it
                 self.link(instance_id, address)
         self._tasks.append(asyncio.create_task(self._flush_last_seen_forever()))
         self._tasks.append(asyncio.create_task(self._ping_forever()))
