@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eddie_common.cli import EnvArgumentParser, split_host_port
+from eddie_common.mqtt import is_broker_uri
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -24,6 +25,9 @@ class SinkConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     marketplace_ca: Path | None = None
+    mqtt_url: str | None = None  # mqtt://host:port of a broker to take AIIDA readings from
+    # Not a flag: how long the broker keeps the sink's MQTT session (queueing its messages) while away.
+    mqtt_session_expiry: int = 7 * 86400
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 
@@ -57,6 +61,9 @@ def build_parser() -> EnvArgumentParser:
     add("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
     add("--marketplace-ca", type=Path, default=None, metavar="PEM",
         help="dial the marketplace with TLS, trusting these CA certificates")
+    add("--mqtt-url", default=None, metavar="URL",
+        help="also take readings from this MQTT broker (mqtt://host:port or mqtts://host:port), "
+        "on EDDIE's AIIDA topics aiida/v1/+/data/outbound/+")
     return parser
 # fmt: on
 
@@ -72,6 +79,8 @@ def parse_config(argv: Sequence[str] | None = None) -> SinkConfig:
             parser.error(f"{flag}: {exc}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    if args.mqtt_url is not None and not is_broker_uri(args.mqtt_url):
+        parser.error("--mqtt-url: expected mqtt://host:port or mqtts://host:port")
     if args.grace_period < 0:
         parser.error("--grace-period must not be negative")
     return SinkConfig(
@@ -84,4 +93,5 @@ def parse_config(argv: Sequence[str] | None = None) -> SinkConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         marketplace_ca=args.marketplace_ca,
+        mqtt_url=args.mqtt_url,
     )
