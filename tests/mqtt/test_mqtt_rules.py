@@ -76,23 +76,19 @@ def _raw(stamp: str, values: list[dict[str, object]]) -> bytes:
     return json.dumps({"timestamp": stamp, "values": values}).encode()
 
 
+def _raw(stamp: str, values: list[dict[str, object]]) -> bytes:
+    return json.dumps({"timestamp": stamp, "values": values}).encode()
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
         (b"[1]", "MALFORMED_RECORD"),
-        (
-            b'{"timestamp": "yesterday", "values": [{"dataTag": "1-0:1.8.0", "value": 1}]}',
-            "INVALID_TIMESTAMP",
-        ),
-        (b'{"timestamp": "2024-01-01T00:00:00Z", "values": []}', "MALFORMED_RECORD"),
-        (
-            b'{"timestamp": "2024-01-01T00:00:00Z", "values": [{"dataTag": "1-0:1.8.0", "value": "NaN"}]}',
-            "INVALID_READING",
-        ),
-        (
-            b'{"timestamp": "2024-01-01T00:00:00Z", "values": [{"dataTag": "1-0:1.8.0", "value": true}]}',
-            "MALFORMED_RECORD",
-        ),
+        (_raw("yesterday", [{"dataTag": "1-0:1.8.0", "value": 1}]), "INVALID_TIMESTAMP"),
+        (_raw("2024-01-01T00:00:00Z", []), "MALFORMED_RECORD"),
+        (_raw("2024-01-01T00:00:00Z", [{"dataTag": "1-0:1.8.0", "value": "NaN"}]), "INVALID_READING"),
+        (_raw("2024-01-01T00:00:00Z", [{"dataTag": "1-0:1.8.0", "value": True}]), "MALFORMED_RECORD"),
+        (_raw("2024-01-01T00:00:00Z", [{"dataTag": "1.8.0", "value": 1}]), "INVALID_READING"),
     ],
 )
 def test_bad_records_are_dropped_with_a_reason(payload: bytes, reason: str) -> None:
