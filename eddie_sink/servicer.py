@@ -36,6 +36,9 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
         log_event(
             log, "reading_stream_opened", permission=publisher.permission_id, instance=publisher.instance_id
         )
+        # Headers now tell the AIIDA its stream is accepted (token checked, handler running), not only
+        # at the end of the stream; the churn soak (bench/sink_churn.py) measures acceptance with them.
+        await context.send_initial_metadata(())
         receipts = StreamReceipts()
         accepted = 0
         try:
