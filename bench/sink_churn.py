@@ -12,7 +12,12 @@ acknowledged (each stored once), and no stream may have waited more than 1 s to
 be accepted. The generator's own event-loop lag is reported too: if it is large,
 the latencies include the generator's delay, not only the sink's.
 
-    python -m bench.sink_churn [--streams 1000] [--seconds 30] [--listers 8]
+The same load first runs against a floor: a bare grpc.aio DataSinkService in
+its own process that only counts messages (no token check, no database), so
+the sink's figures can be read against what grpc.aio on this machine, under
+its current load, does at best.
+
+    python -m bench.sink_churn [--streams 1000] [--seconds 30] [--listers 8] [--no-floor]
 """
 
 from __future__ import annotations
@@ -43,6 +48,29 @@ INTERVAL_S = 1.0
 SESSION_S = (2.0, 5.0)
 ACCEPT_LIMIT_S = 1.0
 BASE_SECONDS = 1_700_000_000
+
+
+class _FloorSink(data_sink_pb2_grpc.DataSinkServiceServicer):
+    """The floor: accepts every stream at once and counts its messages; lists nothing."""
+
+    async def Publish(self, request_iterator: Any, context: Any) -> data_sink_pb2.PublishResponse:
+        await context.send_initial_metadata(())
+        accepted = 0
+        async for _ in request_iterator:
+            accepted += 1
+        return data_sink_pb2.PublishResponse(accepted=accepted)
+
+    async def ListReadings(self, request: Any, context: Any) -> data_sink_pb2.ListReadingsResponse:
+        return data_sink_pb2.ListReadingsResponse()
+
+
+async def _serve_floor() -> None:
+    server = grpc.aio.server()
+    data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(_FloorSink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
 
 
 class _Keys(identity_pb2_grpc.IdentityServiceServicer):
@@ -105,16 +133,17 @@ async def _publisher(
         opened = time.monotonic()
         call = stub.Publish(metadata=metadata, timeout=60)
         try:
+            # As the AIIDA does: the stream opens with the readings that are due.
+            end = opened + random.uniform(*SESSION_S)
+            first = sent
+            await call.write(_reading(permission_id, sent))
+            sent += 1
             await asyncio.wait_for(call.initial_metadata(), 30)
             figures.accept_s.append(time.monotonic() - opened)
-            end = time.monotonic() + random.uniform(*SESSION_S)
-            first = sent
-            while True:
+            while time.monotonic() + INTERVAL_S <= end:
+                await asyncio.sleep(INTERVAL_S)
                 await call.write(_reading(permission_id, sent))
                 sent += 1
-                if time.monotonic() + INTERVAL_S > end:
-                    break
-                await asyncio.sleep(INTERVAL_S)
             closing = time.monotonic()
             await call.done_writing()
             response = await call
@@ -175,7 +204,13 @@ async def _count_stored(
 
 
 async def _drive(
-    address: str, issuer: tokens.TokenIssuer, streams: int, seconds: float, listers: int
+    address: str,
+    issuer: tokens.TokenIssuer,
+    streams: int,
+    seconds: float,
+    listers: int,
+    *,
+    check: bool = True,
 ) -> Figures:
     figures = Figures()
     permissions = [f"churn-{i:05d}" for i in range(streams)]
@@ -198,7 +233,7 @@ async def _drive(
     tasks += [_lister(stub, permissions, ep_token, until, figures) for _ in range(listers)]
     await asyncio.gather(*tasks, _loop_lag(until, figures))
     mismatched = 0
-    for p in permissions:
+    for p in permissions if check else ():
         stored = await _count_stored(stub, p, ep_token) if figures.acked.get(p) else 0
         if stored != figures.acked.get(p, 0):
             mismatched += 1
@@ -208,19 +243,30 @@ async def _drive(
     return figures
 
 
-async def _run(work: Path, streams: int, seconds: float, listers: int) -> dict[str, Any]:
+async def _run(work: Path, streams: int, seconds: float, listers: int, floor: bool) -> dict[str, Any]:
     key = tokens.SigningKey.generate()
+    issuer = tokens.TokenIssuer(key, ISSUER)
+    floor_figures = None
+    if floor:
+        floor_proc = procs.start("churn-floor", ["bench.sink_churn", "--serve-floor"], work)
+        try:
+            floor_figures = await _drive(floor_proc.address, issuer, streams, seconds, listers, check=False)
+        finally:
+            floor_proc.stop()
     server = grpc.aio.server()
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(_Keys(key), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     sink = procs.start_sink(f"127.0.0.1:{port}", work / "sink", work, name="churn-sink")
     try:
-        figures = await _drive(sink.address, tokens.TokenIssuer(key, ISSUER), streams, seconds, listers)
+        figures = await _drive(sink.address, issuer, streams, seconds, listers)
     finally:
         sink.stop()
         await server.stop(0)
-    return summary(figures, streams, seconds, listers)
+    result = summary(figures, streams, seconds, listers)
+    if floor_figures is not None:
+        result["floor"] = summary(floor_figures, streams, seconds, listers)
+    return result
 
 
 def summary(figures: Figures, streams: int, seconds: float, listers: int) -> dict[str, Any]:
@@ -249,10 +295,12 @@ def summary(figures: Figures, streams: int, seconds: float, listers: int) -> dic
     }
 
 
-def run(work: Path, streams: int = 1000, seconds: float = 30.0, listers: int = 8) -> dict[str, Any]:
-    """Runs the soak against a sink process in `work`; returns its figures."""
+def run(
+    work: Path, streams: int = 1000, seconds: float = 30.0, listers: int = 8, *, floor: bool = True
+) -> dict[str, Any]:
+    """Runs the soak against the floor, then a sink process in `work`; returns the figures."""
     work.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_run(work, streams, seconds, listers))
+    return asyncio.run(_run(work, streams, seconds, listers, floor))
 
 
 def print_figures(f: dict[str, Any]) -> None:
@@ -277,8 +325,13 @@ def print_figures(f: dict[str, Any]) -> None:
         ),
         ("errors", json.dumps(f["errors"]) if f["errors"] else "none"),
     ]
+    floor = f.get("floor")
+    if floor is not None:
+        accept = "{p50_ms} / {p95_ms} / {max_ms}".format(**floor["accept"])
+        rows.insert(3, ("  floor (bare grpc.aio): accept p50 / p95 / max", accept))
+        rows.insert(4, ("  floor: streams waiting > 1 s", str(floor["accepted_over_1s"])))
     for label, value in rows:
-        print(f"  {label:<46}{value:>28}")
+        print(f"  {label:<50}{value:>28}")
 
 
 def main() -> None:
@@ -288,9 +341,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--listers", type=int, default=8)
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare grpc.aio floor run")
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        asyncio.run(_serve_floor())
+        return
     with tempfile.TemporaryDirectory(prefix="eddie-churn-") as tmp:
-        figures = run(Path(tmp), args.streams, args.seconds, args.listers)
+        figures = run(Path(tmp), args.streams, args.seconds, args.listers, floor=not args.no_floor)
     print_figures(figures)
 
 

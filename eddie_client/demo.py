@@ -2,7 +2,10 @@
 
 Starts a marketplace (SQLite), four AIIDAs with different household profiles
 and an EP data sink, then drives the six workflows through the generated stubs
-and narrates them. Exits non-zero if any step fails; stops everything it started.
+and narrates them. When Mosquitto answers on 127.0.0.1:1883 the sink also
+subscribes to it and one more permission is delivered over MQTT on EDDIE's AIIDA
+topics (otherwise the demo says it skipped that step). Exits non-zero if any
+step fails; stops everything it started.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiomqtt
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
 from eddie_client import procs
@@ -37,6 +44,7 @@ HOUSEHOLDS = [
     ("dana", "Dana (hydrogen pilot)", "hydrogen-pilot.toml"),
 ]
 STATE = access_pb2.Permission.State
+MQTT_BROKER = ("127.0.0.1", 1883)
 
 
 @dataclass
@@ -59,9 +67,18 @@ class Cast:
     marketplace: procs.Proc
     sink: procs.Proc
     aiidas: dict[str, tuple[procs.Proc, str, str]]  # who -> (process, instance id, pairing code)
+    mqtt_url: str | None = None  # the broker the sink subscribes to, if one answers
 
     def all(self) -> list[procs.Proc]:
         return [self.marketplace, self.sink, *(p for p, _, _ in self.aiidas.values())]
+
+
+def broker_answers(address: tuple[str, int] = MQTT_BROKER) -> bool:
+    try:
+        with socket.create_connection(address, timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def start_cast(work: Path, time_scale: float) -> Cast:
@@ -69,8 +86,12 @@ def start_cast(work: Path, time_scale: float) -> Cast:
     logs.mkdir(parents=True, exist_ok=True)
     mp = procs.start_marketplace(work / "marketplace", logs)
     started = [mp]
+    mqtt_url = "mqtt://{}:{}".format(*MQTT_BROKER) if broker_answers() else None
     try:
-        sink = procs.start_sink(mp.address, work / "sink", logs, "--jsonl", str(work / "readings.jsonl"))
+        flags = ["--jsonl", str(work / "readings.jsonl")]
+        if mqtt_url is not None:
+            flags += ["--mqtt-url", mqtt_url]
+        sink = procs.start_sink(mp.address, work / "sink", logs, *flags)
         started.append(sink)
         aiidas = {}
         for who, _, profile in HOUSEHOLDS:
@@ -85,7 +106,7 @@ def start_cast(work: Path, time_scale: float) -> Cast:
             started.append(p)
             code = p.wait_for(r"pairing code: (\S+)", 10).group(1)
             aiidas[who] = (p, f"aiida-{who}", code)
-        return Cast(mp, sink, aiidas)
+        return Cast(mp, sink, aiidas, mqtt_url)
     except BaseException:
         for p in started:
             p.stop()
@@ -283,6 +304,46 @@ async def access(
     story.step("W6", "EP's notifications: " + ", ".join(f"{i}:{s.removeprefix('STATE_')}" for i, s in seen))
 
 
+async def mqtt_delivery(
+    cast: Cast, ep: Session, alice: Session, request: data_request_pb2.DataRequest, story: Story
+) -> None:
+    heading("Workflow 6 over MQTT: EDDIE's AIIDA topics through Mosquitto")
+    if cast.mqtt_url is None:
+        print("  skipped: Mosquitto does not answer on 127.0.0.1:1883 (start it to see the MQTT data path)")
+        return
+    (permission,) = await ep.request_access(request.name, ["aiida-alice"], cast.mqtt_url)
+    pid = permission.name.removeprefix("permissions/")
+    story.step("W6", f"EP asked for access with sink {cast.mqtt_url}: {permission.name}")
+    host, port = MQTT_BROKER
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(f"aiida/v1/{pid}/#", qos=1)  # what `mosquitto_sub -t 'aiida/v1/+/#'` shows
+        await alice.decide(permission.name, True)
+        story.step("W6", "Alice approved; her AIIDA connects to the broker as the permission")
+        async with asyncio.timeout(20):
+            async for message in client.messages:
+                if "/data/outbound/" in message.topic.value and isinstance(message.payload, bytes):
+                    story.step("W6", f"{message.topic.value}: {message.payload.decode()[:160]}")
+                    break
+        count = await _wait_for_readings(cast.sink.address, pid, ep.token.access_token, 2, 20)
+        story.step("W6", f"the sink took {count} readings off the broker; the EP lists them (ListReadings)")
+        command = json.dumps({"action": "TERMINATE", "permissionId": pid})
+        await client.publish(f"aiida/v1/{pid}/command/terminate", command, qos=1)
+        story.step("W6", f"EP published TERMINATE on aiida/v1/{pid}/command/terminate")
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                if message.topic.value.endswith("/status") and isinstance(message.payload, bytes):
+                    status = json.loads(message.payload)["status"]
+                    if status != "ACTIVE":
+                        story.step("W6", f"aiida/v1/{pid}/status: {status}")
+                        break
+    deadline = time.monotonic() + 10
+    while (state := (await ep.get_permission(permission.name)).state) != STATE.STATE_TERMINATED:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the permission is {STATE.Name(state)}, not TERMINATED, after TERMINATE")
+        await asyncio.sleep(0.1)
+    story.step("W6", f"the marketplace's permission is {STATE.Name(state)}")
+
+
 def print_table(story: Story) -> None:
     heading("What happened")
     counts: dict[str, int] = {}
@@ -303,6 +364,7 @@ async def run_story(cast: Cast) -> None:
         await browse(customers["alice"], story)
         matches = await search(ep, request, story)
         await access(cast, ep, customers, request, matches, story)
+        await mqtt_delivery(cast, ep, customers["alice"], request, story)
     print_table(story)
 
 
@@ -312,7 +374,7 @@ def print_poke_help(cast: Cast) -> None:
         f"""
 Servers are still running (Ctrl-C stops them):
   marketplace  {m}
-  eddie-sink   {cast.sink.address}
+  eddie-sink   {cast.sink.address}{f" (subscribed to {cast.mqtt_url})" if cast.mqtt_url else ""}
   AIIDAs       {", ".join(f"{iid}@{p.address}" for p, iid, _ in cast.aiidas.values())}
 Try:
   .venv/bin/grpcurl -plaintext {m} list
