@@ -67,6 +67,11 @@ def parse_broker_uri(uri: str) -> BrokerAddress:
     return BrokerAddress(host.strip("[]"), port, SCHEMES[scheme])
 
 
+def check_broker_uri(uri: str) -> None:
+    """A flag check (`eddie_common.flags`): ValueError unless `uri` is mqtt://host:port or mqtts://host:port."""
+    parse_broker_uri(uri)
+
+
 def is_broker_uri(uri: str) -> bool:
     try:
         parse_broker_uri(uri)
