@@ -127,9 +127,11 @@ class Observer:
 async def observe(broker: str) -> AsyncIterator[Any]:
     """`await observe(permission_id)` starts an observer of that permission's topics."""
     tasks: list[asyncio.Task[None]] = []
+    observed: list[str] = []
     host, port = SHARED_BROKER
 
     async def start(permission_id: str) -> Observer:
+        observed.append(permission_id)
         observer = Observer()
         subscribed = asyncio.Event()
 
@@ -154,3 +156,11 @@ async def observe(broker: str) -> AsyncIterator[Any]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await clear_retained(host, port, observed)
+
+
+async def clear_retained(host: str, port: int, permission_ids: list[str]) -> None:
+    """Removes the retained status messages the test left on the shared broker."""
+    async with aiomqtt.Client(host, port) as client:
+        for permission_id in permission_ids:
+            await client.publish(f"aiida/v1/{permission_id}/status", b"", qos=1, retain=True)

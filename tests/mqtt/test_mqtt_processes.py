@@ -28,6 +28,7 @@ from eddie_client.client import (
 )
 from tests.e2e.conftest import PROFILES
 from tests.helpers import eventually
+from tests.mqtt.conftest import clear_retained
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "end to end passphrase"
@@ -88,6 +89,7 @@ async def test_an_approved_mqtt_permission_delivers_and_terminate_ends_it(
             await eddie.publish(f"aiida/v1/{permission_id}/command/terminate", json.dumps(command), qos=1)
         ended = await eventually(lambda: _state_is(ep, permission.name, S.STATE_TERMINATED), 10, "TERMINATED")
         assert ended
+        await clear_retained("127.0.0.1", port, [permission_id])
 
 
 async def _connected(session: Session) -> bool:
