@@ -349,7 +349,7 @@ async def mqtt_delivery(
                 if "/data/outbound/" in message.topic.value and isinstance(message.payload, bytes):
                     story.step("W6", f"{message.topic.value}: {message.payload.decode()[:160]}")
                     break
-        count = await _wait_for_readings(cast.sink.address, pid, ep.token.access_token, 2, 20)
+        count = await _wait_for_readings(cast.sink.address, pid, ep.token, 2, 20)
         story.step("W6", f"the sink took {count} readings off the broker; the EP lists them (ListReadings)")
         command = json.dumps({"action": "TERMINATE", "permissionId": pid})
         await client.publish(f"aiida/v1/{pid}/command/terminate", command, qos=1)

@@ -24,13 +24,13 @@ from eddie.aiida.v1 import aiida_pb2
 from eddie_common import tokens
 from eddie_common.mqtt import data_topic, parse_broker_uri, publish_properties, status_topic
 from eddie_sink.mqtt import MqttIngest
-from tests.aiida_stub.conftest import FakeMarketplace as AiidaMarketplace
-from tests.aiida_stub.conftest import RunningStub, start_marketplace, start_stub, stub_config
-from tests.aiida_stub.helpers import S, configure, data_access, data_need
-from tests.eddie_sink.conftest import ISSUER, RunningSink, sink_config, start_fake_marketplace, start_sink
-from tests.eddie_sink.conftest import FakeMarketplace as SinkMarketplace
-from tests.helpers import eventually, expect_error
-from tests.mqtt.conftest import PrivateBroker, unique_permission
+from tests.support.expect import eventually, expect_error
+from tests.support.mqtt import PrivateBroker, unique_permission
+from tests.support.sink import ISSUER, RunningSink, sink_config, start_fake_marketplace, start_sink
+from tests.support.sink import FakeMarketplace as SinkMarketplace
+from tests.support.stub import FakeMarketplace as AiidaMarketplace
+from tests.support.stub import RunningStub, start_marketplace, start_stub, stub_config
+from tests.support.stub_messages import S, configure, data_access, data_need
 
 State = aiida_pb2.DataAccess.State
 TAGS = ("1-0:1.8.0", "1-0:1.7.0")

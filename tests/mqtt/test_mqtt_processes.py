@@ -26,9 +26,9 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
-from tests.e2e.conftest import PROFILES
-from tests.helpers import eventually
-from tests.mqtt.conftest import clear_retained
+from tests.support.cast import PROFILES
+from tests.support.expect import eventually
+from tests.support.mqtt import clear_retained
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "end to end passphrase"
@@ -78,7 +78,7 @@ async def test_an_approved_mqtt_permission_delivers_and_terminate_ends_it(
         permission_id = permission.name.removeprefix("permissions/")
 
         async def readings() -> list[Any]:
-            return await list_readings(sink_proc.address, permission_id, ep.token.access_token)
+            return await list_readings(sink_proc.address, permission_id, ep.token)
 
         listed = await eventually(readings, 15, "readings listed by the EP")
         assert {r.data_tag for r in listed} == {"1-0:1.8.0"}

@@ -76,10 +76,6 @@ def _raw(stamp: str, values: list[dict[str, object]]) -> bytes:
     return json.dumps({"timestamp": stamp, "values": values}).encode()
 
 
-def _raw(stamp: str, values: list[dict[str, object]]) -> bytes:
-    return json.dumps({"timestamp": stamp, "values": values}).encode()
-
-
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
