@@ -1,0 +1,1 @@
+"""One module per workflow; each adds its commands to the `eddie` group."""
