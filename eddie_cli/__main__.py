@@ -6,11 +6,8 @@ import os
 import sys
 
 from eddie_cli import output
-from eddie_cli.app import cli
-from eddie_cli.commands import access, account, completion, consent, data_requests, instances, search, trust
+from eddie_cli.commands import cli
 from eddie_cli.errors import EXIT_FAILED, CliError
-
-COMMAND_MODULES = (account, instances, data_requests, search, access, consent, trust, completion)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from eddie_common.interceptors import error_info
+from eddie_common.interceptors import bad_request, error_info
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -43,6 +43,10 @@ def describe_rpc_error(error: grpc.aio.AioRpcError) -> str:
     reason = f" ({info.reason})" if info is not None and info.reason else ""
     details = (error.details() or "").strip()
     first_line = details.splitlines()[0] if details else "no details"
+    fields = bad_request(error)
+    violations = "; ".join(f"{v.field}: {v.description}" for v in fields.field_violations) if fields else ""
+    if violations and violations not in first_line:
+        first_line = f"{first_line} [{violations}]"
     return f"{error.code().name}{reason}: {first_line}"
 
 

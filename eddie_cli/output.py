@@ -10,7 +10,11 @@ from datetime import UTC
 from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+__all__ = ["escape"]  # re-exported for the commands
 
 TABLE = "table"
 JSON = "json"
@@ -51,7 +55,7 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in materialized:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # data, never markup
     stdout.print(table)
 
 
@@ -61,18 +65,18 @@ def print_fields(pairs: Sequence[tuple[str, str]]) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for label, value in pairs:
-        table.add_row(label, value)
+        table.add_row(label, Text(value))
     stdout.print(table)
 
 
 def say(text: str) -> None:
-    """A sentence for people on stdout (table mode only)."""
+    """A sentence for people on stdout (table mode only); Rich markup, so `escape` what users wrote."""
     stdout.print(text)
 
 
 def error(text: str) -> None:
-    """`error: ...` on one line of stderr."""
-    stderr.print(f"[bold red]error:[/] {text}", soft_wrap=True)
+    """`error: ...` on one line of stderr (newlines in `text` are folded)."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", " ".join(text.split())), soft_wrap=True)
 
 
 def when(value: timestamp_pb2.Timestamp) -> str:

@@ -165,10 +165,11 @@ def show_event(options: Options, event: access_pb2.PermissionEvent) -> None:
         output.print_json_line(event)
         return
     p = event.permission
-    reason = f" ({p.state_reason})" if p.state_reason else ""
+    reason = output.escape(f" ({p.state_reason})") if p.state_reason else ""
+    before, after = permission_state(event.previous_state), permission_state(p.state)
     output.say(
-        f"{output.when(p.update_time)}  {p.instance_id}  {permission_state(event.previous_state)} -> "
-        f"[bold]{permission_state(p.state)}[/]{reason}  {p.name}"
+        f"{output.when(p.update_time)}  {output.escape(p.instance_id)}  {before} -> [bold]{after}[/]{reason}"
+        f"  {output.escape(p.name)}"
     )
 
 
@@ -192,6 +193,6 @@ def terminate(options: Options, permission: str, reason: str) -> None:
             if options.json:
                 output.print_json(ended)
             else:
-                output.say(f"{ended.name} is now [bold]{permission_state(ended.state)}[/].")
+                output.say(f"{output.escape(ended.name)} is now [bold]{permission_state(ended.state)}[/].")
 
     run(work())

@@ -35,7 +35,7 @@ def show_account(options: Options, account: identity_pb2.Account, marketplace: s
     if options.json:
         output.print_json(account)
         return
-    output.say(f"{verb} [bold]{account.display_name}[/] <{account.email}>")
+    output.say(f"{verb} [bold]{output.escape(account.display_name)}[/] <{output.escape(account.email)}>")
     output.print_fields(
         [
             ("account", account.name),

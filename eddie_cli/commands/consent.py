@@ -10,6 +10,7 @@ import click
 import grpc
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
 from eddie_cli import output
@@ -62,15 +63,19 @@ def access_request_card(request: consent_pb2.AccessRequest) -> Panel:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    table.add_row("from", data_request.owner_display_name)
-    table.add_row("purpose", data_request.purpose)
-    table.add_row("data asked", describe_need(data_request.data_need))
-    table.add_row("duration", output.seconds(data_request.data_need.duration))
-    table.add_row("instance", permission.instance_id)
-    if data_request.policy_uri:
-        table.add_row("privacy policy", data_request.policy_uri)
-    table.add_row("decide by (UTC)", output.when(permission.decision_deadline))
-    return Panel(table, title=f"[bold]{data_request.title}[/]", subtitle=permission.name, expand=False)
+    rows = [
+        ("from", data_request.owner_display_name),
+        ("purpose", data_request.purpose),
+        ("data asked", describe_need(data_request.data_need)),
+        ("duration", output.seconds(data_request.data_need.duration)),
+        ("instance", permission.instance_id),
+        ("privacy policy", data_request.policy_uri or "-"),
+        ("decide by (UTC)", output.when(permission.decision_deadline)),
+    ]
+    for label, value in rows:
+        table.add_row(label, Text(value))  # what the EP wrote is data, never markup
+    title = Text(data_request.title, style="bold")
+    return Panel(table, title=title, subtitle=Text(permission.name), expand=False)
 
 
 async def ask_person(request: consent_pb2.AccessRequest) -> str:
@@ -95,7 +100,7 @@ async def on_access_request(
     if choice == SKIP:
         session.skipped += 1
         if not session.options.json:
-            output.say(f"Skipped {name}; it stays pending.")
+            output.say(f"Skipped {output.escape(name)}; it stays pending.")
         return
     session.outstanding.add(name)
     decision = consent_pb2.Decision(permission=name, approve=choice == APPROVE, reason=session.policy.reason)
@@ -111,7 +116,8 @@ def on_answer(session: ConsentSession, message: consent_pb2.ConnectResponse) -> 
         output.error(f"{e.permission}: {e.reason}: {e.message}")
     else:
         p = message.permission_update
-        output.say(f"{p.name} ({p.instance_id}) is now [bold]{permission_state(p.state)}[/].")
+        who = output.escape(f"{p.name} ({p.instance_id})")
+        output.say(f"{who} is now [bold]{permission_state(p.state)}[/].")
 
 
 async def handle(
@@ -235,6 +241,8 @@ def revoke(options: Options, permission: str, reason: str) -> None:
             if options.json:
                 output.print_json(revoked)
             else:
-                output.say(f"{revoked.name} is now [bold]{permission_state(revoked.state)}[/].")
+                output.say(
+                    f"{output.escape(revoked.name)} is now [bold]{permission_state(revoked.state)}[/]."
+                )
 
     run(work())

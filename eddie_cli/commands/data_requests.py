@@ -162,7 +162,7 @@ def create(options: Options, path: Path, request_id: str | None) -> None:
                 data_request=data_request, request_id=request_id or str(uuid.uuid4())
             )
             created = await me.call(connection.data_requests.CreateDataRequest, request)
-            show_one(options, created, f"Published [bold]{created.name}[/].")
+            show_one(options, created, f"Published [bold]{output.escape(created.name)}[/].")
 
     run(work())
 
@@ -179,6 +179,6 @@ def close(options: Options, name: str) -> None:
             me = signed_in(connection)
             request = data_request_pb2.CloseDataRequestRequest(name=resource_name(DATA_REQUESTS, name))
             closed = await me.call(connection.data_requests.CloseDataRequest, request)
-            show_one(options, closed, f"Closed [bold]{closed.name}[/].")
+            show_one(options, closed, f"Closed [bold]{output.escape(closed.name)}[/].")
 
     run(work())

@@ -58,7 +58,8 @@ def claim(options: Options, instance_id: str, pairing_code: str) -> None:
             if options.json:
                 output.print_json(instance)
             else:
-                output.say(f"Claimed [bold]{instance.instance_id}[/] ({instance.name}).")
+                claimed = output.escape(instance.instance_id)
+                output.say(f"Claimed [bold]{claimed}[/] ({output.escape(instance.name)}).")
 
     run(work())
 

@@ -7,7 +7,7 @@ with e-mail addresses of its own, so tests in a module do not see each other's a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +21,19 @@ _people = itertools.count()
 
 
 @dataclass
-class Cast:
+class Marketplace:
     marketplace: procs.Proc
-    sink: procs.Proc
-    aiidas: dict[str, str]  # instance id -> pairing code
     work: Path
 
     def person(self, name: str) -> Person:
         """A new CLI user with a config dir of their own."""
         return Person(self.work / f"home-{name}-{next(_people)}", self.marketplace.address)
+
+
+@dataclass
+class Cast(Marketplace):
+    sink: procs.Proc
+    aiidas: dict[str, str]  # instance id -> pairing code
 
 
 def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Proc]]:
@@ -49,7 +53,7 @@ def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Pr
                 )
             )
             aiidas[f"aiida-{who}"] = code
-        return Cast(mp, sink, aiidas, work), started
+        return Cast(mp, work, sink, aiidas), started
     except BaseException:
         for p in started:
             p.stop()
@@ -66,6 +70,15 @@ def cast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
             p.stop()
 
 
-@pytest.fixture
-def person(cast: Cast) -> Callable[[str], Person]:
-    return cast.person
+@pytest.fixture(scope="module")
+def lone_marketplace(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Marketplace]:
+    """Only a marketplace (flags from the module's MARKETPLACE_FLAGS), for tests without AIIDAs."""
+    work = tmp_path_factory.mktemp("cli-mp")
+    flags = getattr(request.module, "MARKETPLACE_FLAGS", ())
+    mp = procs.start_marketplace(work / "mp", work, *flags)
+    try:
+        yield Marketplace(mp, work)
+    finally:
+        mp.stop()
