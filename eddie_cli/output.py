@@ -52,8 +52,8 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]
         stdout.print(empty)
         return
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(columns):
+        table.add_column(column, overflow="fold", no_wrap=index == 0)  # the first column: resource names
     for row in materialized:
         table.add_row(*(Text(cell) for cell in row))  # data, never markup
     stdout.print(table)

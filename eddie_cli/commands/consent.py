@@ -44,6 +44,7 @@ class ConsentSession:
     answered: int = 0
     pending_at_start: int | None = None
     skipped: int = 0
+    backlog: list[consent_pb2.AccessRequest] = field(default_factory=list)  # pending, before `ready`
 
     def done(self) -> bool:
         if self.outstanding:
@@ -126,14 +127,12 @@ async def handle(
     message: consent_pb2.ConnectResponse,
 ) -> None:
     kind = message.WhichOneof("event")
-    if kind == "access_request":
+    if kind == "access_request" and session.pending_at_start is None:
+        session.backlog.append(message.access_request)  # the pending ones come first, then `ready`
+    elif kind == "access_request":
         await on_access_request(call, session, message.access_request)
     elif kind == "ready":
-        session.pending_at_start = message.ready.pending_count
-        if not session.options.json:
-            output.stderr.print(
-                f"{message.ready.pending_count} pending; waiting for new access requests live"
-            )
+        await on_ready(call, session, message.ready.pending_count)
     elif kind == "decision_error" and message.decision_error.permission in session.outstanding:
         session.outstanding.discard(message.decision_error.permission)
         session.answered += 1
@@ -142,6 +141,22 @@ async def handle(
         session.outstanding.discard(message.permission_update.name)
         session.answered += 1
         on_answer(session, message)
+
+
+async def on_ready(
+    call: grpc.aio.StreamStreamCall[consent_pb2.ConnectRequest, consent_pb2.ConnectResponse],
+    session: ConsentSession,
+    pending_count: int,
+) -> None:
+    """Every pending request has arrived: ask about each, then wait for new ones."""
+    session.pending_at_start = pending_count
+    if not session.options.json:
+        output.stderr.print(f"{pending_count} pending access request(s)")
+    for pending in session.backlog:
+        await on_access_request(call, session, pending)
+    session.backlog.clear()
+    if not session.options.json and not session.policy.pending_only:
+        output.stderr.print("waiting for new access requests (Ctrl-C stops)")
 
 
 def _answers(session: ConsentSession, permission: access_pb2.Permission) -> bool:
