@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from eddie.marketplace.v1 import consent_pb2, identity_pb2
 from eddie_cli import output
@@ -16,6 +17,7 @@ from eddie_cli.app import Options, cli, common_options, run
 from eddie_cli.connection import SignedIn, signed_in
 from eddie_cli.describe import INSTANCES, permission_state, resource_name
 from eddie_cli.errors import EXIT_FAILED, CliError
+from eddie_common.tokens import ALGORITHM, load_public_key
 
 KIND = consent_pb2.Activity.Kind
 PAGE_SIZE = 500
@@ -135,32 +137,24 @@ def list_receipts(options: Options) -> None:
     run(work())
 
 
-def load_verifier() -> Callable[
-    [Sequence[consent_pb2.ConsentReceipt], Sequence[identity_pb2.SigningKey]], Any
-]:
+Verifier = Callable[[Sequence[consent_pb2.ConsentReceipt], Mapping[str, ec.EllipticCurvePublicKey]], object]
+
+
+def load_verifier() -> Verifier:
     """eddie_client.receipts.verify_chain, imported only when verifying."""
     try:
         module = importlib.import_module("eddie_client.receipts")
-        verifier: Callable[..., Any] = module.verify_chain
+        verifier: Verifier = module.verify_chain
     except (ImportError, AttributeError) as error:
-        raise CliError(
-            f"cannot verify: the receipt verifier eddie_client.receipts.verify_chain is missing ({error})"
-        ) from None
+        raise CliError(f"cannot verify: eddie_client.receipts.verify_chain is missing ({error})") from None
     return verifier
 
 
-def verification_problems(result: Any) -> list[str]:
-    """The breaks a verifier reported: None/True: none; False: one; a sequence or `.problems`: those."""
-    if result is None or result is True:
-        return []
-    if result is False:
-        return ["the chain does not verify"]
-    if hasattr(result, "ok") and not hasattr(result, "problems"):
-        return [] if result.ok else [str(result)]
-    problems = getattr(result, "problems", result)
-    if isinstance(problems, str):
-        return [problems]
-    return [str(p) for p in problems]
+def public_keys(response: identity_pb2.ListSigningKeysResponse) -> dict[str, ec.EllipticCurvePublicKey]:
+    """The marketplace's receipt-signing keys by `kid` (current and earlier ones)."""
+    return {
+        k.key_id: load_public_key(k.public_key_pem) for k in response.signing_keys if k.algorithm == ALGORITHM
+    }
 
 
 @receipts.command("verify")
@@ -178,10 +172,11 @@ def verify(options: Options) -> None:
             keys = await connection.call(
                 connection.identity.ListSigningKeys, identity_pb2.ListSigningKeysRequest()
             )
-        try:
-            problems = verification_problems(verify_chain(found, list(keys.signing_keys)))
-        except Exception as error:  # the verifier's own exceptions are its verdict
-            problems = [f"{type(error).__name__}: {error}"]
+        try:  # verify_chain raises at the first break (bad signature, broken link, wrong sequence)
+            verify_chain(found, public_keys(keys))
+            problems: list[str] = []
+        except Exception as error:
+            problems = [str(error) or type(error).__name__]
         if options.json:
             output.print_json({"verified": not problems, "receipts": len(found), "problems": problems})
         elif problems:
