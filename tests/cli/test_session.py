@@ -11,10 +11,12 @@ import subprocess
 from typing import Any
 
 import click
+import jwt
 import pytest
 from click.testing import CliRunner
 
 from eddie_cli.commands import cli
+from eddie_common.tokens import SigningKey, TokenIssuer
 from tests.cli.conftest import Marketplace
 from tests.cli.eddie import EDDIE, Person, failure
 
@@ -124,3 +126,23 @@ def test_shell_completion_completes_commands(tmp_path: Any) -> None:
     env = {"_EDDIE_COMPLETE": "bash_complete", "COMP_WORDS": "eddie data-requests cl", "COMP_CWORD": "2"}
     completed = subprocess.run([str(EDDIE)], capture_output=True, text=True, env=env, check=True)
     assert "plain,close" in completed.stdout.splitlines()
+
+
+def test_an_access_token_the_marketplace_calls_expired_is_refreshed_and_the_call_retried(
+    lone_marketplace: Marketplace,
+) -> None:
+    """The stored expiry says fresh, the marketplace says TOKEN_EXPIRED: refresh once, retry."""
+    hana = lone_marketplace.person("hana")
+    account = hana.signup("hana@cli.example", "Hana", "customer")
+    stored = _stored(hana)
+    claims = jwt.decode(stored["access_token"], options={"verify_signature": False})
+    key = SigningKey.load_or_create(lone_marketplace.work / "mp" / "signing-key.pem")
+    extra = {k: v for k, v in claims.items() if k not in ("iss", "sub", "aud", "iat", "nbf", "exp", "jti")}
+    expired, _ = TokenIssuer(key, claims["iss"]).issue(claims["sub"], claims["aud"], -120, **extra)
+    stored.update(access_token=expired, expire_time="2099-01-01T00:00:00Z")
+    hana.session_file.write_text(json.dumps(stored))
+
+    assert hana.json("whoami")["name"] == account["name"]
+    after = _stored(hana)
+    assert after["access_token"] != expired
+    assert after["refresh_token"] != stored["refresh_token"]
