@@ -13,8 +13,15 @@ from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_cli import output
 from eddie_cli.app import Options, cli, common_options, run
-from eddie_cli.connection import signed_in
-from eddie_cli.describe import DATA_REQUESTS, data_request_fields, energy_type, kind_label, resource_name
+from eddie_cli.connection import SignedIn, signed_in
+from eddie_cli.describe import (
+    DATA_REQUESTS,
+    data_request_fields,
+    energy_type,
+    kind_label,
+    resource_name,
+    state_label,
+)
 from eddie_cli.errors import EXIT_USAGE, CliError
 
 KINDS = {
@@ -87,39 +94,40 @@ def list_data_requests(
                 owner=me.account.name if mine else "",
                 show_closed=closed,
             )
-            found: list[data_request_pb2.DataRequest] = []
-            total = 0
-            while len(found) < limit:
-                request.page_size = min(PAGE_SIZE, limit - len(found))
-                page = await me.call(connection.data_requests.ListDataRequests, request)
-                found.extend(page.data_requests)
-                total = page.total_size
-                request.page_token = page.next_page_token
-                if not page.next_page_token:
-                    break
-            if options.json:
-                output.print_json(
-                    data_request_pb2.ListDataRequestsResponse(data_requests=found, total_size=total)
-                )
-                return
-            output.print_table(
-                f"Data requests ({len(found)} of {total})",
-                ["name", "title", "kind", "eligible party", "energy", "state"],
-                (
-                    [
-                        r.name,
-                        r.title,
-                        kind_label(r),
-                        r.owner_display_name,
-                        energy_type(r.data_need),
-                        r.State.Name(r.state).removeprefix("STATE_"),
-                    ]
-                    for r in found
-                ),
-                empty="No data request matches.",
-            )
+            show_list(options, await first_pages(me, request, limit))
 
     run(work())
+
+
+async def first_pages(
+    me: SignedIn, request: data_request_pb2.ListDataRequestsRequest, limit: int
+) -> data_request_pb2.ListDataRequestsResponse:
+    """Up to `limit` data requests (as many pages as that takes) and the total."""
+    found = data_request_pb2.ListDataRequestsResponse()
+    while len(found.data_requests) < limit:
+        request.page_size = min(PAGE_SIZE, limit - len(found.data_requests))
+        page = await me.call(me.connection.data_requests.ListDataRequests, request)
+        found.data_requests.extend(page.data_requests)
+        found.total_size = page.total_size
+        request.page_token = page.next_page_token
+        if not page.next_page_token:
+            break
+    return found
+
+
+def show_list(options: Options, found: data_request_pb2.ListDataRequestsResponse) -> None:
+    if options.json:
+        output.print_json(found)
+        return
+    output.print_table(
+        f"Data requests ({len(found.data_requests)} of {found.total_size})",
+        ["name", "title", "kind", "eligible party", "energy", "state"],
+        (
+            [r.name, r.title, kind_label(r), r.owner_display_name, energy_type(r.data_need), state_label(r)]
+            for r in found.data_requests
+        ),
+        empty="No data request matches.",
+    )
 
 
 @data_requests.command("show")
