@@ -22,6 +22,7 @@ def on_terminal(person: Person, *args: str) -> Terminal:
     return Terminal([str(EDDIE), *args], person.env(with_password=False))
 
 
+@pytest.mark.timeout(300)  # real processes on a shared machine; the first test also starts them
 def test_login_asks_the_password_without_echo(cast: Cast) -> None:
     alice = cast.person("alice")
     alice.signup("alice-tty@cli.example", "Alice", "customer")
@@ -73,6 +74,7 @@ def _second_request(directory: Path) -> Path:
     return path
 
 
+@pytest.mark.timeout(300)  # real processes on a shared machine; the first test also starts them
 def test_consent_shows_pending_and_new_requests_and_asks_for_each(cast: Cast, tmp_path: Path) -> None:
     ep, alice = cast.person("ep"), cast.person("alice")
     ep.signup("ep-tty@cli.example", "Energy Institute Vienna", "eligible-party")

@@ -32,6 +32,7 @@ def floored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
             p.stop()
 
 
+@pytest.mark.timeout(300)  # real processes on a shared machine; the first test also starts them
 def test_a_withheld_search_names_no_instance_and_says_so(floored: Cast) -> None:
     ep, alice, bernd = floored.person("ep"), floored.person("alice"), floored.person("bernd")
     ep.signup("ep-floor@cli.example", "Energy Institute Vienna", "eligible-party")

@@ -147,6 +147,7 @@ def _revoke_terminate_close(
     assert "FAILED_PRECONDITION (DATA_REQUEST_CLOSED)" in line
 
 
+@pytest.mark.timeout(300)  # real processes on a shared machine; the first test also starts them
 async def test_the_six_workflows_through_the_cli(cast: Cast, tmp_path: Path) -> None:
     ep, alice, bernd = _accounts(cast)
     _claim(alice, bernd)
