@@ -80,7 +80,7 @@ def run(work: Coroutine[Any, Any, int | None]) -> None:
     except CliError as error:
         output.error(error.message)
         raise SystemExit(error.exit_code) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         output.stderr.print("interrupted")
         raise SystemExit(EXIT_INTERRUPTED) from None
     if status:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import click
@@ -81,14 +85,29 @@ def access_request_card(request: consent_pb2.AccessRequest) -> Panel:
 
 async def ask_person(request: consent_pb2.AccessRequest) -> str:
     output.stdout.print(access_request_card(request))
-    answer: str = await asyncio.to_thread(
-        click.prompt,
-        "Share this data?",
-        type=click.Choice([APPROVE, REJECT, SKIP]),
-        default=SKIP,
-        show_choices=True,
-    )
-    return answer
+    return await prompt_in_daemon_thread("Share this data?", [APPROVE, REJECT, SKIP], SKIP)
+
+
+async def prompt_in_daemon_thread(question: str, choices: list[str], default: str) -> str:
+    """Asks on the terminal while the stream keeps running. A daemon thread (not the loop's
+    executor, which asyncio.run would wait for) so Ctrl-C during the question exits at once."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def deliver(outcome: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(lambda: None if answer.done() else outcome())
+
+    def ask() -> None:
+        try:
+            text = click.prompt(question, type=click.Choice(choices), default=default, show_choices=True)
+        except BaseException as error:  # Abort on end of input, among others
+            deliver(functools.partial(answer.set_exception, error))
+        else:
+            deliver(lambda: answer.set_result(str(text)))
+
+    threading.Thread(target=ask, name="consent-prompt", daemon=True).start()
+    return await answer
 
 
 async def on_access_request(

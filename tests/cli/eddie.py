@@ -100,6 +100,16 @@ class Person:
             time.sleep(0.3)
 
 
+def claim_connected(person: Person, instance_id: str, code: str) -> None:
+    """Claims an AIIDA and waits until the marketplace holds its stream (searches reach it)."""
+    person.claim(instance_id, code)
+
+    def connected(document: Any) -> bool:
+        return any(i["instanceId"] == instance_id and i.get("connected") for i in document["instances"])
+
+    eventually_json(person, ("instances", "list"), connected)
+
+
 def failure(result: subprocess.CompletedProcess[str]) -> str:
     """The one stderr line of a failed command (asserting it is one line and no traceback)."""
     assert result.returncode != 0, result.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import Cast
-from tests.cli.eddie import EDDIE, Person, failure
+from tests.cli.eddie import EDDIE, Person, claim_connected, failure
 from tests.cli.terminal import Terminal
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +79,7 @@ def test_consent_shows_pending_and_new_requests_and_asks_for_each(cast: Cast, tm
     ep, alice = cast.person("ep"), cast.person("alice")
     ep.signup("ep-tty@cli.example", "Energy Institute Vienna", "eligible-party")
     alice.signup("alice-consent@cli.example", "Alice", "customer")
-    alice.claim("aiida-alice", cast.aiidas["aiida-alice"])
+    claim_connected(alice, "aiida-alice", cast.aiidas["aiida-alice"])
     sink = f"grpc://{cast.sink.address}"
     _ask_for_access(ep, EXAMPLES / "data_request.json", "aiida-alice", sink)
 
@@ -107,3 +107,19 @@ def test_consent_shows_pending_and_new_requests_and_asks_for_each(cast: Cast, tm
     states = sorted(p["state"] for p in alice.json("permissions", "list")["permissions"])
     assert states in (["STATE_ACCEPTED", "STATE_REJECTED"], ["STATE_ACTIVE", "STATE_REJECTED"])
     assert "Traceback" not in terminal.screen
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_at_the_consent_question_ends_at_once_and_decides_nothing(cast: Cast) -> None:
+    ep, bernd = cast.person("ep"), cast.person("bernd")
+    ep.signup("ep-ctrl-c@cli.example", "Energy Institute Vienna", "eligible-party")
+    bernd.signup("bernd-ctrl-c@cli.example", "Bernd", "customer")
+    claim_connected(bernd, "aiida-bernd", cast.aiidas["aiida-bernd"])
+    _ask_for_access(ep, EXAMPLES / "data_request.json", "aiida-bernd", f"grpc://{cast.sink.address}")
+
+    terminal = on_terminal(bernd, "consent")
+    terminal.expect("Share this data?")
+    terminal.type("\x03")  # Ctrl-C
+    assert terminal.wait(timeout=20) == 130
+    assert "interrupted" in terminal.screen and "Traceback" not in terminal.screen
+    assert [p["state"] for p in bernd.json("permissions", "list")["permissions"]] == ["STATE_PENDING"]

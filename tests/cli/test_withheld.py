@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import Cast, start_cast
-from tests.cli.eddie import eventually_json, failure
+from tests.cli.eddie import claim_connected, failure
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -38,8 +38,7 @@ def test_a_withheld_search_names_no_instance_and_says_so(floored: Cast) -> None:
     ep.signup("ep-floor@cli.example", "Energy Institute Vienna", "eligible-party")
     for person, instance in ((alice, "aiida-alice"), (bernd, "aiida-bernd")):
         person.signup(f"{instance}@cli.example", instance, "customer")
-        person.claim(instance, floored.aiidas[instance])
-        eventually_json(person, ("instances", "list"), lambda d: d["instances"][0].get("connected"))
+        claim_connected(person, instance, floored.aiidas[instance])
     name = ep.json("data-requests", "create", "--file", str(EXAMPLES / "data_request.json"))["name"]
 
     found = ep.json("search", name, "--timeout", "5")
