@@ -156,3 +156,14 @@ async def test_the_six_workflows_through_the_cli(cast: Cast, tmp_path: Path) -> 
     permission = _access(cast, ep, alice, bernd, name)
     await _readings_arrive(cast, ep, permission)
     _revoke_terminate_close(ep, alice, bernd, name, permission, f"grpc://{cast.sink.address}")
+    _trust(alice, permission)
+
+
+def _trust(alice: Person, permission: str) -> None:
+    """Alice's activity feed and her consent receipts (approve, then revoke) verified offline."""
+    feed = alice.json("activity", "aiida-alice")["activities"]
+    kinds = {a["kind"] for a in feed}
+    assert {"KIND_SEARCH", "KIND_ACCESS_REQUESTED", "KIND_ACCESS_APPROVED"} <= kinds, kinds
+    chain = alice.json("receipts", "list")["consentReceipts"]
+    assert [(r["permission"], r["sequence"]) for r in chain] == [(permission, "1"), (permission, "2")]
+    assert alice.json("receipts", "verify") == {"verified": True, "receipts": 2, "problems": []}
