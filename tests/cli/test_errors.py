@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Marketplace
-from tests.cli.eddie import Person, failure
+from tests.support.cli import Marketplace, Person, failure
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Cast
-from tests.cli.eddie import EDDIE, Person, claim_connected, failure
-from tests.cli.terminal import Terminal
+from tests.support.cli import EDDIE, Cast, Person, claim_connected, failure
+from tests.support.terminal import Terminal
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

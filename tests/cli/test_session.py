@@ -17,8 +17,7 @@ from click.testing import CliRunner
 
 from eddie_cli.commands import cli
 from eddie_common.tokens import SigningKey, TokenIssuer
-from tests.cli.conftest import Marketplace
-from tests.cli.eddie import EDDIE, Person, failure
+from tests.support.cli import EDDIE, Marketplace, Person, failure
 
 pytestmark = pytest.mark.e2e
 MARKETPLACE_FLAGS = ("--access-token-ttl", "5")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Cast, start_cast
-from tests.cli.eddie import claim_connected, failure
+from tests.support.cli import Cast, claim_connected, failure, start_cast
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from eddie_client.client import list_readings
-from tests.cli.conftest import Cast
-from tests.cli.eddie import Person, eventually_json, failure
-from tests.helpers import eventually
+from tests.support.cli import Cast, Person, eventually_json, failure
+from tests.support.expect import eventually
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -1,7 +1,9 @@
-"""Running the real `eddie` console script as one person: their own config dir and password."""
+"""The `eddie` CLI tests' support: live servers as real processes, and the real `eddie` console
+script run as one person (their own config dir and password)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eddie_client import procs
 
 EDDIE = Path(sys.executable).parent / "eddie"
 PASSWORD = "command line passphrase"
@@ -129,3 +133,47 @@ def eventually_json(person: Person, args: tuple[str, ...], check: Any, timeout: 
             return document
         assert time.monotonic() < deadline, f"eddie {' '.join(args)} never satisfied the check: {document}"
         time.sleep(0.3)
+
+
+PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
+_people = itertools.count()
+
+
+@dataclass
+class Marketplace:
+    marketplace: procs.Proc
+    work: Path
+
+    def person(self, name: str) -> Person:
+        """A new CLI user with a config dir of their own."""
+        return Person(self.work / f"home-{name}-{next(_people)}", self.marketplace.address)
+
+
+@dataclass
+class Cast(Marketplace):
+    sink: procs.Proc
+    aiidas: dict[str, str]  # instance id -> pairing code
+
+
+def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Proc]]:
+    started: list[procs.Proc] = []
+    try:
+        mp = procs.start_marketplace(work / "mp", work, *marketplace_flags)
+        started.append(mp)
+        sink = procs.start_sink(mp.address, work / "sink", work, name="sink")
+        started.append(sink)
+        aiidas = {}
+        for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
+            code = f"{who.upper()}-2026"
+            flags = ("--instance-id", f"aiida-{who}", "--pairing-code", code, "--time-scale", "60")
+            started.append(
+                procs.start_aiida(
+                    mp.address, work / who, PROFILES / profile, work, *flags, name=f"aiida-{who}"
+                )
+            )
+            aiidas[f"aiida-{who}"] = code
+        return Cast(mp, work, sink, aiidas), started
+    except BaseException:
+        for p in started:
+            p.stop()
+        raise
