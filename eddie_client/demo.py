@@ -34,6 +34,7 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
+from eddie_client.demo_cli import CommandLine
 
 PROFILES = Path(__file__).resolve().parent.parent / "aiida_stub" / "profiles"
 PASSWORD = "demo passphrase for the marketplace"
@@ -164,23 +165,26 @@ async def publish(ep: Session, story: Story) -> data_request_pb2.DataRequest:
     return request
 
 
-async def browse(alice: Session, story: Story) -> None:
-    heading("Workflow 3: a customer browses with a filter")
-    page = await alice.browse(region="AT-9")
-    titles = [r.title for r in page.data_requests]
-    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.total_size})")
+async def browse(alice: CommandLine, story: Story) -> None:
+    heading("Workflow 3: a customer browses with a filter (on the command line)")
+    await alice.show("data-requests", "list", "--region", "AT-9")
+    page = await alice.json("data-requests", "list", "--region", "AT-9")
+    titles = [r["title"] for r in page.get("dataRequests", [])]
+    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.get('totalSize', 0)})")
     assert "Austrian household load profiles" in titles and "Heat-pump optimiser" not in titles
 
 
-async def search(ep: Session, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
+async def search(ep: CommandLine, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
     heading("Workflow 5: the eligible party searches; each AIIDA answers match / no match")
-    matches, summary = await ep.search(request.name, timeout=3)
+    found = await ep.json("search", request.name, "--timeout", "3")
+    matches: list[str] = found.get("matchedInstanceIds", [])
+    summary = found["summary"]
     story.step("W5", f"matches: {sorted(matches)}")
     story.step(
         "W5",
-        f"summary: queried {summary.queried}, matched {summary.matched}, not matched "
-        f"{summary.not_matched}, unreachable {summary.unreachable}, timed out {summary.timed_out}, "
-        f"{summary.elapsed.ToMilliseconds()} ms",
+        f"summary: queried {summary.get('queried', 0)}, matched {summary.get('matched', 0)}, not matched "
+        f"{summary.get('notMatched', 0)}, unreachable {summary.get('unreachable', 0)}, timed out "
+        f"{summary.get('timedOut', 0)}, {summary.get('elapsed', '0s')}",
     )
     assert sorted(matches) == ["aiida-alice", "aiida-bernd"], matches
     return matches
@@ -265,6 +269,7 @@ async def access(
     customers: dict[str, Session],
     request: data_request_pb2.DataRequest,
     matches: list[str],
+    clis: dict[str, CommandLine],
     story: Story,
 ) -> None:
     heading("Workflow 6: access requests, consent on the customers' apps, data to the EP's sink")
@@ -288,11 +293,10 @@ async def access(
     story.step("W6", f"the sink received {count} readings for Alice's permission")
     assert not await list_readings(cast.sink.address, bernd_pid, token), "readings for a rejected permission"
     story.step("W6", "no reading for Bernd's rejected permission")
-    revoked = await customers["alice"].consent.RevokePermission(
-        consent_pb2.RevokePermissionRequest(name=by_instance["aiida-alice"].name, reason="study long enough"),
-        metadata=customers["alice"].metadata,
+    revoked = await clis["alice"].json(
+        "permissions", "revoke", by_instance["aiida-alice"].name, "--reason", "study long enough"
     )
-    story.step("W6", f"Alice revoked: {STATE.Name(revoked.state)}")
+    story.step("W6", f"Alice revoked on the command line: {revoked['state']}")
     await asyncio.sleep(1.5)
     before = len(await list_readings(cast.sink.address, alice_pid, token))
     await asyncio.sleep(2.0)
@@ -302,6 +306,7 @@ async def access(
     stop_watch.set()
     await watcher
     story.step("W6", "EP's notifications: " + ", ".join(f"{i}:{s.removeprefix('STATE_')}" for i, s in seen))
+    await clis["ep"].show("access", "list", request.name)
 
 
 async def household_audit(alice: Session, instance_id: str, story: Story) -> None:
@@ -380,16 +385,28 @@ def print_table(story: Story) -> None:
     print("\n  all six workflows completed successfully")
 
 
-async def run_story(cast: Cast) -> None:
+async def command_lines(cast: Cast, work: Path, story: Story) -> dict[str, CommandLine]:
+    """The EP and Alice also sign in with `eddie`, each with a session of their own."""
+    clis = {}
+    for who, email in (("ep", "research@energy-institute.example"), ("alice", "alice@household.example")):
+        clis[who] = CommandLine(cast.marketplace.address, work / f"eddie-{who}", PASSWORD)
+        await clis[who].run("login", "--email", email)
+    story.step("W1", "the EP and Alice signed in on the command line too (`eddie login`)")
+    return clis
+
+
+async def run_story(cast: Cast, work: Path) -> None:
     story = Story()
     async with MarketplaceClient(cast.marketplace.address) as mp:
         ep, customers = await accounts(mp, story)
+        clis = await command_lines(cast, work, story)
         await claim_all(cast, customers, story)
         request = await publish(ep, story)
-        await browse(customers["alice"], story)
-        matches = await search(ep, request, story)
-        await access(cast, ep, customers, request, matches, story)
+        await browse(clis["alice"], story)
+        matches = await search(clis["ep"], request, story)
+        await access(cast, ep, customers, request, matches, clis, story)
         await household_audit(customers["alice"], "aiida-alice", story)
+        await clis["alice"].show("receipts", "verify")
         await mqtt_delivery(cast, ep, customers["alice"], request, story)
     print_table(story)
 
@@ -426,7 +443,7 @@ def main() -> None:
     cast = start_cast(work, args.time_scale)
     ok = False
     try:
-        asyncio.run(run_story(cast))
+        asyncio.run(run_story(cast, work))
         ok = True
         if args.keep_running:
             print_poke_help(cast)
