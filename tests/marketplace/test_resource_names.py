@@ -9,7 +9,8 @@ import pytest
 import pytest_asyncio
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
+from eddie_client import Session
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -17,7 +18,7 @@ SEARCH_ID = "s" * 20
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def eligible_party(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Client]:
+async def eligible_party(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Session]:
     running: RunningMarketplace = await start_marketplace(test_config(tmp_path_factory.mktemp("names")))
     try:
         yield await running.eligible_party("Names Inc.")
@@ -38,7 +39,7 @@ async def _code(call: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def _answers(client: Client, name: str) -> dict[str, grpc.StatusCode]:
+async def _answers(client: Session, name: str) -> dict[str, grpc.StatusCode]:
     """The status of each RPC that names the data request `name`."""
     md = client.metadata
     calls = {
@@ -74,7 +75,7 @@ async def _answers(client: Client, name: str) -> dict[str, grpc.StatusCode]:
     ],
 )
 async def test_every_rpc_answers_a_data_request_name_alike(
-    eligible_party: Client, id_length: int, expected: grpc.StatusCode
+    eligible_party: Session, id_length: int, expected: grpc.StatusCode
 ) -> None:
     answers = await _answers(eligible_party, "dataRequests/" + "a" * id_length)
     assert answers == dict.fromkeys(answers, expected)
@@ -82,7 +83,7 @@ async def test_every_rpc_answers_a_data_request_name_alike(
 
 @pytest.mark.parametrize("name", ["dataRequests/", "dataRequests/a b", "dataRequests/a/b", "requests/abc"])
 async def test_every_rpc_refuses_a_malformed_data_request_name_alike(
-    eligible_party: Client, name: str
+    eligible_party: Session, name: str
 ) -> None:
     answers = await _answers(eligible_party, name)
     assert answers == dict.fromkeys(answers, grpc.StatusCode.INVALID_ARGUMENT)
