@@ -70,7 +70,7 @@ SERVICE_NAMES = [
 
 @dataclass(frozen=True)
 class PermissionServices:
-    """Workflow 6's parts: the ledger and its events, the workers, and the two services."""
+    """Workflow 6's parts: the ledger and its events, the workers, the services and the receipts."""
 
     events: EventHub
     permissions: PermissionLedger
@@ -107,6 +107,7 @@ class Marketplace:
     outbox: OutboxWorker
     access: AccessService
     consent: ConsentService
+    receipts: ReceiptService
     cluster: ClusterNode | None = None  # with --nats-url
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -219,6 +220,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         outbox=permissions.outbox,
         access=permissions.access,
         consent=permissions.consent,
+        receipts=permissions.receipts,
         cluster=node,
     )
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)

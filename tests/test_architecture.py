@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("marketplace_server", "aiida_stub", "eddie_sink", "eddie_common", "eddie_client")
+PACKAGES = ("marketplace_server", "aiida_stub", "eddie_sink", "eddie_common", "eddie_client", "eddie_cli")
 
 # (importing modules under this prefix, may not import modules under this prefix)
 LAYER_RULES = [
@@ -33,6 +33,7 @@ LAYER_RULES = [
     ("eddie_common", "aiida_stub"),
     ("eddie_common", "eddie_sink"),
     ("eddie_common", "eddie_client"),
+    ("eddie_common", "eddie_cli"),
 ]
 
 

@@ -296,13 +296,13 @@ def _everything(instance_id: str) -> bool:
     return True
 
 
+def _identity(data: bytes) -> bytes:
+    return data
+
+
 def _notify(listener: Callable[..., None], *args: object) -> None:
     """Calls a listener; one that fails is logged and does not break the link that called it."""
     try:
         listener(*args)
     except Exception:
         log.exception("listener_failed")
-
-
-def _identity(data: bytes) -> bytes:
-    return data

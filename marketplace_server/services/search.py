@@ -250,4 +250,4 @@ class MatchFloor:
         return 0 < matched < self.minimum
 
 
-__all__ = ["MatchFloor", "SearchService", "parse_data_request_name"]
+__all__ = ["MatchFloor", "SearchService"]

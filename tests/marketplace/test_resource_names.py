@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
-from eddie_client.client import Session
+from eddie_client import Session
 from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
