@@ -164,10 +164,7 @@ async def create_server(config: Config) -> tuple[AiidaApp, int]:
     )
     aiida_pb2_grpc.add_AiidaServiceServicer_to_server(AiidaServiceServicer(), server)
     health_servicer: health.aio.HealthServicer = add_health_and_reflection(server, [SERVICE_NAME])
-    try:
-        port = bind(server, config.listen, _tls(config))
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+    port = bind(server, config.listen, _tls(config))
     ca = config.marketplace_ca.read_bytes() if config.marketplace_ca else None
     app = AiidaApp(
         config,
