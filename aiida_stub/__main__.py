@@ -27,6 +27,8 @@ def preflight(config: Config) -> None:
         load_profiles(config.profiles)
     writable_dir("--state-dir", config.state_dir)
     free_port("--listen", config.listen, PROGRAM.prog)
+    if config.metrics_listen is not None:
+        free_port("--metrics-listen", config.metrics_listen, PROGRAM.prog)
 
 
 def explain(exc: BaseException) -> StartupError | None:

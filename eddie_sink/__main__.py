@@ -25,6 +25,8 @@ def preflight(config: SinkConfig) -> None:
             raise UsageError(f"--jsonl {config.jsonl}: is a directory", "give a file name")
         writable_dir("--jsonl", config.jsonl.parent)
     free_port("--listen", config.listen, PROGRAM.prog)
+    if config.metrics_listen is not None:
+        free_port("--metrics-listen", config.metrics_listen, PROGRAM.prog)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,12 @@ class SinkConfig:
     marketplace_ca: Path | None = flag(
         "dial the marketplace with TLS, trusting these CA certificates", default=None, metavar="PEM"
     )
+    metrics_listen: str | None = flag(
+        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
+        default=None,
+        metavar="HOST:PORT",
+        check=host_port,
+    )
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 

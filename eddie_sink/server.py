@@ -9,8 +9,9 @@ import grpc
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.cli import split_host_port
-from eddie_common.interceptors import ServiceInterceptor
+from eddie_common.interceptors import Authenticator, ServiceInterceptor
 from eddie_common.logging import log_event
+from eddie_common.metrics import announce_metrics
 from eddie_common.serving import (
     SERVER_OPTIONS,
     Lifecycle,
@@ -22,6 +23,7 @@ from eddie_common.serving import (
 from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
 from eddie_sink.keys import MarketplaceKeys
+from eddie_sink.metrics import SinkMetrics
 from eddie_sink.page_tokens import PageTokens
 from eddie_sink.servicer import DataSinkServicer
 from eddie_sink.store import ReadingStore
@@ -43,6 +45,7 @@ class SinkApp:
     writer: ReadingWriter
     keys: MarketplaceKeys
     port: int
+    metrics: SinkMetrics | None = None  # with --metrics-listen
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -73,14 +76,23 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     keys = MarketplaceKeys(
         config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
     )
-    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=SinkAuthenticator(keys))
-    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    metrics = SinkMetrics() if config.metrics_listen is not None else None
+    authenticate: Authenticator = SinkAuthenticator(keys)
+    if metrics is not None:
+        metrics.watch(writer)
+        authenticate = metrics.counting_refusals(authenticate)
+    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=authenticate)
+    server = grpc.aio.server(
+        interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor], options=SERVER_OPTIONS
+    )
     data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(
-        DataSinkServicer(store, writer, page_tokens), server
+        DataSinkServicer(store, writer, page_tokens, metrics.on_refused if metrics else None), server
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
         port = bind(server, config.listen, tls_files(config))
+        if metrics is not None and config.metrics_listen is not None:
+            await metrics.endpoint.start(config.metrics_listen)
     except Exception:
         await keys.close()
         await store.close()
@@ -89,12 +101,16 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     keys.start()
     await server.start()
     lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=[writer.close, keys.close, store.close])
+    if metrics is not None:
+        lifecycle.on_stop.append(metrics.endpoint.stop)
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port), port
+    return SinkApp(lifecycle, store, writer, keys, port, metrics), port
 
 
 async def run(config: SinkConfig) -> None:
     """Serves until SIGINT/SIGTERM."""
     app, port = await create_server(config)
     host, _ = split_host_port(config.listen)
+    if app.metrics is not None and app.metrics.endpoint.port is not None:
+        announce_metrics(split_host_port(str(config.metrics_listen))[0], app.metrics.endpoint.port)
     await run_until_signal(app.lifecycle, host, port, config.grace_period, PROGRAM)

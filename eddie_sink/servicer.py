@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
@@ -21,7 +21,14 @@ log = logging.getLogger(__name__)
 class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
     """Receives readings from AIIDAs and lets the eligible party list them."""
 
-    def __init__(self, store: ReadingStore, writer: ReadingWriter, page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        store: ReadingStore,
+        writer: ReadingWriter,
+        page_tokens: PageTokens,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self._on_refused = on_refused
         self._store = store
         self._writer = writer
         self._page_tokens = page_tokens
@@ -48,6 +55,8 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
             # What the stream delivered before the bad message stays stored; commit it first.
             await receipts.settle()
             reason = getattr(exc, "reason", type(exc).__name__)
+            if self._on_refused is not None:
+                self._on_refused(str(reason))
             log_event(
                 log,
                 "reading_stream_failed",

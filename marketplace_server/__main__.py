@@ -9,6 +9,7 @@ import sys
 
 from eddie_common.cli import split_host_port
 from eddie_common.logging import configure_logging, log_event
+from eddie_common.metrics import announce_metrics
 from eddie_common.serving import announce
 from eddie_common.startup import run_main
 from marketplace_server.config import PROGRAM, Config, parse_config
@@ -29,6 +30,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    if app.metrics is not None and app.metrics.endpoint.port is not None:
+        announce_metrics(split_host_port(str(config.metrics_listen))[0], app.metrics.endpoint.port)
     announce(host, port)
     log_event(log, "serving", address=f"{host}:{port}", database=app.engine.dialect.name)
     await stop.wait()

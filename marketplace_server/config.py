@@ -150,6 +150,12 @@ class Config:
     ping_interval: float = flag(
         "seconds between liveness pings on each AIIDA stream", default=30.0, metavar="SECONDS", check=positive
     )
+    metrics_listen: str | None = flag(
+        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
+        default=None,
+        metavar="HOST:PORT",
+        check=host_port,
+    )
     # Not flags.
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None

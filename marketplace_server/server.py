@@ -29,6 +29,7 @@ from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, ma
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.metrics import MarketplaceMetrics
 from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
@@ -71,10 +72,14 @@ class Marketplace:
     issuer: TokenIssuer
     lifecycle: Lifecycle
     components: dict[str, Any] = field(default_factory=dict)
+    metrics: MarketplaceMetrics | None = None  # with --metrics-listen
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            await self.metrics.endpoint.start(self.config.metrics_listen)
+            self.lifecycle.on_stop.append(self.metrics.endpoint.stop)
         await self.server.start()
         for start in self.background:
             self._tasks.append(asyncio.create_task(start()))
@@ -107,8 +112,9 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         public_methods=PUBLIC_METHODS,
         translate=translate_infrastructure_error,
     )
+    metrics = MarketplaceMetrics() if config.metrics_listen is not None else None
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
@@ -138,7 +144,10 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
-    app = Marketplace(config, server, engine, sessions, signing_key, issuer, lifecycle)
+    app = Marketplace(config, server, engine, sessions, signing_key, issuer, lifecycle, metrics=metrics)
+    if metrics is not None:
+        metrics.watch(manager, permissions["events"], sessions)
+        search.observers.append(metrics.on_search)
     app.components.update(
         identity=identity,
         authenticator=authenticator,

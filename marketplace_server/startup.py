@@ -35,6 +35,8 @@ def preflight(config: Config) -> None:
         readable_file(flag, path)
     writable_dir("--data-dir", config.data_dir)
     free_port("--listen", config.listen, PROGRAM.prog)
+    if config.metrics_listen is not None:
+        free_port("--metrics-listen", config.metrics_listen, PROGRAM.prog)
 
 
 async def check_database(config: Config) -> None:

@@ -109,6 +109,10 @@ class EventHub:
     def stream_count(self, account_id: str) -> int:
         return len(self._subscribers.get(account_id, ()))
 
+    def open_streams(self) -> int:
+        """Streams of every account (for the metrics)."""
+        return sum(len(subscribers) for subscribers in self._subscribers.values())
+
     @contextlib.contextmanager
     def subscribe(
         self, account_id: str, accepts: Callable[[Event], bool] = lambda _: True

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -59,6 +59,8 @@ class SearchService:
         self.manager = manager
         self.config = config
         self.limiter = RateLimiter(config.search_rate_per_minute)
+        # Called with every summary (the metrics); they must not block.
+        self.observers: list[Callable[[data_request_pb2.SearchSummary], None]] = []
 
     def _timeout(self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None) -> float:
         timeout = self.config.search_timeout_default
@@ -125,6 +127,8 @@ class SearchService:
             timed_out=timed_out,
             elapsed_ms=int(summary.elapsed.ToMilliseconds()),
         )
+        for observe in self.observers:
+            observe(summary)
         yield data_request_pb2.SearchInstancesResponse(summary=summary)
 
     async def _store(

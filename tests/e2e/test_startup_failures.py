@@ -119,6 +119,8 @@ USAGE_CASES: list[tuple[str, list[str], int, list[str]]] = [
     ("aiida-stub", ["--time-scale", "fast"], 2, ["--time-scale", "'fast'"]),
     ("eddie-sink", ["--grace-period", "soon"], 2, ["--grace-period", "'soon'"]),
     ("marketplace-server", ["--database-url", "mysql://x@h/db"], 2, ["--database-url"]),
+    ("eddie-sink", ["--metrics-listen", "999.1.1.1:9"], 2, ["--metrics-listen", "999.1.1.1"]),
+    ("aiida-stub", ["--metrics-listen", "nohost"], 2, ["--metrics-listen", "'nohost'"]),
     ("marketplace-server", ["--listen", "1.2.3.4:0"], 2, ["--listen: cannot listen on 1.2.3.4:0"]),
 ]
 
@@ -178,6 +180,14 @@ def test_unreadable_tls_file_and_unwritable_data_dir(tmp_path: Path) -> None:
     outcome = run_program("marketplace-server", tmp_path, "--data-dir", str(locked / "data"))
     assert_one_line(outcome, "marketplace-server", 2, f"{locked}", "not writable")
     assert not (locked / "data").exists()
+
+
+def test_metrics_port_taken(tmp_path: Path, taken_port: int) -> None:
+    outcome = run_program("marketplace-server", tmp_path, "--metrics-listen", f"127.0.0.1:{taken_port}")
+    assert_one_line(
+        outcome, "marketplace-server", 2, f"--metrics-listen: cannot listen on 127.0.0.1:{taken_port}"
+    )
+    assert not (tmp_path / "data").exists()
 
 
 def test_debug_log_level_still_shows_the_traceback(tmp_path: Path, taken_port: int) -> None:
