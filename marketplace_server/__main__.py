@@ -13,7 +13,7 @@ from eddie_common.metrics import announce_metrics
 from eddie_common.serving import announce
 from eddie_common.startup import run_main
 from marketplace_server.config import PROGRAM, Config, parse_config
-from marketplace_server.startup import check_database, explain_database_error, preflight
+from marketplace_server.startup import check_database, explain, preflight
 
 log = logging.getLogger("marketplace_server")
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         config.log_level,
         preflight=lambda: preflight(config),
         serve=lambda: serve(config),
-        translate=lambda exc: explain_database_error(exc, config.database_url),
+        translate=lambda exc: explain(exc, config),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -26,6 +27,13 @@ def database_url(value: str) -> None:
         raise ValueError(
             f"{url.drivername!r} is not an asyncio driver: use postgresql+asyncpg or sqlite+aiosqlite"
         )
+
+
+def http_url(value: str) -> None:
+    """An absolute http(s) URL (an OpenID Connect issuer)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL such as https://sso.example.org/realms/x, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,23 @@ class Config:
     ping_interval: float = flag(
         "seconds between liveness pings on each AIIDA stream", default=30.0, metavar="SECONDS", check=positive
     )
+    oidc_issuer: str | None = flag(
+        "also accept access tokens of this OpenID Connect issuer (keys from its discovery document's "
+        "jwks_uri); needs --oidc-audience",
+        default=None,
+        metavar="URL",
+        check=http_url,
+    )
+    oidc_audience: str | None = flag(
+        "the `aud` the external issuer's access tokens must carry (e.g. the marketplace's client id)",
+        default=None,
+        metavar="AUD",
+    )
+    oidc_role_claim: str = flag(
+        "claim (dotted path, e.g. realm_access.roles) naming the role: customer or eligible_party",
+        default="eddie_role",
+        metavar="CLAIM",
+    )
     metrics_listen: str | None = flag(
         "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
         default=None,
@@ -175,6 +200,10 @@ class Config:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key")
         if (self.aiida_client_cert is None) != (self.aiida_client_key is None):
             problems.append("--aiida-client-cert and --aiida-client-key must be given together")
+        if (self.oidc_issuer is None) != (self.oidc_audience is None):
+            problems.append("--oidc-issuer and --oidc-audience must be given together")
+        if self.oidc_issuer is not None and self.oidc_issuer == self.issuer:
+            problems.append("--oidc-issuer must differ from --issuer (the marketplace's own tokens)")
         if self.search_timeout_default > self.search_timeout_max:
             problems.append(
                 f"--search-timeout ({self.search_timeout_default}) exceeds --search-timeout-max "

@@ -2,7 +2,8 @@
 
 `preflight` runs before anything is created; `check_database` connects once (PostgreSQL)
 before the signing key or any table exists; `explain` turns the database driver's errors into
-one line naming the database, the host and the user, never the password.
+one line naming the database, the host and the user, never the password, and an unreachable
+OpenID Connect issuer into one line naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from eddie_common.startup import StartupError, Unavailable, free_port, readable_file, writable_dir
 from marketplace_server.config import PROGRAM, Config
+from marketplace_server.oidc import OidcDiscoveryError
 
 CONNECT_TIMEOUT = 10.0
 
@@ -66,6 +68,14 @@ async def check_database(config: Config) -> None:
         raise explained from exc
     finally:
         await engine.dispose()
+
+
+def explain(exc: BaseException, config: Config) -> StartupError | None:
+    """One line for a failure of a dependency at start-up: the database or the OIDC issuer."""
+    for cause in _causes(exc):
+        if isinstance(cause, OidcDiscoveryError):
+            return Unavailable(str(cause))
+    return explain_database_error(exc, config.database_url)
 
 
 def explain_database_error(exc: BaseException, database_url: str | None) -> StartupError | None:

@@ -190,6 +190,12 @@ def test_metrics_port_taken(tmp_path: Path, taken_port: int) -> None:
     assert not (tmp_path / "data").exists()
 
 
+def test_unreachable_oidc_issuer(tmp_path: Path) -> None:
+    issuer = "http://127.0.0.1:1/realms/eddie"
+    outcome = run_program("marketplace-server", tmp_path, "--oidc-issuer", issuer, "--oidc-audience", "eddie")
+    assert_one_line(outcome, "marketplace-server", 1, f"OpenID Connect issuer {issuer} is unavailable")
+
+
 def test_debug_log_level_still_shows_the_traceback(tmp_path: Path, taken_port: int) -> None:
     outcome = run_program(
         "marketplace-server", tmp_path, "--listen", f"127.0.0.1:{taken_port}", "--log-level", "debug"
