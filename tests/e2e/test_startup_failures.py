@@ -50,7 +50,7 @@ def run_program(program: str, tmp: Path, *args: str, env: dict[str, str] | None 
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=60,
+        timeout=180,
         env={**os.environ, **(env or {})},
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -138,10 +138,11 @@ def usage_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
         (tmp / "bad.toml").write_text(BAD_PROFILE)
         return tmp, run_program(case[0], tmp, *case[1])
 
-    with ThreadPoolExecutor(max_workers=6) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(CASE_IDS, pool.map(one, USAGE_CASES), strict=True))
 
 
+@pytest.mark.timeout(900)  # the first case's setup runs all of them (the module fixture)
 @pytest.mark.parametrize(("program", "args", "status", "names"), USAGE_CASES, ids=CASE_IDS)
 def test_bad_input_is_one_line_and_nothing_is_created(
     usage_outcomes: dict[str, tuple[Path, Outcome]],
