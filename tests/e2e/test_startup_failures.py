@@ -45,14 +45,17 @@ class Outcome:
 
 def run_program(program: str, tmp: Path, *args: str, env: dict[str, str] | None = None) -> Outcome:
     argv = [a.replace("{tmp}", str(tmp)) for a in [*BASE_ARGS[program], *args]]
-    result = subprocess.run(
-        [sys.executable, "-m", MODULES[program], *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-        env={**os.environ, **(env or {})},
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", MODULES[program], *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=180,
+            env={**os.environ, **(env or {})},
+        )
+    except subprocess.TimeoutExpired:  # only this case fails
+        return Outcome(-1, f"{program} {argv} did not exit within 180 s")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     return Outcome(result.returncode, result.stderr, lines)
 
