@@ -29,6 +29,7 @@ from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, ma
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.keyring import load_key_ring
 from marketplace_server.metrics import MarketplaceMetrics
 from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
 from marketplace_server.pagination import PageTokenCodec
@@ -39,12 +40,14 @@ from marketplace_server.rpc.data_requests import DataRequestServicer
 from marketplace_server.rpc.identity import IdentityServicer
 from marketplace_server.rpc.instances import InstanceServicer
 from marketplace_server.services.access import AccessService
+from marketplace_server.services.activities import ActivityFeed
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
 from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
 from marketplace_server.services.permissions import PermissionLedger
+from marketplace_server.services.receipts import ReceiptService, ReceiptSigner
 from marketplace_server.services.search import SearchService
 from marketplace_server.services.statuses import StatusApplier
 from marketplace_server.services.timeouts import DecisionTimeouts
@@ -108,11 +111,12 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         await engine.dispose()
         raise
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    signing_key = SigningKey.load_or_create(config.data_dir / "signing-key.pem")
+    ring = load_key_ring(config.data_dir, rotate=config.rotate_signing_key)
+    signing_key = ring.current
     issuer = TokenIssuer(signing_key, config.issuer)
     await migrate(engine)
 
-    verifier = marketplace_verifier({signing_key.key_id: signing_key.public_key}, config.issuer)
+    verifier = marketplace_verifier({k.key_id: k.public_key for k in ring.keys}, config.issuer)
     authenticator = AccessTokenAuthenticator(verifier, sessions, external)
     interceptor = ServiceInterceptor(
         domain=DOMAIN,
@@ -135,13 +139,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         login_limiter=RateLimiter(config.login_attempts_per_minute),
     )
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, [signing_key], config.issuer), server
+        IdentityServicer(identity, ring.keys, config.issuer), server
     )
     pages = PageTokenCodec.from_signing_key(signing_key)
-    manager = ConnectionManager(config, issuer, sessions)
+    # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
+    manager = ConnectionManager(config, TokenIssuer(ring.device_key, config.issuer), sessions)
     instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(
-        InstanceServicer(instances, signing_key.public_pem, config.issuer, pages), server
+        InstanceServicer(instances, ring.device_key.public_pem, config.issuer, pages), server
     )
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
@@ -207,11 +212,14 @@ def _add_permission_services(
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
     access = AccessService(ledger, timeouts, pages, config.decision_timeout)
-    consent = ConsentService(ledger, hub, timeouts)
+    receipts = ReceiptService(sessions, ReceiptSigner(issuer.key, config.issuer), pages)
+    consent = ConsentService(ledger, hub, timeouts, receipts.signer)
     access_pb2_grpc.add_AccessServiceServicer_to_server(
         AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
     )
-    consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentServicer(consent), server)
+    consent_pb2_grpc.add_ConsentServiceServicer_to_server(
+        ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
+    )
     return {
         "events": hub,
         "permissions": ledger,
@@ -220,4 +228,5 @@ def _add_permission_services(
         "outbox": outbox,
         "access": access,
         "consent": consent,
+        "receipts": receipts,
     }
