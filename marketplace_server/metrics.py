@@ -49,6 +49,10 @@ class MarketplaceMetrics:
         self.search_answers = Counter(
             "marketplace_search_answers", "AIIDA answers to searches, by kind", ["kind"], registry=r
         )
+        self.searches_withheld = Counter(
+            "marketplace_searches_withheld", "searches whose matches were withheld (below --min-match-set)",
+            registry=r,
+        )  # fmt: skip
         self.outbox_pending = Gauge(
             "marketplace_outbox_pending", "deliveries to AIIDAs not acknowledged yet", registry=r
         )
@@ -73,6 +77,8 @@ class MarketplaceMetrics:
 
     def on_search(self, summary: data_request_pb2.SearchSummary) -> None:
         self.search_seconds.observe(summary.elapsed.ToNanoseconds() / 1e9)
+        if summary.withheld:
+            self.searches_withheld.inc()
         for kind in ANSWER_KINDS:
             count = getattr(summary, kind)
             if count:

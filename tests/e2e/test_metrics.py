@@ -108,6 +108,7 @@ async def test_metrics_follow_searches_and_readings(watched: Watched) -> None:
     after_search = await scrape(watched.marketplace)
     assert value(after_search, "marketplace_search_seconds_count") == 1
     assert value(after_search, "marketplace_search_answers_total", kind="matched") == 1
+    assert value(after_search, "marketplace_searches_withheld_total") == 0
     search_calls = {
         "grpc_service": "eddie.marketplace.v1.DataRequestService",
         "grpc_method": "SearchInstances",
