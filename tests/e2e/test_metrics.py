@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eddie_client import procs
 from eddie_client.client import ROLE_CUSTOMER, ROLE_ELIGIBLE_PARTY, MarketplaceClient, data_need
-from tests.helpers import eventually
+from tests.support.expect import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import POSTGRES_URL, _postgres_execute, postgres_reachable
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 pytestmark = pytest.mark.e2e
 
@@ -264,7 +264,7 @@ def test_missing_schema(tmp_path: Path, postgres: str) -> None:
 @pytest.mark.postgres
 def test_tls_files_are_checked_before_any_migration(tmp_path: Path, postgres: str) -> None:
     schema = f"t_{os.urandom(8).hex()}"
-    asyncio.run(_postgres_execute(f"CREATE SCHEMA {schema}"))
+    asyncio.run(postgres_execute(f"CREATE SCHEMA {schema}"))
     try:
         outcome = run_program(
             "marketplace-server",
@@ -274,7 +274,7 @@ def test_tls_files_are_checked_before_any_migration(tmp_path: Path, postgres: st
         )
         assert_one_line(outcome, "marketplace-server", 2, f"--tls-cert {tmp_path}/missing.pem")
         tables = f"SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}'"
-        assert asyncio.run(_postgres_execute(tables)) == 0
+        assert asyncio.run(postgres_execute(tables)) == 0
         assert not (tmp_path / "data").exists()
     finally:
-        asyncio.run(_postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        asyncio.run(postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
