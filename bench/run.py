@@ -1,13 +1,17 @@
 """`make bench`: the search fan-out against the bare grpc.aio floor, and W6 latencies.
 
 Prints a table and writes bench/results/bench.json. Usage:
-    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access]
+    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access] [--sink-churn]
+
+`--sink-churn` adds the sink-under-churn soak (bench/sink_churn.py, issue 15.7);
+`--sizes '' --skip-access --sink-churn` runs only that.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -18,10 +22,15 @@ from typing import Any
 from bench import search
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SEARCH_LABELS = {
+    "broad_50": "broad search 50 %",
+    "broad_80": "broad search 80 %",
+    "selective": "selective 20 %",
+}
 
 
 def _row(label: str, *cells: str) -> str:
-    return f"{label:<44}" + "".join(f"{c:>14}" for c in cells)
+    return f"{label:<44}" + "".join(f"{c:>16}" for c in cells)
 
 
 def print_search_table(rows: list[dict[str, Any]]) -> None:
@@ -32,26 +41,35 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
             "floor p50 / p95 ms", *(f"{r['floor']['p50_ms']:.0f} / {r['floor']['p95_ms']:.0f}" for r in rows)
         )
     )
-    print(
-        _row(
-            "broad search p50 / p95 ms",
-            *(f"{r['search']['p50_ms']:.0f} / {r['search']['p95_ms']:.0f}" for r in rows),
+    for key, label in SEARCH_LABELS.items():
+        print(
+            _row(
+                f"{label} p50 / p95 ms",
+                *(f"{r['search'][key]['p50_ms']:.0f} / {r['search'][key]['p95_ms']:.0f}" for r in rows),
+            )
         )
-    )
-    print(_row("  matches streamed per search", *(f"{r['search']['matched']:,}" for r in rows)))
-    print(_row("ratio search/floor (p50)", *(f"{r['ratio_p50']:.2f}" for r in rows)))
-    print(
-        _row(
-            "selective search p50 / p95 ms",
-            *(
-                f"{r['search']['selective']['p50_ms']:.0f} / {r['search']['selective']['p95_ms']:.0f}"
-                for r in rows
-            ),
+        print(_row("  ratio to the floor (p50)", *(f"{r['ratios'][key]:.2f}" for r in rows)))
+        print(
+            _row(
+                "  matched / `matches` messages per search",
+                *(f"{r['search'][key]['matched']:,} / {r['search'][key]['messages_p50']:.0f}" for r in rows),
+            )
         )
+        print(
+            _row(
+                "  marketplace CPU us per instance",
+                *(f"{r['search'][key]['cpu_us_per_instance']:.0f}" for r in rows),
+            )
+        )
+        print(
+            _row(
+                "  fleet (all N AIIDAs) CPU us per instance",
+                *(f"{r['search'][key]['fleet_cpu_us_per_instance']:.0f}" for r in rows),
+            )
+        )
+    print(
+        _row("floor client CPU us per instance", *(f"{r['floor']['cpu_us_per_instance']:.0f}" for r in rows))
     )
-    print(_row("  matches streamed per search", *(f"{r['search']['selective']['matched']:,}" for r in rows)))
-    print(_row("ratio selective/floor (p50)", *(f"{r['ratio_selective_p50']:.2f}" for r in rows)))
-    print(_row("marketplace CPU ms per search", *(f"{r['search']['cpu_ms_per_search']:.0f}" for r in rows)))
     print(
         _row("floor client KiB per idle stream", *(f"{r['floor']['rss_per_stream_kib']:.1f}" for r in rows))
     )
@@ -62,13 +80,20 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
         )
     )
     print(_row("ratio memory", *(f"{r['ratio_memory']:.2f}" for r in rows)))
-    print(_row("claim all N s", *(f"{r['search']['claim_s']:.1f}" for r in rows)))
+    print(_row("floor: open all N streams s", *(f"{r['floor']['open_s']:.1f}" for r in rows)))
     print(
         _row(
             "restart -> search reaches all s",
             *(f"{r['search']['restart_to_full_reach_s']:.1f}" for r in rows),
         )
     )
+    print(
+        _row(
+            "  of which marketplace start-up s",
+            *(f"{r['search']['restart_to_listening_s']:.1f}" for r in rows),
+        )
+    )
+    print(_row("claims per second", *(f"{r['search']['claims_per_s']:.0f}" for r in rows)))
 
 
 def main() -> None:
@@ -80,10 +105,15 @@ def main() -> None:
     parser.add_argument(
         "--skip-access", action="store_true", help="skip the W6 approval/revocation latencies"
     )
+    parser.add_argument(
+        "--sink-churn", action="store_true", help="also run the sink soak: 1,000 reconnecting publish streams"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "search": [],
@@ -100,18 +130,28 @@ def main() -> None:
                     "n": n,
                     "floor": floor,
                     "search": product,
-                    "ratio_p50": product["p50_ms"] / floor["p50_ms"],
-                    "ratio_selective_p50": product["selective"]["p50_ms"] / floor["p50_ms"],
+                    "ratios": {key: product[key]["p50_ms"] / floor["p50_ms"] for key in SEARCH_LABELS},
                     "ratio_memory": product["rss_per_instance_kib"] / floor["rss_per_stream_kib"],
                 }
             )
             print(json.dumps(report["search"][-1]), flush=True)
+        if args.sink_churn:
+            from bench import sink_churn
+
+            print("sink under churn: 1,000 reconnecting publish streams, EPs listing ...", flush=True)
+            report["sink_churn"] = sink_churn.run(work / "sink-churn")
         if not args.skip_access:
             from bench import access
 
             print("W6: approval -> first reading, revocation -> last reading ...", flush=True)
             report["access"] = access.run(work)
-    print_search_table(report["search"])
+    report["load_after"] = os.getloadavg()
+    if report["search"]:
+        print_search_table(report["search"])
+    if "sink_churn" in report:
+        from bench import sink_churn
+
+        sink_churn.print_figures(report["sink_churn"])
     if "access" in report:
         a = report["access"]
         print()
@@ -123,9 +163,11 @@ def main() -> None:
             )
         )
         print(_row("W6 revocation -> last reading", f"max {a['revocation_to_last_reading_max_ms']:.0f} ms"))
+    load = ", ".join(f"{x:.1f}" for x in report["load_before"])
+    print(f"\nload average before the run: {load} ({report['cpus']} CPUs)")
     out = RESULTS / "bench.json"
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten {out}")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

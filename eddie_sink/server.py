@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -12,6 +13,7 @@ from eddie_common.cli import split_host_port
 from eddie_common.interceptors import Authenticator, ServiceInterceptor
 from eddie_common.logging import log_event
 from eddie_common.metrics import announce_metrics
+from eddie_common.mqtt import parse_broker_uri
 from eddie_common.serving import (
     SERVER_OPTIONS,
     Lifecycle,
@@ -24,6 +26,7 @@ from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
 from eddie_sink.keys import MarketplaceKeys
 from eddie_sink.metrics import SinkMetrics
+from eddie_sink.mqtt import MqttIngest
 from eddie_sink.page_tokens import PageTokens
 from eddie_sink.servicer import DataSinkServicer
 from eddie_sink.store import ReadingStore
@@ -45,6 +48,7 @@ class SinkApp:
     writer: ReadingWriter
     keys: MarketplaceKeys
     port: int
+    mqtt: MqttIngest | None = None
     metrics: SinkMetrics | None = None  # with --metrics-listen
 
     @property
@@ -99,12 +103,27 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
         raise
     writer.start()
     keys.start()
+    mqtt = None
+    if config.mqtt_url:
+        client_id = "eddie-sink-" + (await store.secret("mqtt_client_id", 6)).hex()
+        mqtt = MqttIngest(
+            parse_broker_uri(config.mqtt_url),
+            keys,
+            store,
+            writer,
+            client_id=client_id,
+            session_expiry=config.mqtt_session_expiry,
+        )
+        mqtt.start()
     await server.start()
-    lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=[writer.close, keys.close, store.close])
+    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, keys.close, store.close]
+    if mqtt is not None:
+        on_stop.insert(0, mqtt.close)  # no new MQTT readings once the writer commits its last batch
     if metrics is not None:
-        lifecycle.on_stop.append(metrics.endpoint.stop)
+        on_stop.append(metrics.endpoint.stop)
+    lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=on_stop)
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port, metrics), port
+    return SinkApp(lifecycle, store, writer, keys, port, mqtt=mqtt, metrics=metrics), port
 
 
 async def run(config: SinkConfig) -> None:
