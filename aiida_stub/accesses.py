@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 from aiida_stub.profile import Profile, Source, to_micros
@@ -11,8 +10,8 @@ from aiida_stub.streamer import StreamPlan
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.cli import split_host_port
 from eddie_common.errors import Validator
+from eddie_common.ids import is_permission_id
 
-PERMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SINK_SCHEMES = ("grpc://", "grpcs://", "mqtt://", "mqtts://")
 
 
@@ -35,7 +34,7 @@ def validate_data_access(access: aiida_pb2.DataAccess, has_access: bool) -> None
         v.add("data_access", "required")
         v.raise_if_any()
     v.check(
-        bool(PERMISSION_ID.fullmatch(access.permission_id)),
+        is_permission_id(access.permission_id),
         "data_access.permission_id",
         "required: 1-128 of [A-Za-z0-9_-]",
     )

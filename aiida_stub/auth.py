@@ -10,41 +10,18 @@ streams at once.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+from aiida_stub.instance import AiidaInstance
+from aiida_stub.trust import MarketplaceTrust
 from eddie_common import tokens
 from eddie_common.errors import Unauthenticated
-from eddie_common.interceptors import current_principal
-
-if TYPE_CHECKING:
-    from aiida_stub.instance import AiidaInstance
+from eddie_common.interceptors import caller_as
 
 INSTANCE_ID_HEADER = "aiida-instance-id"
 TOKEN_CACHE_SECONDS = 60.0
 TOKEN_CACHE_SIZE = 50_000
-
-
-@dataclass(frozen=True, eq=False)
-class MarketplaceTrust:
-    """The key and issuer of the marketplace an instance registered at."""
-
-    public_key_pem: str
-    issuer: str
-    verifier: tokens.TokenVerifier
-
-
-@functools.lru_cache(maxsize=16)
-def trust_for(public_key_pem: str, issuer: str) -> MarketplaceTrust:
-    """The trust in one marketplace key (shared by every instance of a fleet); ValueError if unusable."""
-    key = tokens.load_public_key(public_key_pem)
-    verifier = tokens.TokenVerifier(
-        {tokens.key_id_of(key): key}, issuer=issuer, audience=tokens.AUDIENCE_AIIDA
-    )
-    return MarketplaceTrust(public_key_pem, issuer, verifier)
 
 
 def _headers(metadata: tuple[tuple[str, str | bytes], ...]) -> tuple[str, str | None]:
@@ -64,7 +41,7 @@ class InstanceAuthenticator:
         # token -> (instance id, trust it verified against, cached until)
         self._verified: dict[str, tuple[str, MarketplaceTrust, float]] = {}
 
-    async def __call__(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> Any:
+    async def __call__(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> AiidaInstance:
         instance_id, token = _headers(metadata)
         if not instance_id:
             raise Unauthenticated(f"missing {INSTANCE_ID_HEADER} metadata", reason="INSTANCE_ID_MISSING")
@@ -98,5 +75,7 @@ class InstanceAuthenticator:
 
 def current_instance() -> AiidaInstance:
     """The instance the current call was authenticated for (set by the interceptor)."""
-    instance: AiidaInstance = current_principal.get()
+    instance = caller_as(AiidaInstance)
+    if instance is None:
+        raise Unauthenticated("no instance authenticated for this call", reason="UNAUTHENTICATED")
     return instance

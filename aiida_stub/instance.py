@@ -14,16 +14,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiida_stub.accesses import PERMISSION_ID, stream_plan, validate_data_access
-from aiida_stub.auth import MarketplaceTrust
+from aiida_stub.accesses import stream_plan, validate_data_access
 from aiida_stub.matcher import find_source
 from aiida_stub.meter import meter_for
 from aiida_stub.mqtt import MqttAccessStreamer
 from aiida_stub.profile import Profile
 from aiida_stub.state import AccessRecord, InstanceRecord, StateStore, StateValue
 from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels, StreamStats
+from aiida_stub.trust import MarketplaceTrust
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.errors import InvalidArgument, NotFound
+from eddie_common.ids import is_permission_id
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
 
@@ -144,7 +145,7 @@ class AiidaInstance:
 
     async def revoke_access(self, permission_id: str, reason: str) -> AccessRecord:
         """Idempotent; an unknown id is recorded as revoked so a later configure cannot revive it."""
-        if not PERMISSION_ID.fullmatch(permission_id):
+        if not is_permission_id(permission_id):
             raise InvalidArgument.for_field("permission_id", "required: 1-128 of [A-Za-z0-9_-]")
         access = self.record.accesses.get(permission_id)
         if access is not None and access.terminal:

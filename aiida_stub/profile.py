@@ -62,12 +62,6 @@ class Source:
     available_since: datetime  # aware, UTC
     data_tags: Mapping[str, str]  # OBIS code -> unit
 
-    @property
-    def energy_type_name(self) -> str:
-        return energy_pb2.EnergyType.Name(energy_pb2.EnergyType.ValueType(self.energy_type)).removeprefix(
-            "ENERGY_TYPE_"
-        )
-
 
 @dataclass(frozen=True, eq=False)
 class Profile:

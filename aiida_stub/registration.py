@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import grpc
 
-from aiida_stub.auth import trust_for
 from aiida_stub.instance import AiidaInstance
+from aiida_stub.trust import trust_for
 from eddie.marketplace.v1 import instance_pb2, instance_pb2_grpc
 from eddie_common import tokens
 from eddie_common.logging import log_event

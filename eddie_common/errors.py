@@ -85,11 +85,6 @@ class Unavailable(DomainError):
     default_reason = "UNAVAILABLE"
 
 
-class DeadlineExceeded(DomainError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
-
-
 class Aborted(DomainError):
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"

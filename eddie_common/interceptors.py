@@ -14,27 +14,27 @@ import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from eddie_common.errors import DomainError, InvalidArgument
 from eddie_common.logging import log_event
 
 log = logging.getLogger(__name__)
 
-# The authenticated caller of the current RPC; set by the interceptor.
-current_principal: contextvars.ContextVar[Any] = contextvars.ContextVar("current_principal", default=None)
+# The authenticated caller of the current RPC; set by the interceptor, read through `caller_as`.
+_current_caller: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "current_caller", default=None
+)
 
-# (method, metadata) -> principal, or raises DomainError (usually Unauthenticated).
-Authenticator = Callable[[str, tuple[tuple[str, str | bytes], ...]], Awaitable[Any]]
+# (method, metadata) -> the caller, or raises DomainError (usually Unauthenticated).
+Authenticator = Callable[[str, tuple[tuple[str, str | bytes], ...]], Awaitable[object]]
 # Maps a non-domain exception (e.g. a database outage) to a DomainError, or None.
 Translator = Callable[[BaseException], DomainError | None]
-
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
 
 # Trailers past the client's metadata limit (8 KiB soft, 16 KiB hard by default) would replace the
 # error with the client's own RESOURCE_EXHAUSTED, so what an error carries is bounded.
@@ -52,8 +52,9 @@ def error_message(error: DomainError) -> str:
     return _clip(error.message, MAX_MESSAGE_CHARS)
 
 
-def status_trailer(error: DomainError, domain: str) -> tuple[tuple[str, bytes], ...]:
-    """The `grpc-status-details-bin` trailer carrying ErrorInfo and (the first violations as) BadRequest."""
+def rich_status(error: DomainError, domain: str) -> grpc.Status:
+    """The status of `error`: its code and message, with ErrorInfo and (the first violations as)
+    BadRequest in the `grpc-status-details-bin` trailer that `grpc_status` writes."""
     status = status_pb2.Status(code=error.code.value[0], message=error_message(error))
     info = any_pb2.Any()
     metadata = {_clip(k, _MAX_FIELD_CHARS): _clip(v, _MAX_FIELD_CHARS) for k, v in error.metadata.items()}
@@ -73,7 +74,8 @@ def status_trailer(error: DomainError, domain: str) -> tuple[tuple[str, bytes], 
         detail = any_pb2.Any()
         detail.Pack(bad)
         status.details.append(detail)
-    return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+    built: grpc.Status = rpc_status.to_status(status)
+    return built
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -133,8 +135,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def _authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         assert self.authenticate is not None
-        principal = await self.authenticate(method, tuple(context.invocation_metadata() or ()))
-        current_principal.set(principal)
+        caller = await self.authenticate(method, tuple(context.invocation_metadata() or ()))
+        _current_caller.set(caller)
 
     async def _admit(self, request: Any, method: str, needs_auth: bool, streaming: bool, context: Any) -> Any:
         """Authenticates, then refuses a request that did not parse; returns what the servicer gets."""
@@ -179,9 +181,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             log_event(
                 log, "rpc_error", logging.DEBUG, method=method, code=error.code.name, reason=error.reason
             )
-        await context.abort(
-            error.code, error_message(error), trailing_metadata=status_trailer(error, self.domain)
-        )
+        status = rich_status(error, self.domain)
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 # What a request message that does not parse becomes (instead of grpc's UNKNOWN with the parser's
@@ -216,11 +217,22 @@ async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def _status_details(rpc_error: grpc.RpcError) -> list[any_pb2.Any]:
-    metadata: Any = rpc_error.trailing_metadata() or ()  # type: ignore[attr-defined]
-    for key, value in metadata:
-        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-            return list(status_pb2.Status.FromString(value).details)
-    return []
+    try:
+        # Failed calls (sync and aio) carry the code, details and trailers `from_call` reads.
+        status: status_pb2.Status | None = rpc_status.from_call(cast(grpc.Call, rpc_error))
+    except ValueError:  # a trailer that contradicts the call's own code or message: not ours
+        return []
+    return list(status.details) if status is not None else []
+
+
+_Caller = TypeVar("_Caller")
+
+
+def caller_as(kind: type[_Caller]) -> _Caller | None:
+    """The authenticated caller of the current RPC if it is a `kind` (what the program's
+    authenticator returns), else None: unauthenticated, or authenticated as something else."""
+    caller = _current_caller.get()
+    return caller if isinstance(caller, kind) else None
 
 
 _Detail = TypeVar("_Detail", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
@@ -251,7 +263,7 @@ __all__ = [
     "ServiceInterceptor",
     "Translator",
     "bad_request",
-    "current_principal",
+    "caller_as",
     "error_info",
-    "status_trailer",
+    "rich_status",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -109,8 +108,16 @@ class Lifecycle:
         await set_serving(self.health, self.service_names, False)
         await self.server.stop(grace)
         for hook in self.on_stop:
-            with contextlib.suppress(Exception):
+            try:
                 await hook()
+            except Exception as exc:  # one failing hook must not keep the others from running
+                log_event(
+                    log,
+                    "stop_hook_failed",
+                    logging.WARNING,
+                    hook=getattr(hook, "__qualname__", "?"),
+                    error=repr(exc),
+                )
 
 
 def announce(host: str, port: int) -> None:

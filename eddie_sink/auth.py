@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eddie_common.errors import Unauthenticated
-from eddie_common.interceptors import current_principal
+from eddie_common.interceptors import caller_as
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, AUDIENCE_SINK, bearer_token
 from eddie_sink.keys import MarketplaceKeys
 
@@ -84,15 +84,15 @@ def account_of(claims: dict[str, Any]) -> Account:
 
 
 def current_publisher() -> Publisher:
-    principal = current_principal.get()
-    if not isinstance(principal, Publisher):
+    principal = caller_as(Publisher)
+    if principal is None:
         raise Unauthenticated("a sink token is required", reason="TOKEN_INVALID")
     return principal
 
 
 def current_account() -> Account:
-    principal = current_principal.get()
-    if not isinstance(principal, Account):
+    principal = caller_as(Account)
+    if principal is None:
         raise Unauthenticated("an access token is required", reason="TOKEN_INVALID")
     return principal
 

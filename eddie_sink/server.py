@@ -25,9 +25,9 @@ from eddie_common.serving import (
 from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
 from eddie_sink.keys import MarketplaceKeys
+from eddie_sink.listing import ReadingPageTokens
 from eddie_sink.metrics import SinkMetrics
 from eddie_sink.mqtt import MqttIngest
-from eddie_sink.page_tokens import PageTokens
 from eddie_sink.servicer import DataSinkServicer
 from eddie_sink.store import ReadingStore
 from eddie_sink.writer import ReadingWriter
@@ -75,7 +75,7 @@ def tls_files(config: SinkConfig) -> TlsFiles | None:
 async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     """Opens the database, starts fetching the marketplace's keys, and serves on `config.listen`."""
     store = await ReadingStore.open(config.database_path, config.jsonl)
-    page_tokens = PageTokens(await store.secret("page_token_key"))
+    page_tokens = ReadingPageTokens(await store.secret("page_token_key"))
     writer = ReadingWriter(store)
     keys = MarketplaceKeys(
         config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval

@@ -9,8 +9,7 @@ from typing import Any
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.logging import log_event
 from eddie_sink.auth import current_account, current_publisher
-from eddie_sink.listing import list_readings
-from eddie_sink.page_tokens import PageTokens
+from eddie_sink.listing import ReadingPageTokens, list_readings
 from eddie_sink.readings import accept_reading
 from eddie_sink.store import ReadingStore
 from eddie_sink.writer import ReadingWriter, StreamReceipts
@@ -25,7 +24,7 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
         self,
         store: ReadingStore,
         writer: ReadingWriter,
-        page_tokens: PageTokens,
+        page_tokens: ReadingPageTokens,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._on_refused = on_refused

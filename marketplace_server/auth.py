@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import identity_pb2
-from eddie_common.errors import PermissionDenied, Unauthenticated
-from eddie_common.interceptors import current_principal
+from eddie_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from eddie_common.interceptors import caller_as
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
 from marketplace_server.db import models
 from marketplace_server.oidc import OidcAuthenticator, unverified_issuer
+from marketplace_server.resources import account_name, parse_account_name
 
 PUBLIC_METHODS = frozenset(
     {
@@ -42,11 +43,10 @@ class Principal:
 
     account_id: str
     role: int
-    peer: str = ""
 
     @property
     def name(self) -> str:
-        return f"accounts/{self.account_id}"
+        return account_name(self.account_id)
 
     @property
     def is_customer(self) -> bool:
@@ -59,8 +59,8 @@ class Principal:
 
 def principal() -> Principal:
     """The caller of the current RPC (set by the interceptor)."""
-    value = current_principal.get()
-    if not isinstance(value, Principal):
+    value = caller_as(Principal)
+    if value is None:
         raise Unauthenticated("authentication required", reason="UNAUTHENTICATED")
     return value
 
@@ -121,10 +121,10 @@ class AccessTokenAuthenticator:
         claims = self.verifier.verify(token)
         if claims.get("typ") != "access":
             raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
-        subject = str(claims["sub"])
-        if not subject.startswith("accounts/"):
-            raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID")
-        account_id = subject.removeprefix("accounts/")
+        try:
+            account_id = parse_account_name(str(claims["sub"]))
+        except InvalidArgument:
+            raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID") from None
         role = await self._account_role(account_id)
         if role is None:
             raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")

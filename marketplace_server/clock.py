@@ -19,10 +19,6 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
 def to_duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromTimedelta(timedelta(seconds=seconds))

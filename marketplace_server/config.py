@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -199,7 +199,6 @@ class Config:
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None
     reconnect_max_backoff: float = 30.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.tls is None and self.tls_cert is not None and self.tls_key is not None:

@@ -18,9 +18,11 @@ from eddie.marketplace.v1 import (
     data_request_pb2_grpc,
     identity_pb2,
     identity_pb2_grpc,
+    instance_pb2,
     instance_pb2_grpc,
 )
 from eddie_common.interceptors import ServiceInterceptor
+from eddie_common.page_tokens import PageTokenCodec
 from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
 from eddie_common.tokens import SigningKey, TokenIssuer
 from marketplace_server.aiida.manager import ConnectionManager
@@ -32,7 +34,6 @@ from marketplace_server.errors import DOMAIN, translate_infrastructure_error
 from marketplace_server.keyring import load_key_ring
 from marketplace_server.metrics import MarketplaceMetrics
 from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
-from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
 from marketplace_server.rpc.consent import ConsentServicer
@@ -64,9 +65,23 @@ SERVICE_NAMES = [
 ]
 
 
+@dataclass(frozen=True)
+class PermissionServices:
+    """Workflow 6's parts: the ledger and its events, the workers, the services and the receipts."""
+
+    events: EventHub
+    permissions: PermissionLedger
+    timeouts: DecisionTimeouts
+    statuses: StatusApplier
+    outbox: OutboxWorker
+    access: AccessService
+    consent: ConsentService
+    receipts: ReceiptService
+
+
 @dataclass
 class Marketplace:
-    """A built marketplace: its server, components and shutdown hooks."""
+    """A built marketplace: its server, its parts and shutdown hooks."""
 
     config: Config
     server: grpc.aio.Server
@@ -75,7 +90,21 @@ class Marketplace:
     signing_key: SigningKey
     issuer: TokenIssuer
     lifecycle: Lifecycle
-    components: dict[str, Any] = field(default_factory=dict)
+    identity: IdentityService
+    authenticator: AccessTokenAuthenticator
+    manager: ConnectionManager
+    instances: InstanceService
+    data_requests: DataRequestService
+    search: SearchService
+    pages: PageTokenCodec
+    events: EventHub
+    permissions: PermissionLedger
+    timeouts: DecisionTimeouts
+    statuses: StatusApplier
+    outbox: OutboxWorker
+    access: AccessService
+    consent: ConsentService
+    receipts: ReceiptService
     metrics: MarketplaceMetrics | None = None  # with --metrics-listen
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -144,10 +173,13 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     pages = PageTokenCodec.from_signing_key(signing_key)
     # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
     manager = ConnectionManager(config, TokenIssuer(ring.device_key, config.issuer), sessions)
-    instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
-    instance_pb2_grpc.add_InstanceServiceServicer_to_server(
-        InstanceServicer(instances, ring.device_key.public_pem, config.issuer, pages), server
+    trust = instance_pb2.RegisterInstanceResponse(
+        marketplace_public_key=ring.device_key.public_pem, marketplace_issuer=config.issuer
     )
+    instances = InstanceService(
+        sessions, manager, RateLimiter(config.claim_attempts_per_minute), pages, trust
+    )
+    instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(instances), server)
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
@@ -157,11 +189,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
-    app = Marketplace(config, server, engine, sessions, signing_key, issuer, lifecycle, metrics=metrics)
-    if metrics is not None:
-        metrics.watch(manager, permissions["events"], sessions)
-        search.observers.append(metrics.on_search)
-    app.components.update(
+    app = Marketplace(
+        config,
+        server,
+        engine,
+        sessions,
+        signing_key,
+        issuer,
+        lifecycle,
         identity=identity,
         authenticator=authenticator,
         manager=manager,
@@ -169,11 +204,23 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         data_requests=data_requests,
         search=search,
         pages=pages,
+        events=permissions.events,
+        permissions=permissions.permissions,
+        timeouts=permissions.timeouts,
+        statuses=permissions.statuses,
+        outbox=permissions.outbox,
+        access=permissions.access,
+        consent=permissions.consent,
+        receipts=permissions.receipts,
+        metrics=metrics,
     )
-    app.components.update(permissions)
+    if metrics is not None:
+        metrics.watch(manager, permissions.events, sessions)
+        search.observers.append(metrics.on_search)
+    workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
-    app.background.extend(permissions[name].run for name in ("outbox", "timeouts", "statuses"))
-    app.lifecycle.on_stop.extend(permissions[name].stop for name in ("outbox", "timeouts", "statuses"))
+    app.background.extend(worker.run for worker in workers)
+    app.lifecycle.on_stop.extend(worker.stop for worker in workers)
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
 
@@ -201,13 +248,13 @@ def _add_permission_services(
     manager: ConnectionManager,
     issuer: TokenIssuer,
     pages: PageTokenCodec,
-) -> dict[str, Any]:
+) -> PermissionServices:
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
     ledger = PermissionLedger(sessions, hub)
     timeouts = DecisionTimeouts(ledger)
     statuses = StatusApplier(ledger)
-    outbox = OutboxWorker(sessions, manager, issuer, ledger.state_of, statuses.apply)
+    outbox = OutboxWorker(sessions, manager, issuer, ledger.may_hold_access, statuses.apply)
     ledger.outbox_listeners.append(outbox.submit)
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
@@ -220,13 +267,4 @@ def _add_permission_services(
     consent_pb2_grpc.add_ConsentServiceServicer_to_server(
         ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
     )
-    return {
-        "events": hub,
-        "permissions": ledger,
-        "timeouts": timeouts,
-        "statuses": statuses,
-        "outbox": outbox,
-        "access": access,
-        "consent": consent,
-        "receipts": receipts,
-    }
+    return PermissionServices(hub, ledger, timeouts, statuses, outbox, access, consent, receipts)

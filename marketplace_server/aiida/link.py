@@ -15,16 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 import grpc
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.logging import log_event
-
-if TYPE_CHECKING:
-    from marketplace_server.aiida.manager import ConnectionManager
+from eddie_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,26 @@ CONNECT_METHOD = "/eddie.aiida.v1.AiidaService/Connect"
 SEND_QUEUE_SIZE = 64
 # Unsolicited replies (unknown query ids, duplicates) tolerated per minute before the stream is dropped.
 MAX_UNSOLICITED_PER_MINUTE = 600
-_PING_PREFIX = aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=0))
+
+
+class LinkHost(Protocol):
+    """What a link needs from the connection manager that owns it."""
+
+    reconnect_backoff: Backoff
+    connect_timeout: float
+    connect_slots: asyncio.Semaphore
+
+    def connect_method_for(self, address: str) -> Any: ...
+
+    def stream_metadata(self, instance_id: str) -> tuple[tuple[str, str], ...]: ...
+
+    async def on_link_up(self, link: InstanceLink) -> None: ...
+
+    async def on_link_down(self, link: InstanceLink) -> None: ...
+
+    def on_match_reply(self, link: InstanceLink, query_id: str, matched: bool) -> bool: ...
+
+    def on_status(self, link: InstanceLink, status: aiida_pb2.DataAccessStatus) -> None: ...
 
 
 class InstanceLink:
@@ -60,7 +77,7 @@ class InstanceLink:
         "manager",
     )
 
-    def __init__(self, manager: ConnectionManager, instance_id: str, address: str) -> None:
+    def __init__(self, manager: LinkHost, instance_id: str, address: str) -> None:
         self.manager = manager
         self.instance_id = instance_id
         self.address = address
@@ -248,6 +265,3 @@ class InstanceLink:
     def ping(self) -> None:
         self._ping_seq += 1
         self.send(aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString())
-
-
-Callback = Callable[..., Any]

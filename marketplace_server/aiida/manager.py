@@ -8,11 +8,10 @@ connects, and last-seen times written to the database in batches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +28,9 @@ from marketplace_server.aiida.fanout import SearchTally
 from marketplace_server.aiida.heap import HeapFreezer
 from marketplace_server.aiida.link import CONNECT_METHOD, InstanceLink
 from marketplace_server.config import Config
+from marketplace_server.db.chunks import chunked
 from marketplace_server.db.models import InstanceRow
+from marketplace_server.resources import instance_name
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
 
-StatusListener = Callable[[str, aiida_pb2.DataAccessStatus], Awaitable[None]]
-UpListener = Callable[[str], Awaitable[None]]
+# Listeners run on the link's reader and must not block: they queue, or start a task they keep.
+StatusListener = Callable[[str, aiida_pb2.DataAccessStatus], None]
+UpListener = Callable[[str], None]
 
 
 class ConnectionManager:
@@ -156,14 +158,14 @@ class ConnectionManager:
         if cached is not None and cached[0] - now > self.config.aiida_token_ttl / 2:
             return cached[1]
         token, expiry = self.issuer.issue(
-            f"instances/{instance_id}", AUDIENCE_AIIDA, self.config.aiida_token_ttl
+            instance_name(instance_id), AUDIENCE_AIIDA, self.config.aiida_token_ttl
         )
         self._call_tokens[instance_id] = (expiry, token)
         return token
 
     def stub_for(
         self, instance_id: str
-    ) -> tuple[aiida_pb2_grpc.AiidaServiceStub, tuple[tuple[str, str], ...]]:
+    ) -> tuple[aiida_pb2_grpc.AiidaServiceAsyncStub, tuple[tuple[str, str], ...]]:
         """A stub and call metadata for unary calls (configure, revoke) to an instance."""
         link = self.links.get(instance_id)
         if link is None:
@@ -206,14 +208,14 @@ class ConnectionManager:
 
     def on_status(self, link: InstanceLink, status: aiida_pb2.DataAccessStatus) -> None:
         for listener in self.status_listeners:
-            self._spawn(listener(link.instance_id, status))
+            _notify(listener, link.instance_id, status)
 
     async def on_link_up(self, link: InstanceLink) -> None:
         self._seen.add(link.instance_id)
         self.heap.changed()
         log_event(log, "aiida_connected", logging.DEBUG, instance=link.instance_id, address=link.address)
         for listener in self.up_listeners:
-            self._spawn(listener(link.instance_id))
+            _notify(listener, link.instance_id)
 
     async def on_link_down(self, link: InstanceLink) -> None:
         self._seen.add(link.instance_id)
@@ -222,10 +224,6 @@ class ConnectionManager:
             tally.on_lost(link.instance_id)
         log_event(log, "aiida_disconnected", logging.DEBUG, instance=link.instance_id)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        task.add_done_callback(_log_failure)
-
     # --- housekeeping ---
 
     async def _flush_last_seen(self) -> None:
@@ -233,15 +231,16 @@ class ConnectionManager:
             return
         ids, self._seen = list(self._seen), set()
         now = datetime.now(UTC)
-        with contextlib.suppress(Exception):
+        try:
             async with self.sessions.begin() as session:
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
+                for chunk in chunked(ids):
                     await session.execute(
                         update(InstanceRow)
                         .where(InstanceRow.instance_id.in_(chunk))
                         .values(last_seen_time=now)
                     )
+        except Exception as exc:  # the in-memory times stay right; the next change is written again
+            log_event(log, "last_seen_flush_failed", logging.WARNING, instances=len(ids), error=repr(exc))
 
     async def _flush_last_seen_forever(self) -> None:
         while True:
@@ -249,18 +248,25 @@ class ConnectionManager:
             await self._flush_last_seen()
 
     async def _ping_forever(self) -> None:
+        previous_round = time.time()
         while True:
             await asyncio.sleep(self.config.ping_interval)
+            this_round = time.time()
             for link in list(self.links.values()):
+                if link.last_seen >= previous_round:  # it answered since the last round: seen
+                    self._seen.add(link.instance_id)
                 if link.connected:
                     link.ping()
-                    self._seen.add(link.instance_id)
+            previous_round = this_round
 
 
 def _identity(data: bytes) -> bytes:
     return data
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("listener_failed", exc_info=task.exception())
+def _notify(listener: Callable[..., None], *args: object) -> None:
+    """Calls a listener; one that fails is logged and does not break the link that called it."""
+    try:
+        listener(*args)
+    except Exception:
+        log.exception("listener_failed")

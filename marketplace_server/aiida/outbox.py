@@ -12,20 +12,18 @@ reconnect. Pending rows survive restarts: the worker starts from the table.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
 
 import grpc
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
+from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
@@ -33,10 +31,12 @@ from eddie_common.tokens import AUDIENCE_SINK, TokenIssuer
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.background import Loop
 from marketplace_server.clock import to_timestamp, utcnow
-from marketplace_server.db.models import OutboxRow, PermissionRow
-from marketplace_server.services.permissions import ACTIVE_STATES, CONFIGURE, REVOKE
+from marketplace_server.db.chunks import chunked
+from marketplace_server.db.models import OutboxRow
+from marketplace_server.deliveries import CONFIGURE, REVOKE, ConfigurePayload, RevokePayload
+from marketplace_server.resources import permission_name
 
-__all__ = ["OutboxWorker", "configure_payload"]
+__all__ = ["OutboxWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,8 @@ SINK_TOKEN_GRACE = 3600.0  # the sink token outlives the data window by an hour 
 
 # (instance_id, status) -> None; applies a state the AIIDA returned from a call.
 StatusSink = Callable[[str, aiida_pb2.DataAccessStatus], Awaitable[None]]
-# (permission_id) -> the permission's state, or None if it is unknown.
-StateLookup = Callable[[str], Awaitable[int | None]]
-
-
-def configure_payload(row: PermissionRow, data_need: bytes) -> dict[str, object]:
-    """What a configure needs besides the row's columns; the sink token is issued at delivery."""
-    assert row.start_time is not None
-    assert row.end_time is not None
-    return {
-        "data_need": base64.b64encode(data_need).decode(),
-        "sink_uri": row.sink_uri,
-        "start_time": row.start_time.isoformat(),
-        "end_time": row.end_time.isoformat(),
-        "eligible_party": f"accounts/{row.eligible_party_id}",
-    }
+# (permission_id) -> whether the permission may still hold a data access (ACCEPTED or ACTIVE).
+ActiveLookup = Callable[[str], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -102,13 +89,13 @@ class OutboxWorker:
         sessions: async_sessionmaker[AsyncSession],
         manager: ConnectionManager,
         issuer: TokenIssuer,
-        permission_state: StateLookup,
+        may_hold_access: ActiveLookup,
         on_reported: StatusSink,
     ) -> None:
         self.sessions = sessions
         self.manager = manager
         self.issuer = issuer
-        self.permission_state = permission_state
+        self.may_hold_access = may_hold_access
         self.on_reported = on_reported
         self.loop = Loop(self._dispatch, "outbox")
         self._in_flight: dict[str, asyncio.Task[None]] = {}  # by permission id
@@ -159,7 +146,7 @@ class OutboxWorker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def on_instance_up(self, instance_id: str) -> None:
+    def on_instance_up(self, instance_id: str) -> None:
         """A stream came up: the instance's waiting rows are due now.
 
         After a restart thousands of streams come up within seconds; one UPDATE per instance
@@ -175,8 +162,8 @@ class OutboxWorker:
         while self._came_up and not self.loop.stopping:
             ids, self._came_up = list(self._came_up), set()
             try:
-                for start in range(0, len(ids), 500):
-                    await self._make_due(*ids[start : start + 500])
+                for chunk in chunked(ids):
+                    await self._make_due(*chunk)
             except Exception as exc:  # the rows stay scheduled; they are only sent later than they could be
                 log_event(log, "outbox_make_due_failed", logging.WARNING, instances=len(ids), error=repr(exc))
             self.wake()
@@ -281,15 +268,14 @@ class OutboxWorker:
 
     async def _send(self, delivery: Delivery) -> str:
         """Calls the AIIDA; returns a note for the log ("" for a normal delivery)."""
-        sync_stub, metadata = self.manager.stub_for(delivery.instance_id)
-        stub = cast("aiida_pb2_grpc.AiidaServiceAsyncStub", sync_stub)  # built on an aio channel
+        stub, metadata = self.manager.stub_for(delivery.instance_id)
         if delivery.kind == REVOKE:
             request = aiida_pb2.RevokeDataAccessRequest(
-                permission_id=delivery.permission_id, reason=str(delivery.payload.get("reason", ""))
+                permission_id=delivery.permission_id, reason=RevokePayload.from_json(delivery.payload).reason
             )
             await stub.RevokeDataAccess(request, metadata=metadata, timeout=CALL_TIMEOUT)
             return ""
-        if not delivery.fresh and await self.permission_state(delivery.permission_id) not in ACTIVE_STATES:
+        if not delivery.fresh and not await self.may_hold_access(delivery.permission_id):
             return "skipped: the permission ended before it was configured"
         access = await stub.ConfigureDataAccess(
             self._configure_request(delivery), metadata=metadata, timeout=CALL_TIMEOUT
@@ -302,27 +288,25 @@ class OutboxWorker:
         return ""
 
     def _configure_request(self, delivery: Delivery) -> aiida_pb2.ConfigureDataAccessRequest:
-        payload = delivery.payload
+        payload = ConfigurePayload.from_json(delivery.payload)
         pid = delivery.permission_id
-        start = datetime.fromisoformat(str(payload["start_time"]))
-        end = datetime.fromisoformat(str(payload["end_time"]))
-        ttl = max(60.0, (end - utcnow()).total_seconds() + SINK_TOKEN_GRACE)
+        ttl = max(60.0, (payload.end_time - utcnow()).total_seconds() + SINK_TOKEN_GRACE)
         token, _ = self.issuer.issue(
-            f"permissions/{pid}",
+            permission_name(pid),
             AUDIENCE_SINK,
             ttl,
             permission_id=pid,
-            eligible_party=str(payload["eligible_party"]),
+            eligible_party=payload.eligible_party,
             instance_id=delivery.instance_id,
         )
         return aiida_pb2.ConfigureDataAccessRequest(
             data_access=aiida_pb2.DataAccess(
                 permission_id=pid,
-                data_need=energy_pb2.DataNeed.FromString(base64.b64decode(str(payload["data_need"]))),
-                sink_uri=str(payload["sink_uri"]),
+                data_need=energy_pb2.DataNeed.FromString(payload.data_need),
+                sink_uri=payload.sink_uri,
                 sink_token=token,
-                start_time=to_timestamp(start),
-                end_time=to_timestamp(end),
+                start_time=to_timestamp(payload.start_time),
+                end_time=to_timestamp(payload.end_time),
             )
         )
 

@@ -68,7 +68,7 @@ def decode_event(payload: bytes) -> tuple[str, Event]:
         if body["kind"] == "permission_changed":
             return str(body["origin"]), PermissionChanged(
                 permission=permission,
-                previous_state=int(body["previous_state"]),
+                previous_state=access_pb2.Permission.State.ValueType(int(body["previous_state"])),
                 customer_id=str(body["customer_id"]),
                 eligible_party_id=str(body["eligible_party_id"]),
                 data_request_id=str(body["data_request_id"]),

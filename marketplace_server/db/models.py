@@ -8,6 +8,7 @@ SHA-256, pairing codes with argon2id (they are short).
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TypeAlias
 
 from sqlalchemy import (
     JSON,
@@ -23,6 +24,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from eddie.energy.v1 import energy_pb2
+from eddie.marketplace.v1 import access_pb2, data_request_pb2, identity_pb2
+
+# Enum columns hold the proto enum's numbers, typed as its value type so messages take them as they are.
+Role: TypeAlias = identity_pb2.Role.ValueType
+DataRequestKind: TypeAlias = data_request_pb2.DataRequest.Kind.ValueType
+DataRequestState: TypeAlias = data_request_pb2.DataRequest.State.ValueType
+EnergyType: TypeAlias = energy_pb2.EnergyType.ValueType
+PermissionState: TypeAlias = access_pb2.Permission.State.ValueType
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -55,7 +66,7 @@ class AccountRow(Base):
     email: Mapped[str] = mapped_column(String(254))
     email_normalized: Mapped[str] = mapped_column(String(254), unique=True)
     display_name: Mapped[str] = mapped_column(String(100))
-    role: Mapped[int] = mapped_column(Integer)
+    role: Mapped[Role] = mapped_column(Integer)
     password_hash: Mapped[str] = mapped_column(String(200))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -103,19 +114,19 @@ class DataRequestRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     # Monotonic insertion order for stable "newest first" paging.
     seq: Mapped[int] = mapped_column(Integer, unique=True)
-    kind: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[DataRequestKind] = mapped_column(Integer)
     title: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
     purpose: Mapped[str] = mapped_column(Text)
     policy_uri: Mapped[str] = mapped_column(String(2048), default="")
     # Serialized eddie.energy.v1.DataNeed, plus the columns the filters need.
     data_need: Mapped[bytes] = mapped_column(LargeBinary)
-    energy_type: Mapped[int] = mapped_column(Integer)
+    energy_type: Mapped[EnergyType] = mapped_column(Integer)
     # Space-separated upper-case region codes with leading/trailing spaces (" AT DE-BY "); "" = anywhere.
     regions: Mapped[str] = mapped_column(String(2000), default="")
     search_text: Mapped[str] = mapped_column(Text)
     owner_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
-    state: Mapped[int] = mapped_column(Integer)
+    state: Mapped[DataRequestState] = mapped_column(Integer)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     close_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
@@ -176,7 +187,7 @@ class PermissionRow(Base):
     instance_id: Mapped[str] = mapped_column(ForeignKey("instances.instance_id"), index=True)
     eligible_party_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     customer_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
-    state: Mapped[int] = mapped_column(Integer, index=True)
+    state: Mapped[PermissionState] = mapped_column(Integer, index=True)
     state_reason: Mapped[str] = mapped_column(String(1000), default="")
     sink_uri: Mapped[str] = mapped_column(String(300))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -194,8 +205,8 @@ class PermissionTransitionRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     permission_id: Mapped[str] = mapped_column(ForeignKey("permissions.id", ondelete="CASCADE"), index=True)
-    from_state: Mapped[int] = mapped_column(Integer)
-    to_state: Mapped[int] = mapped_column(Integer)
+    from_state: Mapped[PermissionState] = mapped_column(Integer)
+    to_state: Mapped[PermissionState] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(1000), default="")
     time: Mapped[datetime] = mapped_column(UtcDateTime)
 

@@ -21,10 +21,6 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
 
 
-def default_database_url(data_dir: Path) -> str:
-    return f"sqlite+aiosqlite:///{(data_dir / 'marketplace.db').resolve()}"
-
-
 def create_engine(url: str, schema: str | None = None) -> AsyncEngine:
     """An async engine; SQLite gets WAL, foreign keys and a busy timeout.
 

@@ -9,24 +9,10 @@ import grpc
 from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc
 from eddie_common.tokens import ALGORITHM, SigningKey
 from marketplace_server.auth import principal
-from marketplace_server.clock import to_timestamp
 from marketplace_server.ratelimit import peer_host
-from marketplace_server.rpc.converters import account_to_proto
-from marketplace_server.services.identity import IdentityService, IssuedTokens
+from marketplace_server.services.identity import IdentityService
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _token(issued: IssuedTokens) -> identity_pb2.Token:
-    from datetime import UTC, datetime
-
-    return identity_pb2.Token(
-        access_token=issued.access_token,
-        refresh_token=issued.refresh_token,
-        expire_time=to_timestamp(datetime.fromtimestamp(issued.access_expiry, UTC)),
-        refresh_expire_time=to_timestamp(datetime.fromtimestamp(issued.refresh_expiry, UTC)),
-        account=account_to_proto(issued.account),
-    )
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
@@ -38,22 +24,22 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def CreateAccount(
         self, request: identity_pb2.CreateAccountRequest, context: Context
     ) -> identity_pb2.Account:
-        return account_to_proto(await self.service.create_account(request))
+        return await self.service.create_account(request)
 
     async def CreateToken(
         self, request: identity_pb2.CreateTokenRequest, context: Context
     ) -> identity_pb2.Token:
-        return _token(await self.service.login(request.email, request.password, peer_host(context.peer())))
+        return await self.service.login(request.email, request.password, peer_host(context.peer()))
 
     async def RefreshToken(
         self, request: identity_pb2.RefreshTokenRequest, context: Context
     ) -> identity_pb2.Token:
-        return _token(await self.service.refresh(request.refresh_token))
+        return await self.service.refresh(request.refresh_token)
 
     async def GetCurrentAccount(
         self, request: identity_pb2.GetCurrentAccountRequest, context: Context
     ) -> identity_pb2.Account:
-        return account_to_proto(await self.service.get_account(principal().account_id))
+        return await self.service.get_account(principal().account_id)
 
     async def ListSigningKeys(
         self, request: identity_pb2.ListSigningKeysRequest, context: Context

@@ -9,32 +9,33 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from eddie.marketplace.v1 import access_pb2, data_request_pb2
+from eddie.marketplace.v1 import access_pb2
 from eddie_common.logging import log_event
+from eddie_common.page_tokens import PageTokenCodec, page_size
 from marketplace_server import idempotency
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import utcnow
+from marketplace_server.db.chunks import chunked
 from marketplace_server.db.counters import reserve
 from marketplace_server.db.models import (
-    AccountRow,
-    DataRequestRow,
     InstanceRow,
     PermissionRow,
     PermissionTransitionRow,
     SearchMatchRow,
 )
-from marketplace_server.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Validator,
+from marketplace_server.errors import FailedPrecondition, InvalidArgument, Validator
+from marketplace_server.resources import (
+    data_request_to_proto,
+    ensure_owned_open,
+    is_instance_id,
+    load_data_request,
+    parse_data_request_name,
+    parse_permission_name,
+    permission_name,
+    permission_to_proto,
 )
-from marketplace_server.pagination import PageTokenCodec, page_size
-from marketplace_server.rpc.converters import data_request_to_proto, permission_to_proto
 from marketplace_server.security import new_id
-from marketplace_server.services.data_requests import parse_data_request_name
-from marketplace_server.services.instances import INSTANCE_ID, valid_address
+from marketplace_server.services.instances import valid_address
 from marketplace_server.services.permissions import (
     ACTIVE_STATES,
     PENDING,
@@ -44,12 +45,11 @@ from marketplace_server.services.permissions import (
     PermissionLedger,
     PermissionTx,
     not_found,
-    parse_permission_name,
     required_reason,
 )
 from marketplace_server.services.timeouts import DecisionTimeouts, is_overdue
 
-__all__ = ["AccessService", "load_data_request"]
+__all__ = ["AccessService"]
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ METHOD_REQUEST = "RequestAccess"
 METHOD_LIST = "ListPermissions"
 SEQ_COUNTER = "permissions"
 MAX_INSTANCES = 1000
-CHUNK = 500
 MAX_SINK_URI = 300
 _SINK_URI = re.compile(r"(?:grpc|mqtt)s?://(.+)", re.ASCII)  # DataSinkService or an MQTT broker
-DataRequest = data_request_pb2.DataRequest
-
-
-def _chunks(items: list[str]) -> list[list[str]]:
-    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
@@ -79,7 +73,7 @@ def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
     v.check(1 <= len(ids) <= MAX_INSTANCES, "instance_ids", f"1 to {MAX_INSTANCES:,} instance ids")
     seen: set[str] = set()
     for i, instance_id in enumerate(ids[:MAX_INSTANCES]):
-        if not INSTANCE_ID.fullmatch(instance_id):
+        if not is_instance_id(instance_id):
             v.add(f"instance_ids[{i}]", "not a valid instance id")
         elif instance_id in seen:
             v.add(f"instance_ids[{i}]", "duplicate instance id")
@@ -95,25 +89,11 @@ def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
     return data_request_id
 
 
-async def load_data_request(session: AsyncSession, data_request_id: str) -> tuple[DataRequestRow, str]:
-    """The data request and its owner's display name, or NOT_FOUND."""
-    found = (
-        await session.execute(
-            select(DataRequestRow, AccountRow.display_name)
-            .join(AccountRow, AccountRow.id == DataRequestRow.owner_id)
-            .where(DataRequestRow.id == data_request_id)
-        )
-    ).first()
-    if found is None:
-        raise NotFound(f"dataRequests/{data_request_id} does not exist", reason="DATA_REQUEST_NOT_FOUND")
-    return found[0], found[1]
-
-
 async def _owners_of_matched(session: AsyncSession, data_request_id: str, ids: list[str]) -> dict[str, str]:
     """The owner of each instance; FAILED_PRECONDITION unless all were matched and are still claimed."""
     matched: set[str] = set()
     owners: dict[str, str | None] = {}
-    for chunk in _chunks(ids):
+    for chunk in chunked(ids):
         matched.update(
             await session.scalars(
                 select(SearchMatchRow.instance_id)
@@ -204,12 +184,7 @@ class AccessService:
                 if earlier is not None:
                     return await self._load_in_order(session, earlier.split())
             data_request, owner_name = await load_data_request(session, data_request_id)
-            if data_request.owner_id != caller:
-                raise PermissionDenied(
-                    "only the owner of a data request may request access", reason="NOT_OWNER"
-                )
-            if data_request.state == DataRequest.STATE_CLOSED:
-                raise FailedPrecondition("the data request is closed", reason="DATA_REQUEST_CLOSED")
+            ensure_owned_open(data_request, caller, "request access")
             owners = await _owners_of_matched(session, data_request_id, ids)
             if request.request_id:
                 await idempotency.remember(
@@ -282,7 +257,7 @@ class AccessService:
 
     async def _load_in_order(self, session: AsyncSession, permission_ids: list[str]) -> list[PermissionRow]:
         found: dict[str, PermissionRow] = {}
-        for chunk in _chunks(permission_ids):
+        for chunk in chunked(permission_ids):
             found.update(
                 {
                     r.id: r
@@ -318,6 +293,8 @@ class AccessService:
         if after is not None:
             query = query.where(PermissionRow.seq < after)
         async with self.sessions() as session:
+            if data_request_id:  # an unknown data request is NOT_FOUND, as in every other RPC naming one
+                await load_data_request(session, data_request_id)
             rows = list(await session.scalars(query.order_by(PermissionRow.seq.desc()).limit(size + 1)))
         token = ""
         if len(rows) > size:
@@ -354,7 +331,7 @@ class AccessService:
 
 def not_active(row: PermissionRow) -> FailedPrecondition:
     return FailedPrecondition(
-        f"permissions/{row.id} has already ended",
+        f"{permission_name(row.id)} has already ended",
         reason="PERMISSION_NOT_ACTIVE",
-        metadata={"state": access_pb2.Permission.State.Name(row.state)},  # type: ignore[arg-type]
+        metadata={"state": access_pb2.Permission.State.Name(row.state)},
     )

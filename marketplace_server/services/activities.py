@@ -26,6 +26,7 @@ from sqlalchemy import and_, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
+from eddie_common.page_tokens import PageTokenCodec, invalid_page_token, page_size
 from marketplace_server.auth import require_customer
 from marketplace_server.clock import to_timestamp
 from marketplace_server.db.models import (
@@ -37,9 +38,8 @@ from marketplace_server.db.models import (
     SearchMatchRow,
     SearchRow,
 )
-from marketplace_server.errors import InvalidArgument, NotFound
-from marketplace_server.pagination import PageTokenCodec, invalid_page_token, page_size
-from marketplace_server.services.instances import INSTANCE_ID
+from marketplace_server.errors import NotFound
+from marketplace_server.resources import data_request_name, parse_instance_name, permission_name, search_name
 
 __all__ = ["ActivityFeed", "kind_of_state"]
 
@@ -97,13 +97,6 @@ class _Entry:
     activity: Activity
 
 
-def parse_instance(name: str) -> str:
-    instance_id = name.removeprefix("instances/")
-    if not name.startswith("instances/") or not INSTANCE_ID.fullmatch(instance_id):
-        raise InvalidArgument.for_field("instance", "must be instances/{instance_id}")
-    return instance_id
-
-
 class ActivityFeed:
     """ListActivities for the caller's own instances."""
 
@@ -113,7 +106,7 @@ class ActivityFeed:
 
     async def list(self, request: consent_pb2.ListActivitiesRequest) -> consent_pb2.ListActivitiesResponse:
         caller = require_customer().account_id
-        instance_id = parse_instance(request.instance)
+        instance_id = parse_instance_name(request.instance, "instance")
         size = page_size(request.page_size)
         bound = {"account": caller, "instance": instance_id}
         cursor = self.pages.decode(request.page_token, METHOD_LIST, bound)
@@ -181,11 +174,11 @@ async def _searches(
                 instance_id=instance.instance_id,
                 kind=Activity.KIND_SEARCH,
                 time=to_timestamp(search.create_time),
-                data_request=f"dataRequests/{search.data_request_id}",
+                data_request=data_request_name(search.data_request_id),
                 eligible_party_display_name=display_name or "",
                 purpose=purpose,
                 matched=search.id in matched,
-                search=f"dataRequests/{search.data_request_id}/searches/{search.id}",
+                search=search_name(search.data_request_id, search.id),
             ),
         )
         for search, purpose, display_name in asked
@@ -225,10 +218,10 @@ async def _steps(
                 instance_id=instance_id,
                 kind=kind_of_state(step.to_state),
                 time=to_timestamp(step.time),
-                data_request=f"dataRequests/{data_request_id}",
+                data_request=data_request_name(data_request_id),
                 eligible_party_display_name=display_name or "",
                 purpose=purpose,
-                permission=f"permissions/{step.permission_id}",
+                permission=permission_name(step.permission_id),
                 state=step.to_state,  # type: ignore[arg-type]
                 reason=step.reason,
             ),

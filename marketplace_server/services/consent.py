@@ -9,17 +9,21 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from eddie.energy.v1 import energy_pb2
-from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2
+from eddie.marketplace.v1 import access_pb2, consent_pb2
 from eddie_common.logging import log_event
-from marketplace_server.aiida.outbox import configure_payload
 from marketplace_server.auth import require_customer
 from marketplace_server.clock import utcnow
-from marketplace_server.db.models import AccountRow, DataRequestRow, PermissionRow
+from marketplace_server.db.models import DataRequestRow, PermissionRow
+from marketplace_server.deliveries import ConfigurePayload
 from marketplace_server.errors import DomainError, FailedPrecondition
-from marketplace_server.rpc.converters import data_request_to_proto, permission_to_proto
+from marketplace_server.resources import (
+    load_data_requests,
+    parse_permission_name,
+    permission_name,
+    permission_to_proto,
+)
 from marketplace_server.services.access import not_active
 from marketplace_server.services.events import AccessRequested, EventHub, Item, PermissionChanged, Subscriber
 from marketplace_server.services.permissions import (
@@ -33,7 +37,6 @@ from marketplace_server.services.permissions import (
     PermissionLedger,
     not_found,
     optional_reason,
-    parse_permission_name,
     required_reason,
 )
 from marketplace_server.services.receipts import APPROVE, REJECT, REVOKE, ReceiptSigner, write_receipt
@@ -49,7 +52,8 @@ REJECT_REASON = "rejected by the customer"
 
 def _deadline_passed(permission_id: str) -> FailedPrecondition:
     return FailedPrecondition(
-        f"the decision deadline of permissions/{permission_id} has passed", reason="DECISION_DEADLINE_PASSED"
+        f"the decision deadline of {permission_name(permission_id)} has passed",
+        reason="DECISION_DEADLINE_PASSED",
     )
 
 
@@ -101,7 +105,7 @@ def _decision(
             raise _deadline_passed(row.id)
         if row.state != PENDING:
             raise FailedPrecondition(
-                f"permissions/{row.id} has already been decided", reason="PERMISSION_ALREADY_DECIDED"
+                f"{permission_name(row.id)} has already been decided", reason="PERMISSION_ALREADY_DECIDED"
             )
         if row.decision_deadline <= now:
             return Move(TIMED_OUT, TIMEOUT_REASON)
@@ -151,7 +155,7 @@ class ConsentService:
             decided = applied.row
             assert decided is not None
             if decided.state == ACCEPTED:
-                await tx.configure(decided, configure_payload(decided, data_need))
+                await tx.configure(decided, ConfigurePayload.of(decided, data_need))
             if applied.moved and decided.state in (ACCEPTED, REJECTED):
                 decision = APPROVE if decided.state == ACCEPTED else REJECT
                 await write_receipt(tx.session, self.signer, decided, decision, decided.state_reason, now)
@@ -234,7 +238,7 @@ class ConsentService:
                     .order_by(PermissionRow.seq)
                 )
             )
-            data_requests = await _data_requests(session, {r.data_request_id for r in rows})
+            data_requests = await load_data_requests(session, {r.data_request_id for r in rows})
         return [
             consent_pb2.AccessRequest(
                 permission=permission_to_proto(r), data_request=data_requests[r.data_request_id]
@@ -260,15 +264,3 @@ def _end_on_reader_failure(subscriber: Subscriber, task: asyncio.Task[None]) -> 
         return
     log_event(log, "consent_stream_read_failed", logging.DEBUG, error=type(error).__name__)
     subscriber.fail(error)
-
-
-async def _data_requests(session: AsyncSession, ids: set[str]) -> dict[str, data_request_pb2.DataRequest]:
-    """The data requests (with their owners' names) of `ids`, by id."""
-    if not ids:
-        return {}
-    result = await session.execute(
-        select(DataRequestRow, AccountRow.display_name)
-        .join(AccountRow, AccountRow.id == DataRequestRow.owner_id)
-        .where(DataRequestRow.id.in_(ids))
-    )
-    return {row.id: data_request_to_proto(row, owner_name) for row, owner_name in result.all()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,9 +17,11 @@ from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.errors import Validator
 from marketplace_server import idempotency
+from marketplace_server import text as text_rules
+from marketplace_server.db.models import DataRequestKind
 from marketplace_server.iso3166 import normalize_region
 
-__all__ = ["MAX_REGIONS", "NewDataRequest", "single_line", "validate_create"]
+__all__ = ["MAX_REGIONS", "NewDataRequest", "validate_create"]
 
 DataRequest = data_request_pb2.DataRequest
 
@@ -42,14 +43,13 @@ _DURATION_SECONDS_LIMIT = 315_576_000_000  # google.protobuf.Duration's range
 _OBIS = re.compile(r"([0-9]{1,3})-([0-9]{1,3}):([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})", re.ASCII)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?", re.ASCII)
-_JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners are part of some scripts and emoji
 
 
 @dataclass(frozen=True)
 class NewDataRequest:
     """A validated, normalized data request as its owner submitted it."""
 
-    kind: int
+    kind: DataRequestKind
     title: str
     description: str
     purpose: str
@@ -59,7 +59,7 @@ class NewDataRequest:
     def canonical(self) -> data_request_pb2.DataRequest:
         """The input as a message (the content a request id stands for)."""
         return DataRequest(
-            kind=self.kind,  # type: ignore[arg-type]
+            kind=self.kind,
             title=self.title,
             description=self.description,
             purpose=self.purpose,
@@ -68,22 +68,13 @@ class NewDataRequest:
         )
 
 
-def single_line(text: str) -> bool:
-    """No control, format or line-separator characters (spaces of any kind are fine)."""
-    return all(c in _JOINERS or (unicodedata.category(c)[0] != "C" and c not in "\u2028\u2029") for c in text)
-
-
-def _multi_line(text: str) -> bool:
-    return single_line(text.replace("\n", "").replace("\r", "").replace("\t", ""))
-
-
 def _text(v: Validator, value: str, field: str, limit: int, *, required: bool, multi_line: bool) -> str:
     text = value.strip()
     if not text:
         v.check(not required, field, "required")
     elif len(text) > limit:
         v.add(field, f"at most {limit} characters")
-    elif not (_multi_line(text) if multi_line else single_line(text)):
+    elif not (text_rules.multi_line(text) if multi_line else text_rules.single_line(text)):
         v.add(field, "must not contain control characters")
     return text
 

@@ -8,29 +8,36 @@ while a client pages never shift the pages it has not read yet.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.logging import log_event
+from eddie_common.page_tokens import PageTokenCodec, page_size
 from marketplace_server import idempotency
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import utcnow
 from marketplace_server.db.counters import next_value
 from marketplace_server.db.models import AccountRow, DataRequestRow
-from marketplace_server.errors import InvalidArgument, NotFound, PermissionDenied, Validator
+from marketplace_server.errors import InvalidArgument, Validator
 from marketplace_server.iso3166 import country_of, normalize_region
-from marketplace_server.pagination import PageTokenCodec, page_size
-from marketplace_server.rpc.converters import data_request_to_proto
+from marketplace_server.resources import (
+    data_request_to_proto,
+    ensure_owner,
+    load_data_request,
+    parse_account_name,
+    parse_data_request_name,
+    with_owner_name,
+)
 from marketplace_server.security import new_id
-from marketplace_server.services.data_request_validation import NewDataRequest, single_line, validate_create
+from marketplace_server.services.data_request_validation import NewDataRequest, validate_create
+from marketplace_server.text import single_line
 
-__all__ = ["DataRequestService", "ListFilters", "parse_data_request_name", "parse_list_filters"]
+__all__ = ["DataRequestService", "ListFilters", "parse_list_filters"]
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +46,7 @@ METHOD_CREATE = "CreateDataRequest"
 METHOD_LIST = "ListDataRequests"
 SEQ_COUNTER = "data_requests"
 MAX_TEXT_FILTER = 200
-DATA_REQUEST_NAME = re.compile(r"dataRequests/([A-Za-z0-9_-]{1,32})", re.ASCII)
-ACCOUNT_NAME = re.compile(r"accounts/([A-Za-z0-9_-]{1,32})", re.ASCII)
 _LIKE_ESCAPE = "\\"
-
-
-def parse_data_request_name(name: str, field: str = "name") -> str:
-    """The id of a `dataRequests/{id}` name, or INVALID_ARGUMENT naming `field`."""
-    match = DATA_REQUEST_NAME.fullmatch(name)
-    if match is None:
-        description = "required" if not name else "must be dataRequests/{id}"
-        raise InvalidArgument.for_field(field, description)
-    return match.group(1)
 
 
 def _like_literal(text: str) -> str:
@@ -108,8 +104,12 @@ def parse_list_filters(request: data_request_pb2.ListDataRequestsRequest) -> Lis
     v.check(request.energy_type in energy_pb2.EnergyType.values(), "energy_type", "unknown energy type")
     region = normalize_region(request.region) if request.region else ""
     v.check(region is not None, "region", "must be an ISO 3166-1 alpha-2 or ISO 3166-2 code such as AT-9")
-    owner = ACCOUNT_NAME.fullmatch(request.owner) if request.owner else None
-    v.check(not request.owner or owner is not None, "owner", "must be accounts/{id}")
+    owner_id = ""
+    if request.owner:
+        try:
+            owner_id = parse_account_name(request.owner, "owner")
+        except InvalidArgument as exc:
+            v.violations.extend(exc.violations)
     text = request.text
     v.check(
         len(text) <= MAX_TEXT_FILTER and single_line(text),
@@ -122,7 +122,7 @@ def parse_list_filters(request: data_request_pb2.ListDataRequestsRequest) -> Lis
         energy_type=request.energy_type,
         region=region or "",
         text=text,
-        owner_id=owner.group(1) if owner else "",
+        owner_id=owner_id,
         show_closed=request.show_closed,
     )
 
@@ -145,12 +145,6 @@ def _new_row(data_request_id: str, seq: int, owner_id: str, new: NewDataRequest)
         state=DataRequest.STATE_OPEN,
         create_time=utcnow(),
         close_time=None,
-    )
-
-
-def _with_owner_name() -> Select[DataRequestRow, str]:
-    return select(DataRequestRow, AccountRow.display_name).join(
-        AccountRow, AccountRow.id == DataRequestRow.owner_id
     )
 
 
@@ -188,7 +182,7 @@ class DataRequestService:
             if request_id:
                 earlier = await idempotency.find(session, owner_id, METHOD_CREATE, request_id, fingerprint)
                 if earlier is not None:
-                    return (*await self._load(session, earlier), False)
+                    return (*await load_data_request(session, earlier), False)
                 await idempotency.remember(
                     session, owner_id, METHOD_CREATE, request_id, fingerprint, data_request_id
                 )
@@ -204,15 +198,8 @@ class DataRequestService:
 
     async def _get_by_id(self, data_request_id: str) -> data_request_pb2.DataRequest:
         async with self.sessions() as session:
-            row, owner_name = await self._load(session, data_request_id)
+            row, owner_name = await load_data_request(session, data_request_id)
         return data_request_to_proto(row, owner_name)
-
-    async def _load(self, session: AsyncSession, data_request_id: str) -> tuple[DataRequestRow, str]:
-        query = _with_owner_name().where(DataRequestRow.id == data_request_id)
-        found = (await session.execute(query)).first()
-        if found is None:
-            raise NotFound(f"dataRequests/{data_request_id} does not exist", reason="DATA_REQUEST_NOT_FOUND")
-        return found[0], found[1]
 
     async def list(
         self, request: data_request_pb2.ListDataRequestsRequest
@@ -223,7 +210,7 @@ class DataRequestService:
         bound = asdict(filters)
         after = self.page_tokens.decode_int(request.page_token, METHOD_LIST, bound, "seq")
         conditions = filters.conditions()
-        page = _with_owner_name().where(*conditions)
+        page = with_owner_name().where(*conditions)
         if after is not None:
             page = page.where(DataRequestRow.seq < after)
         page = page.order_by(DataRequestRow.seq.desc()).limit(size + 1)
@@ -245,9 +232,8 @@ class DataRequestService:
         account_id = require_eligible_party().account_id
         data_request_id = parse_data_request_name(name)
         async with self.sessions.begin() as session:
-            row, owner_name = await self._load(session, data_request_id)
-            if row.owner_id != account_id:
-                raise PermissionDenied("only the owner may close a data request", reason="NOT_OWNER")
+            row, owner_name = await load_data_request(session, data_request_id)
+            ensure_owner(row, account_id, "close it")
             closed_now = row.state != DataRequest.STATE_CLOSED
             if closed_now:
                 # Conditional, so a concurrent close keeps the first close_time.

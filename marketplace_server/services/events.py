@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.logging import log_event
+from marketplace_server.db.models import PermissionState
 from marketplace_server.errors import ResourceExhausted
 
 __all__ = ["AccessRequested", "Event", "EventHub", "PermissionChanged", "Subscriber"]
@@ -33,7 +34,7 @@ class PermissionChanged:
     """A permission after a transition (or its creation, with previous_state UNSPECIFIED)."""
 
     permission: access_pb2.Permission
-    previous_state: int
+    previous_state: PermissionState
     customer_id: str
     eligible_party_id: str
     data_request_id: str

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,11 +15,13 @@ from eddie.marketplace.v1 import identity_pb2
 from eddie_common.logging import log_event
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenIssuer
 from marketplace_server.auth import role_name
-from marketplace_server.clock import utcnow
+from marketplace_server.clock import to_timestamp, utcnow
 from marketplace_server.db.models import AccountRow, RefreshTokenRow
 from marketplace_server.errors import AlreadyExists, Unauthenticated, Validator
 from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.resources import account_name, account_to_proto
 from marketplace_server.security import hash_password, new_id, sha256_hex, verify_password
+from marketplace_server.text import single_line
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ _EMAIL = re.compile(
 _ROLES = (identity_pb2.ROLE_CUSTOMER, identity_pb2.ROLE_ELIGIBLE_PARTY)
 _COMMON_PASSWORDS = frozenset({"password1234", "123456789012", "qwertyuiopas", "passwordpassword"})
 INVALID_CREDENTIALS = "invalid e-mail or password"
-
-
-def printable(text: str) -> bool:
-    return all(c.isprintable() for c in text)
 
 
 def validate_new_account(request: identity_pb2.CreateAccountRequest) -> None:
@@ -53,18 +50,9 @@ def validate_new_account(request: identity_pb2.CreateAccountRequest) -> None:
     if not name:
         v.add("display_name", "required")
     else:
-        v.check(len(name) <= 100 and printable(name), "display_name", "1 to 100 printable characters")
+        v.check(len(name) <= 100 and single_line(name), "display_name", "1 to 100 characters on one line")
     v.check(request.role in _ROLES, "role", "must be ROLE_CUSTOMER or ROLE_ELIGIBLE_PARTY")
     v.raise_if_any()
-
-
-@dataclass(frozen=True)
-class IssuedTokens:
-    account: AccountRow
-    access_token: str
-    access_expiry: float
-    refresh_token: str
-    refresh_expiry: float
 
 
 class IdentityService:
@@ -85,7 +73,7 @@ class IdentityService:
         self.refresh_ttl = refresh_ttl
         self.login_limiter = login_limiter
 
-    async def create_account(self, request: identity_pb2.CreateAccountRequest) -> AccountRow:
+    async def create_account(self, request: identity_pb2.CreateAccountRequest) -> identity_pb2.Account:
         validate_new_account(request)
         email = request.email.strip()
         row = AccountRow(
@@ -109,16 +97,16 @@ class IdentityService:
         except IntegrityError:
             raise AlreadyExists("an account with this e-mail exists", reason="EMAIL_TAKEN") from None
         log_event(log, "account_created", account=row.id, role=role_name(row.role))
-        return row
+        return account_to_proto(row)
 
-    async def get_account(self, account_id: str) -> AccountRow:
+    async def get_account(self, account_id: str) -> identity_pb2.Account:
         async with self.sessions() as session:
             row = await session.get(AccountRow, account_id)
         if row is None or row.disabled:
             raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")
-        return row
+        return account_to_proto(row)
 
-    async def login(self, email: str, password: str, peer: str) -> IssuedTokens:
+    async def login(self, email: str, password: str, peer: str) -> identity_pb2.Token:
         normalized = email.strip().lower()[:254]
         limits = (f"email:{normalized}", f"peer:{peer}")
         self.login_limiter.ensure_allowed(*limits, what="login attempts")
@@ -138,7 +126,7 @@ class IdentityService:
         log_event(log, "login", account=row.id)
         return tokens
 
-    async def refresh(self, refresh_token: str) -> IssuedTokens:
+    async def refresh(self, refresh_token: str) -> identity_pb2.Token:
         if not refresh_token or len(refresh_token) > 512:
             raise Unauthenticated("invalid refresh token", reason="REFRESH_TOKEN_INVALID")
         digest = sha256_hex(refresh_token)
@@ -175,9 +163,9 @@ class IdentityService:
             update(RefreshTokenRow).where(RefreshTokenRow.family_id == family_id).values(revoked=True)
         )
 
-    def _issue(self, session: AsyncSession, account: AccountRow, family_id: str) -> IssuedTokens:
+    def _issue(self, session: AsyncSession, account: AccountRow, family_id: str) -> identity_pb2.Token:
         access, access_exp = self.issuer.issue(
-            f"accounts/{account.id}",
+            account_name(account.id),
             AUDIENCE_MARKETPLACE,
             self.access_ttl,
             role=role_name(account.role),
@@ -197,4 +185,10 @@ class IdentityService:
                 revoked=False,
             )
         )
-        return IssuedTokens(account, access, access_exp, refresh, expire.timestamp())
+        return identity_pb2.Token(
+            access_token=access,
+            refresh_token=refresh,
+            expire_time=to_timestamp(datetime.fromtimestamp(access_exp, UTC)),
+            refresh_expire_time=to_timestamp(expire),
+            account=account_to_proto(account),
+        )

@@ -11,19 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import instance_pb2
 from eddie_common.logging import log_event
+from eddie_common.page_tokens import PageTokenCodec, page_size
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.auth import principal, require_customer
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import InstanceRow
-from marketplace_server.errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Validator,
-)
+from marketplace_server.errors import AlreadyExists, NotFound, PermissionDenied, Validator
 from marketplace_server.ratelimit import RateLimiter
-from marketplace_server.rpc.converters import instance_to_proto
+from marketplace_server.resources import instance_to_proto, is_instance_id, parse_instance_name
 from marketplace_server.security import (
     digests_equal,
     hash_pairing_code,
@@ -33,7 +28,7 @@ from marketplace_server.security import (
 
 log = logging.getLogger(__name__)
 
-INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,63}$")
+METHOD_LIST = "ListInstances"
 PAIRING_CODE = re.compile(r"^[A-Za-z0-9-]{6,64}$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -55,7 +50,7 @@ def valid_address(address: str) -> bool:
 def validate_registration(request: instance_pb2.RegisterInstanceRequest) -> None:
     v = Validator()
     v.check(
-        bool(INSTANCE_ID.fullmatch(request.instance_id)),
+        is_instance_id(request.instance_id),
         "instance_id",
         "3 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit",
     )
@@ -74,13 +69,6 @@ def validate_registration(request: instance_pb2.RegisterInstanceRequest) -> None
     v.raise_if_any()
 
 
-def parse_instance_name(name: str) -> str:
-    instance_id = name.removeprefix("instances/")
-    if not name.startswith("instances/") or not INSTANCE_ID.fullmatch(instance_id):
-        raise InvalidArgument.for_field("name", "must be instances/{instance_id}")
-    return instance_id
-
-
 class InstanceService:
     """Registers, claims and shows AIIDA instances."""
 
@@ -89,10 +77,15 @@ class InstanceService:
         sessions: async_sessionmaker[AsyncSession],
         manager: ConnectionManager,
         claim_limiter: RateLimiter,
+        pages: PageTokenCodec,
+        trust: instance_pb2.RegisterInstanceResponse,
     ) -> None:
         self.sessions = sessions
         self.manager = manager
         self.claim_limiter = claim_limiter
+        self.pages = pages
+        # What every registration learns: the marketplace's public key and issuer.
+        self.trust = trust
 
     def to_proto(self, row: InstanceRow) -> instance_pb2.Instance:
         message = instance_to_proto(row, self.manager.is_connected(row.instance_id))
@@ -101,7 +94,9 @@ class InstanceService:
             message.last_seen_time.FromDatetime(seen)
         return message
 
-    async def register(self, request: instance_pb2.RegisterInstanceRequest) -> InstanceRow:
+    async def register(
+        self, request: instance_pb2.RegisterInstanceRequest
+    ) -> instance_pb2.RegisterInstanceResponse:
         validate_registration(request)
         try:
             row = await self._register_once(request)
@@ -110,7 +105,9 @@ class InstanceService:
         if row.owner_id is not None:
             self.manager.ensure(row.instance_id, row.address)
         log_event(log, "instance_registered", instance=row.instance_id, address=row.address)
-        return row
+        response = instance_pb2.RegisterInstanceResponse(instance=self.to_proto(row))
+        response.MergeFrom(self.trust)
+        return response
 
     async def _register_once(self, request: instance_pb2.RegisterInstanceRequest) -> InstanceRow:
         now = utcnow()
@@ -143,10 +140,10 @@ class InstanceService:
                 row.pairing_code_hash = hash_pairing_code(request.pairing_code)
             return row
 
-    async def claim(self, request: instance_pb2.ClaimInstanceRequest, peer: str) -> InstanceRow:
+    async def claim(self, request: instance_pb2.ClaimInstanceRequest, peer: str) -> instance_pb2.Instance:
         caller = require_customer()
         v = Validator()
-        v.check(bool(INSTANCE_ID.fullmatch(request.instance_id)), "instance_id", "not a valid instance id")
+        v.check(is_instance_id(request.instance_id), "instance_id", "not a valid instance id")
         v.check(
             bool(PAIRING_CODE.fullmatch(request.pairing_code)),
             "pairing_code",
@@ -158,7 +155,7 @@ class InstanceService:
         if row is None:
             raise NotFound(f"instance {request.instance_id} not found", reason="INSTANCE_NOT_FOUND")
         if row.owner_id == caller.account_id:
-            return row
+            return self.to_proto(row)
         limits = (f"instance:{row.instance_id}", f"peer:{peer}")
         self.claim_limiter.ensure_allowed(*limits, what="pairing attempts")
         if not await verify_pairing_code(row.pairing_code_hash, request.pairing_code):
@@ -184,25 +181,40 @@ class InstanceService:
             )
         self.manager.ensure(claimed.instance_id, claimed.address)
         log_event(log, "instance_claimed", instance=claimed.instance_id, owner=caller.account_id)
-        return claimed
+        return self.to_proto(claimed)
 
-    async def get(self, name: str) -> InstanceRow:
+    async def get(self, name: str) -> instance_pb2.Instance:
         instance_id = parse_instance_name(name)
         caller = principal()
         async with self.sessions() as session:
             row = await session.get(InstanceRow, instance_id)
         if row is None or row.owner_id != caller.account_id:
             raise NotFound(f"instance {instance_id} not found", reason="INSTANCE_NOT_FOUND")
-        return row
+        return self.to_proto(row)
 
-    async def list_owned(self, after_instance_id: str, limit: int) -> list[InstanceRow]:
-        """The caller's instances ordered by id, after a keyset cursor."""
+    async def list(self, request: instance_pb2.ListInstancesRequest) -> instance_pb2.ListInstancesResponse:
+        """The caller's instances ordered by id, one page after the token's keyset cursor."""
         caller = principal()
+        limit = page_size(request.page_size)
+        scope = {"owner": caller.account_id}
+        cursor = self.pages.decode(request.page_token, METHOD_LIST, scope) or {}
+        after = cursor.get("after", "")
         async with self.sessions() as session:
-            rows = await session.scalars(
-                select(InstanceRow)
-                .where(InstanceRow.owner_id == caller.account_id, InstanceRow.instance_id > after_instance_id)
-                .order_by(InstanceRow.instance_id)
-                .limit(limit)
+            rows = list(
+                await session.scalars(
+                    select(InstanceRow)
+                    .where(
+                        InstanceRow.owner_id == caller.account_id,
+                        InstanceRow.instance_id > (after if isinstance(after, str) else ""),
+                    )
+                    .order_by(InstanceRow.instance_id)
+                    .limit(limit + 1)
+                )
             )
-            return list(rows)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            token = self.pages.encode(METHOD_LIST, scope, {"after": rows[-1].instance_id})
+        return instance_pb2.ListInstancesResponse(
+            instances=[self.to_proto(r) for r in rows], next_page_token=token
+        )

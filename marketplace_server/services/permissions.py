@@ -9,7 +9,6 @@ outbox worker woken, only after the transaction commits.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,16 +21,16 @@ from sqlalchemy.orm.attributes import set_committed_value
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.errors import Aborted
 from marketplace_server.clock import utcnow
-from marketplace_server.db.models import OutboxRow, PermissionRow, PermissionTransitionRow
+from marketplace_server.db.models import OutboxRow, PermissionRow, PermissionState, PermissionTransitionRow
+from marketplace_server.deliveries import CONFIGURE, REVOKE, ConfigurePayload, DeliveryKind, RevokePayload
 from marketplace_server.errors import InvalidArgument, NotFound
-from marketplace_server.rpc.converters import permission_to_proto
+from marketplace_server.resources import permission_name, permission_to_proto
 from marketplace_server.services.events import AccessRequested, Event, EventHub, PermissionChanged
+from marketplace_server.text import one_line, single_line
 
 __all__ = [
     "ACTIVE_STATES",
     "ALLOWED",
-    "CONFIGURE",
-    "REVOKE",
     "TERMINAL_STATES",
     "Applied",
     "Move",
@@ -41,7 +40,6 @@ __all__ = [
     "clip_reason",
     "not_found",
     "optional_reason",
-    "parse_permission_name",
     "required_reason",
 ]
 
@@ -56,7 +54,7 @@ REVOKED = access_pb2.Permission.STATE_REVOKED
 TERMINATED = access_pb2.Permission.STATE_TERMINATED
 FULFILLED = access_pb2.Permission.STATE_FULFILLED
 
-ALLOWED: dict[int, frozenset[int]] = {
+ALLOWED: dict[PermissionState, frozenset[PermissionState]] = {
     PENDING: frozenset({ACCEPTED, REJECTED, TIMED_OUT, TERMINATED}),  # TERMINATED: withdrawn by the EP
     ACCEPTED: frozenset({ACTIVE, UNFULFILLABLE, REVOKED, TERMINATED, FULFILLED}),
     ACTIVE: frozenset({REVOKED, TERMINATED, FULFILLED, UNFULFILLABLE}),
@@ -65,32 +63,19 @@ TERMINAL_STATES = frozenset({REJECTED, TIMED_OUT, UNFULFILLABLE, REVOKED, TERMIN
 # States in which the AIIDA may hold (or be about to hold) a data access.
 ACTIVE_STATES = frozenset({ACCEPTED, ACTIVE})
 MAX_REASON = 500
-# Outbox row kinds (see aiida.outbox).
-CONFIGURE = "configure"
-REVOKE = "revoke"
 MAX_ATTEMPTS = 5
-
-_PERMISSION_NAME = re.compile(r"permissions/([A-Za-z0-9_-]{1,32})", re.ASCII)
-
-
-def parse_permission_name(name: str, field: str = "name") -> str:
-    """The id of a `permissions/{id}` name, or INVALID_ARGUMENT naming `field`."""
-    match = _PERMISSION_NAME.fullmatch(name)
-    if match is None:
-        raise InvalidArgument.for_field(field, "required" if not name else "must be permissions/{id}")
-    return match.group(1)
 
 
 def clip_reason(reason: str) -> str:
     """A reason from elsewhere (an AIIDA) as stored: one line, at most MAX_REASON characters."""
-    return " ".join("".join(c if c.isprintable() else " " for c in reason).split())[:MAX_REASON]
+    return one_line(reason, MAX_REASON)
 
 
 def optional_reason(reason: str, field: str = "reason") -> str:
     """A caller's reason: at most MAX_REASON characters, printable; surrounding spaces dropped."""
     text = reason.strip()
-    if len(text) > MAX_REASON or not all(c.isprintable() for c in text):
-        raise InvalidArgument.for_field(field, f"at most {MAX_REASON} printable characters")
+    if len(text) > MAX_REASON or not single_line(text):
+        raise InvalidArgument.for_field(field, f"at most {MAX_REASON} characters on one line")
     return text
 
 
@@ -106,7 +91,7 @@ def required_reason(reason: str, field: str = "reason") -> str:
 class Move:
     """A planned transition: the target state, its reason, and other columns to set."""
 
-    to_state: int
+    to_state: PermissionState
     reason: str = ""
     changes: dict[str, Any] = field(default_factory=dict)
 
@@ -116,7 +101,7 @@ class Applied:
     """What `PermissionTx.apply` did: the row (None if unknown), the state it left (None: unchanged)."""
 
     row: PermissionRow | None
-    previous_state: int | None
+    previous_state: PermissionState | None
 
     @property
     def moved(self) -> bool:
@@ -142,7 +127,7 @@ class PermissionTx:
         """Applies `move` to `row` if its state is still the one read; False if it changed meanwhile."""
         from_state = row.state
         if move.to_state not in ALLOWED.get(from_state, frozenset()):
-            raise InvalidTransition(f"{State.Name(from_state)} -> {State.Name(move.to_state)}")  # type: ignore[arg-type]
+            raise InvalidTransition(f"{State.Name(from_state)} -> {State.Name(move.to_state)}")
         if move.to_state in TERMINAL_STATES and not move.reason:
             raise InvalidTransition("a terminal state needs a reason")
         now = utcnow()
@@ -198,9 +183,9 @@ class PermissionTx:
         self.events.append(AccessRequested(permission, data_request, row.customer_id))
         self.events.append(changed(row, access_pb2.Permission.STATE_UNSPECIFIED, permission))
 
-    async def configure(self, row: PermissionRow, payload: dict[str, object]) -> None:
+    async def configure(self, row: PermissionRow, payload: ConfigurePayload) -> None:
         """Queues the configure call to the permission's AIIDA (sent after commit by the outbox worker)."""
-        await self._deliver(row, CONFIGURE, payload)
+        await self._deliver(row, CONFIGURE, payload.to_json())
 
     async def revoke(self, row: PermissionRow, reason: str) -> None:
         """Queues the revoke call; a configure not yet delivered is dropped (the AIIDA never starts)."""
@@ -210,9 +195,9 @@ class PermissionTx:
             .values(done=True, last_error="superseded by a revoke")
             .execution_options(synchronize_session=False)
         )
-        await self._deliver(row, REVOKE, {"reason": reason})
+        await self._deliver(row, REVOKE, RevokePayload(reason).to_json())
 
-    async def _deliver(self, row: PermissionRow, kind: str, payload: dict[str, object]) -> None:
+    async def _deliver(self, row: PermissionRow, kind: DeliveryKind, payload: dict[str, object]) -> None:
         now = utcnow()
         delivery = OutboxRow(
             permission_id=row.id,
@@ -231,7 +216,7 @@ class PermissionTx:
 
 
 def changed(
-    row: PermissionRow, previous_state: int, permission: access_pb2.Permission | None = None
+    row: PermissionRow, previous_state: PermissionState, permission: access_pb2.Permission | None = None
 ) -> PermissionChanged:
     return PermissionChanged(
         permission=permission or permission_to_proto(row),
@@ -266,6 +251,10 @@ class PermissionLedger:
             state = await session.scalar(select(PermissionRow.state).where(PermissionRow.id == permission_id))
         return None if state is None else int(state)
 
+    async def may_hold_access(self, permission_id: str) -> bool:
+        """Whether the permission's AIIDA may hold (or be about to hold) its data access."""
+        return await self.state_of(permission_id) in ACTIVE_STATES
+
     async def load_visible(self, permission_id: str, account_id: str) -> PermissionRow:
         """The permission if `account_id` is its customer or eligible party, else NOT_FOUND."""
         async with self.sessions() as session:
@@ -276,4 +265,4 @@ class PermissionLedger:
 
 
 def not_found(permission_id: str) -> NotFound:
-    return NotFound(f"permissions/{permission_id} not found", reason="PERMISSION_NOT_FOUND")
+    return NotFound(f"{permission_name(permission_id)} not found", reason="PERMISSION_NOT_FOUND")

@@ -30,15 +30,21 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import consent_pb2
+from eddie_common.page_tokens import PageTokenCodec, page_size
 from eddie_common.tokens import ALGORITHM, SigningKey
 from marketplace_server.auth import principal, require_customer
 from marketplace_server.clock import utcnow
 from marketplace_server.db.counters import next_value
 from marketplace_server.db.models import ConsentReceiptRow, DataRequestRow, PermissionRow
 from marketplace_server.errors import NotFound
-from marketplace_server.pagination import PageTokenCodec, page_size
+from marketplace_server.resources import (
+    account_name,
+    data_request_name,
+    instance_name,
+    parse_permission_name,
+    permission_name,
+)
 from marketplace_server.security import new_id, sha256_hex
-from marketplace_server.services.permissions import parse_permission_name
 
 __all__ = [
     "APPROVE",
@@ -127,11 +133,11 @@ async def write_receipt(
         "receipt_id": receipt_id,
         "sequence": sequence,
         "previous_hash": await _previous_hash(session, permission.customer_id, sequence),
-        "permission": f"permissions/{permission.id}",
-        "instance": f"instances/{permission.instance_id}",
-        "customer": f"accounts/{permission.customer_id}",
-        "eligible_party": f"accounts/{permission.eligible_party_id}",
-        "data_request": f"dataRequests/{data_request.id}",
+        "permission": permission_name(permission.id),
+        "instance": instance_name(permission.instance_id),
+        "customer": account_name(permission.customer_id),
+        "eligible_party": account_name(permission.eligible_party_id),
+        "data_request": data_request_name(data_request.id),
         "purpose": data_request.purpose,
         "policy_uri": data_request.policy_uri,
         "data_need": json_format.MessageToDict(energy_pb2.DataNeed.FromString(data_request.data_need)),
@@ -154,7 +160,7 @@ async def write_receipt(
 
 def receipt_to_proto(row: ConsentReceiptRow) -> consent_pb2.ConsentReceipt:
     return consent_pb2.ConsentReceipt(
-        permission=f"permissions/{row.permission_id}", sequence=row.sequence, jws=row.jws
+        permission=permission_name(row.permission_id), sequence=row.sequence, jws=row.jws
     )
 
 

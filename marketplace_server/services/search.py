@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
@@ -26,29 +25,20 @@ from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import to_duration, to_timestamp, utcnow
 from marketplace_server.config import Config
 from marketplace_server.db.models import DataRequestRow, SearchMatchRow, SearchRow
-from marketplace_server.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-)
+from marketplace_server.errors import InvalidArgument, NotFound
 from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.resources import (
+    ensure_owned_open,
+    load_data_request,
+    parse_data_request_name,
+    parse_search_name,
+    search_name,
+)
 from marketplace_server.security import new_id
 
 log = logging.getLogger(__name__)
 
-_ID = r"[A-Za-z0-9_-]{1,64}"
-DATA_REQUEST_NAME = re.compile(rf"^dataRequests/({_ID})$")
-SEARCH_NAME = re.compile(rf"^dataRequests/({_ID})/searches/({_ID})$")
-STATE_CLOSED = data_request_pb2.DataRequest.STATE_CLOSED
 _MATCHES = cast(Table, SearchMatchRow.__table__)
-
-
-def parse_data_request_name(name: str, field: str = "data_request") -> str:
-    match = DATA_REQUEST_NAME.fullmatch(name)
-    if match is None:
-        raise InvalidArgument.for_field(field, "must be dataRequests/{id}")
-    return match.group(1)
 
 
 class SearchService:
@@ -84,20 +74,15 @@ class SearchService:
     async def _load_owned_open(self, data_request_id: str) -> DataRequestRow:
         caller = require_eligible_party()
         async with self.sessions() as session:
-            row = await session.get(DataRequestRow, data_request_id)
-        if row is None:
-            raise NotFound(f"data request {data_request_id} not found", reason="DATA_REQUEST_NOT_FOUND")
-        if row.owner_id != caller.account_id:
-            raise PermissionDenied("only the owner of a data request may search it", reason="NOT_OWNER")
-        if row.state == STATE_CLOSED:
-            raise FailedPrecondition("the data request is closed", reason="DATA_REQUEST_CLOSED")
+            row, _ = await load_data_request(session, data_request_id)
+        ensure_owned_open(row, caller.account_id, "search it")
         return row
 
     async def search(
         self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None
     ) -> AsyncIterator[data_request_pb2.SearchInstancesResponse]:
         started = time.perf_counter()
-        data_request_id = parse_data_request_name(request.data_request)
+        data_request_id = parse_data_request_name(request.data_request, "data_request")
         timeout = self._timeout(request, remaining)
         row = await self._load_owned_open(data_request_id)
         self.limiter.acquire(f"account:{row.owner_id}", what="searches")
@@ -171,13 +156,10 @@ class SearchService:
                         for i in tally.matched_ids
                     ],
                 )
-        return f"dataRequests/{data_request_id}/searches/{search_id}"
+        return search_name(data_request_id, search_id)
 
     async def get_search(self, name: str) -> data_request_pb2.Search:
-        match = SEARCH_NAME.fullmatch(name)
-        if match is None:
-            raise InvalidArgument.for_field("name", "must be dataRequests/{id}/searches/{id}")
-        data_request_id, search_id = match.groups()
+        data_request_id, search_id = parse_search_name(name)
         caller = principal()
         async with self.sessions() as session:
             row = await session.get(SearchRow, search_id)
@@ -235,4 +217,4 @@ class MatchFloor:
         return 0 < matched < self.minimum
 
 
-__all__ = ["MatchFloor", "SearchService", "parse_data_request_name"]
+__all__ = ["MatchFloor", "SearchService"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import zlib
 from collections import Counter
 
@@ -20,12 +19,13 @@ from sqlalchemy import select
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.logging import log_event
 from marketplace_server.db.models import OutboxRow, PermissionRow
+from marketplace_server.deliveries import REVOKE
+from marketplace_server.resources import is_permission_id
 from marketplace_server.services.permissions import (
     ACCEPTED,
     ACTIVE,
     ACTIVE_STATES,
     FULFILLED,
-    REVOKE,
     REVOKED,
     TERMINAL_STATES,
     TERMINATED,
@@ -48,7 +48,6 @@ QUEUE_SIZE = 10_000
 # one instance flooding (it re-reports on every reconnect anyway) cannot hold up, or with full queues
 # drop, the reports of every other instance behind its own in a shared queue.
 MAX_QUEUED_PER_INSTANCE = 256
-_PERMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 FULFILLED_REASON = "the data window ended"
 UNFULFILLABLE_REASON = "the AIIDA cannot serve the data need"
 ENDED_REASON = "the permission has ended"
@@ -84,8 +83,8 @@ class StatusApplier:
         self._queued: Counter[str] = Counter()  # by instance id
         self._over_quota: set[str] = set()
 
-    async def on_stream_status(self, instance_id: str, status: aiida_pb2.DataAccessStatus) -> None:
-        """The manager's status listener: queues without awaiting, so arrival order is kept."""
+    def on_stream_status(self, instance_id: str, status: aiida_pb2.DataAccessStatus) -> None:
+        """The manager's status listener: queues at once, so arrival order is kept."""
         if self._stopping:
             return
         queued = self._queued[instance_id]
@@ -147,7 +146,7 @@ class StatusApplier:
     ) -> None:
         """Applies one status reported by `instance_id` (on its stream, or as the answer to a call)."""
         permission_id = status.permission_id
-        if not _PERMISSION_ID.fullmatch(permission_id):
+        if not is_permission_id(permission_id):
             log_event(
                 log, "aiida_status_ignored", logging.WARNING, instance=instance_id, why="bad_permission_id"
             )

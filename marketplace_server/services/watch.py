@@ -12,10 +12,14 @@ from sqlalchemy import select
 
 from eddie.marketplace.v1 import access_pb2
 from marketplace_server.auth import require_eligible_party
-from marketplace_server.db.models import DataRequestRow, PermissionRow
-from marketplace_server.errors import NotFound, PermissionDenied
-from marketplace_server.rpc.converters import permission_to_proto
-from marketplace_server.services.data_requests import parse_data_request_name
+from marketplace_server.db.models import PermissionRow
+from marketplace_server.resources import (
+    ensure_owner,
+    load_data_request,
+    parse_data_request_name,
+    parse_permission_name,
+    permission_to_proto,
+)
 from marketplace_server.services.events import Event, EventHub, PermissionChanged
 from marketplace_server.services.permissions import PermissionLedger
 from marketplace_server.services.timeouts import DecisionTimeouts
@@ -28,7 +32,7 @@ Snapshot = dict[str, tuple[int, int]]
 
 
 def _already_shown(event: PermissionChanged, snapshot: Snapshot) -> bool:
-    permission_id = event.permission.name.removeprefix("permissions/")
+    permission_id = parse_permission_name(event.permission.name)
     shown = snapshot.get(permission_id)
     if shown is None:
         return False
@@ -49,13 +53,8 @@ class PermissionWatch:
 
     async def _check_owner(self, caller: str, data_request_id: str) -> None:
         async with self.sessions() as session:
-            owner = await session.scalar(
-                select(DataRequestRow.owner_id).where(DataRequestRow.id == data_request_id)
-            )
-        if owner is None:
-            raise NotFound(f"dataRequests/{data_request_id} does not exist", reason="DATA_REQUEST_NOT_FOUND")
-        if owner != caller:
-            raise PermissionDenied("only the owner of a data request may watch it", reason="NOT_OWNER")
+            row, _ = await load_data_request(session, data_request_id)
+        ensure_owner(row, caller, "watch it")
 
     async def watch(
         self, request: access_pb2.WatchPermissionsRequest
@@ -81,7 +80,7 @@ class PermissionWatch:
                 if isinstance(event, PermissionChanged) and not _already_shown(event, snapshot):
                     yield access_pb2.PermissionEvent(
                         permission=event.permission,
-                        previous_state=event.previous_state,  # type: ignore[arg-type]
+                        previous_state=event.previous_state,
                     )
 
     async def _current(self, caller: str, data_request_id: str) -> AsyncIterator[PermissionRow]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aiida_stub.auth import trust_for
+from aiida_stub.trust import trust_for
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie_common import tokens
 from eddie_common.interceptors import error_info

@@ -7,7 +7,7 @@ import base64
 import grpc
 import pytest
 
-from eddie_sink.page_tokens import Cursor, PageTokens
+from eddie_sink.listing import Cursor, ReadingPageTokens
 from tests.support.expect import expect_error
 from tests.support.sink import FakeMarketplace, RunningSink, reading
 
@@ -78,9 +78,10 @@ def _tampered(token: str) -> str:
         lambda token: "not-a-token",
         lambda token: "!!!",
         _tampered,
-        lambda token: PageTokens(b"k" * 32).encode(Cursor("perm-1", 0, "")),
+        lambda token: ReadingPageTokens(b"k" * 32).encode(Cursor("perm-1", 0, "")),
+        lambda token: f"{token[:4]}.{token[4:]}",  # base64 decoders skip the dot: same bytes
     ],
-    ids=["garbage", "not-base64", "tampered", "other-key"],
+    ids=["garbage", "not-base64", "tampered", "other-key", "non-canonical"],
 )
 async def test_forged_page_token_is_invalid(sink: RunningSink, fake_marketplace: FakeMarketplace, forge):
     await sink.publish(fake_marketplace.sink_token(), [reading(s) for s in range(3)])
@@ -113,7 +114,7 @@ async def test_page_token_of_another_permission_is_invalid(
 
 
 def test_page_token_round_trips_and_binds_its_permission():
-    tokens = PageTokens(b"s" * 32)
+    tokens = ReadingPageTokens(b"s" * 32)
     cursor = Cursor("perm-1", 1_700_000_000_000_000_000, "1-0:1.8.0")
 
     assert tokens.decode(tokens.encode(cursor), "perm-1") == cursor

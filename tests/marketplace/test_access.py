@@ -336,7 +336,7 @@ async def test_aiida_statuses_move_permissions_and_invalid_ones_are_ignored(
     await scene.double.push_status(
         ids[2], permissions[2].name.removeprefix("permissions/"), DataAccess.STATE_REVOKED, "x"
     )
-    await market.app.components["statuses"].join()
+    await market.app.statuses.join()
     assert (await scene.get(permissions[2])).state == Permission.STATE_FULFILLED
 
 
@@ -355,7 +355,7 @@ async def test_a_hostile_aiida_cannot_change_another_instances_permission(
         hostile_instance, own.name.removeprefix("permissions/"), DataAccess.STATE_ACTIVE
     )
     await scene.until_state(own, Permission.STATE_ACTIVE)  # the stream's messages have all arrived
-    await market.app.components["statuses"].join()
+    await market.app.statuses.join()
     assert (await scene.get(victim)).state == Permission.STATE_ACCEPTED
     await scene.double.push_status(victim_instance, victim_id, DataAccess.STATE_ACTIVE)
     await scene.until_state(victim, Permission.STATE_ACTIVE)

@@ -342,9 +342,7 @@ async def test_too_many_streams_per_account_are_refused(tmp_path: Path, aiida: R
         extra = Device(customer)
         await expect_error(extra.call.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS")
         devices[0].close()
-        while (
-            market.app.components["events"].stream_count(customer.account.name.removeprefix("accounts/")) > 1
-        ):
+        while market.app.events.stream_count(customer.account.name.removeprefix("accounts/")) > 1:
             await asyncio.sleep(0.01)
         replacement = Device(customer)
         await replacement.until_ready()

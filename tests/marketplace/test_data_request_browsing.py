@@ -16,7 +16,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from marketplace_server.pagination import PageTokenCodec
+from eddie_common.page_tokens import PageTokenCodec
 from marketplace_server.services.data_requests import METHOD_LIST, ListFilters
 from tests.support.data_requests import (
     ELECTRICITY,
@@ -213,7 +213,7 @@ async def test_a_page_token_only_continues_the_same_filters(
 
 
 def _server_codec(marketplace: RunningMarketplace) -> PageTokenCodec:
-    codec = marketplace.app.components["data_requests"].page_tokens
+    codec = marketplace.app.data_requests.page_tokens
     assert isinstance(codec, PageTokenCodec)
     return codec
 

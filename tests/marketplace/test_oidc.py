@@ -183,7 +183,7 @@ async def test_rfc8725_cases_are_refused(
 async def test_a_rotated_key_is_picked_up_without_restart(
     marketplace_oidc: RunningMarketplace, provider: OidcProvider
 ) -> None:
-    cache = marketplace_oidc.app.components["authenticator"].external.keys
+    cache = marketplace_oidc.app.authenticator.external.keys
     cache.refetch_interval = 0.3
     old = provider.keys[0]
     await whoami(marketplace_oidc, provider.token("frank", key=old))
@@ -200,7 +200,7 @@ async def test_a_rotated_key_is_picked_up_without_restart(
 async def test_unknown_kids_refetch_the_key_set_at_most_once_per_interval(
     marketplace_oidc: RunningMarketplace, provider: OidcProvider
 ) -> None:
-    cache = marketplace_oidc.app.components["authenticator"].external.keys
+    cache = marketplace_oidc.app.authenticator.external.keys
     cache.refetch_interval = 60.0
     before = provider.jwks_fetches
     for _ in range(20):

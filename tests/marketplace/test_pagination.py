@@ -8,8 +8,8 @@ import json
 import pytest
 
 from eddie_common.errors import InvalidArgument
+from eddie_common.page_tokens import MAX_PAGE_TOKEN_LENGTH, PageTokenCodec, page_size
 from eddie_common.tokens import SigningKey
-from marketplace_server.pagination import MAX_PAGE_TOKEN_LENGTH, PageTokenCodec, page_size
 
 FILTERS = {"region": "AT", "kind": 1, "show_closed": False}
 

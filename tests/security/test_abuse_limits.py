@@ -195,7 +195,7 @@ async def test_long_lived_streams_are_limited_per_account(market: RunningMarketp
         extra = open_stream(client)
         await expect_error(_first(extra), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS")
         held[0].cancel()
-        hub = market.app.components["events"]
+        hub = market.app.events
         account_id = client.account.name.removeprefix("accounts/")  # type: ignore[union-attr]
         async with asyncio.timeout(5):  # a closed stream frees its slot
             while hub.stream_count(account_id) > 1:

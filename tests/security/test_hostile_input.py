@@ -130,7 +130,7 @@ def _requests(method: MethodDescriptor, world: World) -> st.SearchStrategy[list[
 
 
 async def _open_streams(world: World) -> int:
-    hub = world.market.app.components["events"]
+    hub = world.market.app.events
     clients = (world.customer, world.ep, world.other_customer, world.other_ep)
     for _ in range(200):  # a cancelled stream unsubscribes once its handler has unwound
         count = sum(hub.stream_count(c.account.name.removeprefix("accounts/")) for c in clients)

@@ -239,7 +239,7 @@ async def test_a_marketplace_without_a_trusted_client_certificate_cannot_reach_a
     try:
         customer = await market.customer()
         await claim(customer, aiida)
-        manager = market.app.components["manager"]
+        manager = market.app.manager
         link = manager.links[aiida.instance_id]
         await asyncio.sleep(0.8)  # about four reconnect attempts (backoff 0.2 s)
         assert not manager.is_connected(aiida.instance_id) and not link.connected

@@ -193,7 +193,7 @@ async def _claim_many(market: RunningMarketplace, owner: Session, ids: list[str]
             instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code="CODE-1234"),
             metadata=owner.metadata,
         )
-    manager = market.app.components["manager"]
+    manager = market.app.manager
     async with asyncio.timeout(10):
         while not all(manager.is_connected(i) for i in ids):
             await asyncio.sleep(0.01)
@@ -230,7 +230,7 @@ async def test_streams_that_are_never_read_do_not_hold_up_other_clients(tmp_path
         test_config(tmp_path, claim_attempts_per_minute=1e6, search_rate_per_minute=1e6)
     )
     double = await start_double(AiidaDouble())
-    hub = market.app.components["events"]
+    hub = market.app.events
     hub.queue_size = QUEUE
     stalled = grpc.aio.insecure_channel(
         market.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]

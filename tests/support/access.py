@@ -92,7 +92,7 @@ class Scene:
 
     async def until_linked(self, instance_id: str, linked: bool = True, timeout: float = 10.0) -> None:
         """Waits until the marketplace sees the instance's stream up (or down)."""
-        manager = self.market.app.components["manager"]
+        manager = self.market.app.manager
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while manager.is_connected(instance_id) != linked:

@@ -51,7 +51,7 @@ class Arena:
     def linked(self, instance_id: str) -> bool:
         """The marketplace's own view (in-process only): is the instance's stream up?"""
         assert self.app is not None
-        return bool(self.app.components["manager"].is_connected(instance_id))
+        return bool(self.app.manager.is_connected(instance_id))
 
     async def until_linked(self, instance_id: str, linked: bool = True, timeout: float = 10.0) -> None:
         if self.app is not None:

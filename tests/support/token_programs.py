@@ -60,7 +60,7 @@ class Programs:
 
     def aiida_token(self, instance_id: str) -> str:
         """The bearer the marketplace's connection manager sends to an instance (product code)."""
-        metadata = dict(self.market.app.components["manager"].stream_metadata(instance_id))
+        metadata = dict(self.market.app.manager.stream_metadata(instance_id))
         return str(metadata["authorization"]).removeprefix("Bearer ")
 
     def mint_sink_token(self, permission_id: str) -> str:

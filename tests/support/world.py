@@ -165,7 +165,7 @@ async def register_and_claim(world: World, instance_id: str, owner: Session | No
             instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=code),
             metadata=owner.metadata,
         )
-        manager = world.market.app.components["manager"]
+        manager = world.market.app.manager
         async with asyncio.timeout(10):
             while not manager.is_connected(instance_id):
                 await asyncio.sleep(0.01)

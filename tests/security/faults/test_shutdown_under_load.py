@@ -105,7 +105,7 @@ async def assert_drained(
 
 def count_started(app: Marketplace) -> Counter[str]:
     """Counts the identity calls the server has begun to handle (the real service does the work)."""
-    identity = app.components["identity"]
+    identity = app.identity
     started: Counter[str] = Counter()
     for name in ("create_account", "login"):
         real = getattr(identity, name)

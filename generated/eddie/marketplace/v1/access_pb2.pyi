@@ -263,7 +263,9 @@ class ListPermissionsRequest(_message.Message):
     page_token: _builtins.str
     """`next_page_token` of a previous response, with the same filters."""
     data_request: _builtins.str
-    """Only permissions of this `dataRequests/{id}`."""
+    """Only permissions of this `dataRequests/{id}`; NOT_FOUND if it does not
+    exist (as from every RPC that names a data request).
+    """
     state: Global___Permission.State.ValueType
     """Only permissions in this state."""
     def __init__(

@@ -1,10 +1,10 @@
-"""AIP-158 pagination: page sizes and opaque, tamper-proof page tokens.
+"""AIP-158 pagination for every program: page sizes and opaque, tamper-proof page tokens.
 
-A page token is `base64url(json cursor + HMAC-SHA256/128)`. It binds the RPC
-method and a digest of the request's filters, so a token cannot be replayed
-against another list or with changed filters, and a client cannot forge a
-cursor. The HMAC key is derived from the marketplace signing key, so tokens
-survive restarts.
+A page token is `base64url(json cursor + HMAC-SHA256/128)`, in its canonical
+encoding only. It binds the RPC method and a digest of the request's filters, so
+a token cannot be replayed against another list or with changed filters, and a
+client cannot forge a cursor. The key outlives restarts: the marketplace derives
+it from its signing key, the sink keeps a random one in its database.
 """
 
 from __future__ import annotations
