@@ -29,6 +29,8 @@ class Config:
     search_rate_per_minute: float = 60.0
     login_attempts_per_minute: float = 10.0
     claim_attempts_per_minute: float = 5.0
+    # How long a request_id is remembered (AIP-155); older keys are cleaned up and may be reused.
+    idempotency_ttl: float = 86400.0
     max_streams_per_account: int = 16
     # Server-wide cap on RPCs in progress (streams included); past it calls get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 20_000
@@ -115,7 +117,14 @@ def build_parser() -> EnvArgumentParser:
         "--login-rate",
         type=float,
         default=d.login_attempts_per_minute,
-        help="failed login attempts allowed per minute per e-mail and per peer",
+        help="failed login attempts allowed per minute per peer; an e-mail with several recent "
+        "failures is slowed down (up to 1 s per attempt), never locked",
+    )
+    p.add_flag(
+        "--idempotency-ttl",
+        type=float,
+        default=d.idempotency_ttl,
+        help="seconds a request_id is remembered; a retry after that creates anew",
     )
     p.add_flag(
         "--claim-rate",
@@ -199,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         search_rate_per_minute=args.search_rate,
         login_attempts_per_minute=args.login_rate,
         claim_attempts_per_minute=args.claim_rate,
+        idempotency_ttl=args.idempotency_ttl,
         max_streams_per_account=args.max_streams_per_account,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_period=args.grace_period,

@@ -23,12 +23,14 @@ from eddie.marketplace.v1 import (
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
 from eddie_common.tokens import SigningKey, TokenIssuer
+from marketplace_server import idempotency
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.login_throttle import LoginThrottle
 from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
@@ -118,7 +120,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         issuer,
         access_ttl=config.access_token_ttl,
         refresh_ttl=config.refresh_token_ttl,
-        login_limiter=RateLimiter(config.login_attempts_per_minute),
+        login_throttle=LoginThrottle(config.login_attempts_per_minute),
     )
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(identity, [signing_key], config.issuer), server
@@ -150,6 +152,11 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     )
     app.components.update(permissions)
     app.background.append(manager.start)
+    idempotency.RETENTION.seconds = config.idempotency_ttl
+    janitor = idempotency.KeyJanitor(sessions)
+    app.components["idempotency_janitor"] = janitor
+    app.background.append(janitor.run)
+    app.lifecycle.on_stop.append(janitor.stop)
     app.background.extend(permissions[name].run for name in ("outbox", "timeouts", "statuses"))
     app.lifecycle.on_stop.extend(permissions[name].stop for name in ("outbox", "timeouts", "statuses"))
     app.lifecycle.on_stop.append(manager.stop)

@@ -54,6 +54,8 @@ class InstanceLink:
         self._unsolicited = 0
         self._unsolicited_window = 0.0
         self._stopped = False
+        self._flooded = False
+        self.failed_attempts = 0  # connections in a row that failed or were cut: the backoff's exponent
         self._reconnect_now = asyncio.Event()
 
     # --- lifecycle ---
@@ -100,7 +102,6 @@ class InstanceLink:
     # --- the connection loop ---
 
     async def _supervise(self) -> None:
-        attempt = 0
         while not self._stopped:
             opened = False
             try:
@@ -118,8 +119,11 @@ class InstanceLink:
                 )
             finally:
                 await self._on_disconnected()
-            attempt = 0 if opened else attempt + 1
-            delay = self.manager.reconnect_backoff.delay(attempt + 1)
+            # A stream this link dropped for flooding does not count as a good connection: its
+            # backoff keeps growing instead of restarting from the shortest delay.
+            self.failed_attempts = 0 if opened and not self._flooded else self.failed_attempts + 1
+            self._flooded = False
+            delay = self.manager.reconnect_backoff.delay(self.failed_attempts + 1)
             self._reconnect_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reconnect_now.wait(), delay)
@@ -188,6 +192,7 @@ class InstanceLink:
         self._unsolicited += 1
         if self._unsolicited > MAX_UNSOLICITED_PER_MINUTE and self._call is not None:
             log_event(log, "aiida_stream_dropped", logging.WARNING, instance=self.instance_id, why="flooding")
+            self._flooded = True
             self._call.cancel()
 
     def ping(self) -> None:
