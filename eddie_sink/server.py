@@ -21,6 +21,8 @@ from eddie_common.serving import (
 )
 from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
+from eddie_sink.ends import PermissionEnds
+from eddie_sink.feed import EndFeed
 from eddie_sink.keys import MarketplaceKeys
 from eddie_sink.page_tokens import PageTokens
 from eddie_sink.servicer import DataSinkServicer
@@ -43,6 +45,8 @@ class SinkApp:
     writer: ReadingWriter
     keys: MarketplaceKeys
     port: int
+    ends: PermissionEnds
+    feed: EndFeed
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -73,24 +77,30 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     keys = MarketplaceKeys(
         config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
     )
+    ends = await PermissionEnds.load(store)
+    feed = EndFeed(config.marketplace, marketplace_credentials(config), ends)
     interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=SinkAuthenticator(keys))
     server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
     data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(
-        DataSinkServicer(store, writer, page_tokens), server
+        DataSinkServicer(store, writer, page_tokens, ends), server
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
         port = bind(server, config.listen, tls_files(config))
     except Exception:
+        await feed.close()
         await keys.close()
         await store.close()
         raise
     writer.start()
     keys.start()
+    feed.start()
     await server.start()
-    lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=[writer.close, keys.close, store.close])
+    lifecycle = Lifecycle(
+        server, health, [SERVICE_NAME], on_stop=[writer.close, feed.close, keys.close, store.close]
+    )
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port), port
+    return SinkApp(lifecycle, store, writer, keys, port, ends, feed), port
 
 
 async def run(config: SinkConfig) -> None:

@@ -24,6 +24,8 @@ PUBLIC_METHODS = frozenset(
         "/eddie.marketplace.v1.IdentityService/RefreshToken",
         "/eddie.marketplace.v1.IdentityService/ListSigningKeys",
         "/eddie.marketplace.v1.InstanceService/RegisterInstance",
+        # Each subscription is proven by a permission's sink token (services.sink_feed).
+        "/eddie.marketplace.v1.SinkFeedService/WatchPermissionEnds",
     }
 )
 

@@ -19,10 +19,11 @@ from eddie.marketplace.v1 import (
     identity_pb2,
     identity_pb2_grpc,
     instance_pb2_grpc,
+    sink_feed_pb2_grpc,
 )
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
-from eddie_common.tokens import SigningKey, TokenIssuer
+from eddie_common.tokens import AUDIENCE_SINK, SigningKey, TokenIssuer, TokenVerifier
 from marketplace_server import idempotency
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
@@ -38,6 +39,7 @@ from marketplace_server.rpc.consent import ConsentServicer
 from marketplace_server.rpc.data_requests import DataRequestServicer
 from marketplace_server.rpc.identity import IdentityServicer
 from marketplace_server.rpc.instances import InstanceServicer
+from marketplace_server.rpc.sink_feed import SinkFeedServicer
 from marketplace_server.services.access import AccessService
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
@@ -46,6 +48,7 @@ from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
 from marketplace_server.services.permissions import PermissionLedger
 from marketplace_server.services.search import SearchService
+from marketplace_server.services.sink_feed import PermissionEndFeed
 from marketplace_server.services.statuses import StatusApplier
 from marketplace_server.services.timeouts import DecisionTimeouts
 from marketplace_server.services.watch import PermissionWatch
@@ -58,6 +61,7 @@ SERVICE_NAMES = [
     "eddie.marketplace.v1.DataRequestService",
     "eddie.marketplace.v1.AccessService",
     "eddie.marketplace.v1.ConsentService",
+    "eddie.marketplace.v1.SinkFeedService",
 ]
 
 
@@ -186,7 +190,14 @@ def _add_permission_services(
         AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
     )
     consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentServicer(consent), server)
+    sink_verifier = TokenVerifier(
+        {issuer.key.key_id: issuer.key.public_key}, issuer=config.issuer, audience=AUDIENCE_SINK
+    )
+    feed = PermissionEndFeed(sessions, sink_verifier)
+    hub.listeners.append(feed.on_events)
+    sink_feed_pb2_grpc.add_SinkFeedServiceServicer_to_server(SinkFeedServicer(feed), server)
     return {
+        "sink_feed": feed,
         "events": hub,
         "permissions": ledger,
         "timeouts": timeouts,

@@ -105,6 +105,8 @@ class EventHub:
         self.max_streams_per_account = max_streams_per_account
         self.queue_size = queue_size
         self._subscribers: dict[str, set[Subscriber]] = {}
+        # Called with every published batch, whoever it concerns (e.g. the sinks' feed of ends).
+        self.listeners: list[Callable[[list[Event]], None]] = []
 
     def stream_count(self, account_id: str) -> int:
         return len(self._subscribers.get(account_id, ()))
@@ -130,6 +132,8 @@ class EventHub:
                 self._subscribers.pop(account_id, None)
 
     def publish(self, events: list[Event]) -> None:
+        for listener in self.listeners:
+            listener(events)
         for event in events:
             if isinstance(event, AccessRequested):
                 self._deliver(event.customer_id, event)
