@@ -43,6 +43,7 @@ from marketplace_server.rpc.sink_feed import SinkFeedServicer
 from marketplace_server.services.access import AccessService
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
+from marketplace_server.services.deletion import AccountDeletion
 from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
@@ -126,9 +127,6 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         refresh_ttl=config.refresh_token_ttl,
         login_throttle=LoginThrottle(config.login_attempts_per_minute),
     )
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, [signing_key], config.issuer), server
-    )
     pages = PageTokenCodec.from_signing_key(signing_key)
     manager = ConnectionManager(config, issuer, sessions)
     instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
@@ -141,12 +139,17 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         DataRequestServicer(data_requests, search), server
     )
     permissions = _add_permission_services(server, config, sessions, manager, issuer, pages)
+    deletion = AccountDeletion(permissions["permissions"], authenticator, manager, permissions["events"])
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(identity, [signing_key], config.issuer, deletion), server
+    )
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
     app = Marketplace(config, server, engine, sessions, signing_key, issuer, lifecycle)
     app.components.update(
         identity=identity,
+        deletion=deletion,
         authenticator=authenticator,
         manager=manager,
         instances=instances,

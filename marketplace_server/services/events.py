@@ -131,6 +131,11 @@ class EventHub:
             if not subscribers:
                 self._subscribers.pop(account_id, None)
 
+    def end_streams(self, account_id: str, error: BaseException) -> None:
+        """Ends every live stream of the account with `error` (e.g. the account was deleted)."""
+        for subscriber in list(self._subscribers.get(account_id, ())):
+            subscriber.fail(error)
+
     def publish(self, events: list[Event]) -> None:
         for listener in self.listeners:
             listener(events)
