@@ -133,11 +133,14 @@ class Ctx:
     b: Tenant
     refresh_tokens: list[str]  # fresh refresh tokens of customer A, one per RefreshToken call
     counter: itertools.count[int] = field(default_factory=itertools.count)
+    stand_ins: dict[str, Client] = field(default_factory=dict)  # caller -> who plays them (one row)
 
     def tenant(self, label: str) -> Tenant:
         return self.a if label == "A" else self.b
 
     def client(self, caller: str) -> Client:
+        if caller in self.stand_ins:
+            return self.stand_ins[caller]
         clients = {
             ANON: self.world.market.client(),
             CUSTOMER_A: self.a.customer,
@@ -199,8 +202,20 @@ async def _request_access(t: Tenant, request_id: str = "") -> list[str]:
     return [p.name for p in response.permissions]
 
 
-async def _pending(t: Tenant) -> str:
-    return (await _request_access(t))[0]
+async def _pending(t: Tenant, fresh: bool = True) -> str:
+    """A new pending permission on the tenant's instance. One data request gives an instance one live
+    permission (API.md, RequestAccess), so each but the first is asked under a data request of its own."""
+    if not fresh:
+        return (await _request_access(t))[0]
+    data_request = await _create_data_request(t.ep)
+    await _search(t.ep, data_request)
+    response = await aio(t.ep, "access").RequestAccess(
+        access_pb2.RequestAccessRequest(
+            data_request=data_request, instance_ids=[t.instance_id], sink_uri=SINK_URI
+        ),
+        metadata=t.ep.metadata,
+    )
+    return str(response.permissions[0].name)
 
 
 async def _accepted(t: Tenant) -> str:
@@ -215,7 +230,7 @@ async def _build_tenant(customer: Client, ep: Client, instance_id: str) -> Tenan
     t = Tenant(customer, ep, instance_id)
     t.data_request = await _create_data_request(ep)
     t.search = await _search(ep, t.data_request)
-    t.pending = await _pending(t)
+    t.pending = await _pending(t, fresh=False)
     t.accepted = await _accepted(t)
     t.close_me = await _create_data_request(ep)
     t.decide_me = await _pending(t)
@@ -303,6 +318,9 @@ class Row:
     # The same request naming an object that does not exist: every caller the row refuses must
     # get exactly the same answer for it as for the real target.
     ghost: Build | None = None
+    # Each signed-in caller is played by a fresh account of the same role (for calls that would
+    # consume the caller itself, such as DeleteAccount).
+    stand_ins: bool = False
 
 
 @dataclass
@@ -554,7 +572,9 @@ def requested(label: str) -> Callable[[Ctx, str, list[Any]], None]:
         permissions = _one(responses).permissions
         assert len(permissions) == 1
         p = permissions[0]
-        assert p.name not in t.access_replayed, "a replay instead of a new permission"
+        # The instance already has a live permission for this data request: that one comes back
+        # (API.md, RequestAccess), not a second one.
+        assert p.name == t.pending, "not the instance's live permission"
         assert (p.eligible_party, p.customer, p.data_request) == (t.ep_name, t.customer_name, t.data_request)
         assert p.state == Permission.STATE_PENDING
 
@@ -596,7 +616,9 @@ def own_permissions(data_request_of: str = "") -> Callable[[Ctx, str, list[Any]]
         if data_request_of and ctx.tenant(data_request_of) is not mine:
             assert not names, "permissions of another tenant's data request"
             return
-        assert {mine.pending, mine.accepted} <= names, "the caller's own permissions are missing"
+        # Each target permission but `pending` has a data request of its own (see `_pending`).
+        expected = {mine.pending} if data_request_of else {mine.pending, mine.accepted}
+        assert expected <= names, "the caller's own permissions are missing"
         if data_request_of:
             assert all(p.data_request == mine.data_request for p in listed)
 
@@ -612,7 +634,8 @@ def watched(data_request_of: str = "") -> Callable[[Ctx, str, list[Any]], None]:
         assert responses, "no first message"
         permissions = _only_callers(ctx, caller, [e.permission for e in responses])
         mine = ctx.a if caller == EP_A else ctx.b
-        assert {mine.pending, mine.accepted} <= {p.name for p in permissions}, "the snapshot is incomplete"
+        expected = {mine.pending} if data_request_of else {mine.pending, mine.accepted}
+        assert expected <= {p.name for p in permissions}, "the snapshot is incomplete"
         if data_request_of:
             assert all(p.data_request == mine.data_request for p in permissions)
 
@@ -795,7 +818,37 @@ def identity_rows() -> dict[str, list[Row]]:
                 everyone(Ok(has_keys)),
             ),
         ],
+        # Deletion would end the world's tenants: each caller is a fresh stand-in of the same role.
+        "IdentityService.DeleteAccount": [
+            Row(
+                "customer A's account",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name=ctx.a.customer_name),
+                signed_in(NOT_OWNER),
+                ghost=lambda ctx, caller: identity_pb2.DeleteAccountRequest(name="accounts/nosuchaccount0"),
+                snapshot=_account_of_a,
+                stand_ins=True,
+            ),
+            Row(
+                "a malformed name",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name="users/someone"),
+                signed_in(Err(Code.INVALID_ARGUMENT, "INVALID_ARGUMENT")),
+                stand_ins=True,
+            ),
+            Row(
+                "the caller's own account",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name=ctx.account(caller)),
+                signed_in(OK),
+                stand_ins=True,
+            ),
+        ],
     }
+
+
+async def _account_of_a(ctx: Ctx) -> object:
+    found = await aio(ctx.a.customer, "identity").GetCurrentAccount(
+        identity_pb2.GetCurrentAccountRequest(), metadata=ctx.a.customer.metadata
+    )
+    return found.SerializeToString(deterministic=True)
 
 
 def _register(instance_id: str, secret: str = SECRET, address: str = "") -> Callable[[Ctx, str], Message]:
@@ -1308,6 +1361,22 @@ async def test_authorization(ctx: Ctx, method: MethodDescriptor, attr: str) -> N
 
 
 async def _run_row(ctx: Ctx, rpc: str, method: MethodDescriptor, attr: str, row: Row) -> list[str]:
+    if not row.stand_ins:
+        return await _run_row_as_callers(ctx, rpc, method, attr, row)
+    market = ctx.world.market
+    roles = {CUSTOMER_A: identity_pb2.ROLE_CUSTOMER, CUSTOMER_B: identity_pb2.ROLE_CUSTOMER}
+    ctx.stand_ins = {
+        caller: await market.signup(roles.get(caller, identity_pb2.ROLE_ELIGIBLE_PARTY))
+        for caller in CALLERS
+        if caller != ANON
+    }
+    try:
+        return await _run_row_as_callers(ctx, rpc, method, attr, row)
+    finally:
+        ctx.stand_ins = {}
+
+
+async def _run_row_as_callers(ctx: Ctx, rpc: str, method: MethodDescriptor, attr: str, row: Row) -> list[str]:
     problems: list[str] = []
     refused = [c for c in CALLERS if not _allows(row.expect[c])]
     allowed = [c for c in CALLERS if _allows(row.expect[c])]
