@@ -17,11 +17,12 @@ manager drops the unclaimed instances' streams.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.logging import log_event
@@ -33,6 +34,7 @@ from marketplace_server.db.models import (
     DataRequestRow,
     IdempotencyKeyRow,
     InstanceRow,
+    OutboxRow,
     PermissionRow,
     RefreshTokenRow,
 )
@@ -58,6 +60,8 @@ CUSTOMER_REASON = "the customer deleted their account"
 EP_REASON = "the eligible party deleted its account"
 LIVE_STATES = (PENDING, *ACTIVE_STATES)
 DataRequest = data_request_pb2.DataRequest
+DROP_WAIT = 30.0  # at most this long an unclaimed instance's stream stays for its revokes
+DROP_POLL = 0.1
 
 # (transaction, the permission just revoked, the reason): runs inside the deletion's transaction.
 OnRevokedByDeletion = Callable[[PermissionTx, PermissionRow, str], Awaitable[None]]
@@ -87,6 +91,7 @@ class AccountDeletion:
         # LEAD (merge): the consent-receipts helper's "write a revoke receipt in this transaction"
         # goes here, so a permission revoked by a deletion gets its receipt like any revocation.
         self.on_revoked_by_deletion: list[OnRevokedByDeletion] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def delete(self, name: str) -> None:
         caller = principal()
@@ -114,8 +119,11 @@ class AccountDeletion:
         self.hub.end_streams(
             account_id, Unauthenticated("the account was deleted", reason="ACCOUNT_DISABLED")
         )
-        for instance_id in unclaimed:
-            await self.manager.drop(instance_id)
+        if unclaimed:
+            told = [row.id for row in tx.deliveries]
+            task = asyncio.create_task(self._drop_streams(unclaimed, told), name=f"unclaim:{account_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         log_event(
             log,
             "account_deleted",
@@ -152,6 +160,33 @@ class AccountDeletion:
                 for hook in self.on_revoked_by_deletion:
                     await hook(tx, applied.row, reason)
         return len(ids)
+
+    async def _drop_streams(self, instance_ids: list[str], deliveries: list[int]) -> None:
+        """Drops the unclaimed instances' streams once their AIIDAs were told to stop (the outbox
+        needs the stream to deliver), or after DROP_WAIT; an instance claimed again meanwhile keeps it."""
+        sessions = self.ledger.sessions
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + DROP_WAIT
+        while deliveries and loop.time() < give_up:
+            async with sessions() as session:
+                waiting = await session.scalar(
+                    select(func.count())
+                    .select_from(OutboxRow)
+                    .where(OutboxRow.id.in_(deliveries), OutboxRow.done.is_(False))
+                )
+            if not waiting:
+                break
+            await asyncio.sleep(DROP_POLL)
+        async with sessions() as session:
+            still_unclaimed = list(
+                await session.scalars(
+                    select(InstanceRow.instance_id).where(
+                        InstanceRow.instance_id.in_(instance_ids), InstanceRow.owner_id.is_(None)
+                    )
+                )
+            )
+        for instance_id in still_unclaimed:
+            await self.manager.drop(instance_id)
 
     async def _unclaim_instances(self, tx: PermissionTx, account_id: str) -> list[str]:
         ids = list(
