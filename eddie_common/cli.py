@@ -1,38 +1,13 @@
-"""Flags with environment-variable fallbacks, documented in `--help`."""
+"""HOST:PORT addresses as given on the command line: parsing and checking."""
 
 from __future__ import annotations
 
-import argparse
-import os
-from typing import Any
+import ipaddress
+import re
 
-
-class EnvArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose every flag falls back to an environment variable."""
-
-    def __init__(self, *args: Any, env_prefix: str, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-        self.env_prefix = env_prefix
-        self.env_names: dict[str, str] = {}
-
-    def add_flag(self, flag: str, *, help: str, env: str | None = None, **kwargs: Any) -> None:
-        """Adds `flag`, reading `PREFIX_FLAG_NAME` from the environment when unset."""
-        name = env or self.env_prefix + "_" + flag.lstrip("-").upper().replace("-", "_")
-        dest = flag.lstrip("-").replace("-", "_")
-        self.env_names[dest] = name
-        if name in os.environ:
-            raw = os.environ[name]
-            action = kwargs.get("action")
-            if action == "store_true":
-                kwargs["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif action == "append":
-                kwargs["default"] = [v for v in raw.split(",") if v]
-            else:
-                conv = kwargs.get("type", str)
-                kwargs["default"] = conv(raw)
-            kwargs["required"] = False
-        super().add_argument(flag, help=f"{help} [env {name}]", **kwargs)
+# A DNS name (RFC 1123 labels); a string of digits and dots is meant as an IPv4 address instead.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(?=.*[A-Za-z-]){_LABEL}(?:\.{_LABEL})*\.?")
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -41,3 +16,21 @@ def split_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host, int(port)
+
+
+def check_host_port(value: str) -> None:
+    """Raises ValueError unless `value` is HOST:PORT with an IP address or a host name as HOST."""
+    host, _ = split_host_port(value)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address (in {value!r})") from None
+        return
+    try:
+        ipaddress.ip_address(host)  # IPv4, or IPv6 without brackets
+        return
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{host!r} is not an IP address or host name (in {value!r})")

@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eddie_common.cli import EnvArgumentParser, split_host_port
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from eddie_common.flags import LOG_LEVELS, Program, flag, host_port, non_negative
 
 
 @dataclass(frozen=True)
 class SinkConfig:
     """Everything the sink needs to start."""
 
-    marketplace: str
-    data_dir: Path
-    listen: str = "127.0.0.1:0"
-    jsonl: Path | None = None
-    log_level: str = "info"
-    grace_period: float = 5.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    marketplace_ca: Path | None = None
+    marketplace: str = flag(
+        "marketplace address; its signing keys are fetched with ListSigningKeys",
+        metavar="HOST:PORT",
+        check=host_port,
+    )
+    listen: str = flag(
+        "address to serve on; port 0 picks a free port",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        check=host_port,
+    )
+    data_dir: Path = flag(
+        "directory of the SQLite database readings.db", default=Path("var/eddie-sink"), metavar="DIR"
+    )
+    jsonl: Path | None = flag(
+        "also append each newly stored reading to FILE as one JSON line", default=None, metavar="FILE"
+    )
+    log_level: str = flag("log level", default="info", choices=LOG_LEVELS)
+    grace_period: float = flag(
+        "how long in-flight RPCs may drain on shutdown", default=5.0, metavar="SECONDS", check=non_negative
+    )
+    tls_cert: Path | None = flag(
+        "serve TLS with this certificate chain (needs --tls-key)", default=None, metavar="PEM"
+    )
+    tls_key: Path | None = flag("private key of --tls-cert", default=None, metavar="PEM")
+    marketplace_ca: Path | None = flag(
+        "dial the marketplace with TLS, trusting these CA certificates", default=None, metavar="PEM"
+    )
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 
@@ -31,57 +49,26 @@ class SinkConfig:
     def database_path(self) -> Path:
         return self.data_dir / "readings.db"
 
+    def problems(self) -> list[str]:
+        """What is wrong with the combination of options (each option is checked on its own first)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return ["--tls-cert and --tls-key go together"]
+        return []
 
-# fmt: off
-def build_parser() -> EnvArgumentParser:
-    parser = EnvArgumentParser(
-        prog="eddie-sink",
-        description="Reference EDDIE Framework data sink: receives readings from AIIDAs "
-        "(DataSinkService.Publish) and serves them to the eligible party (ListReadings).",
-        env_prefix="EDDIE_SINK",
-    )
-    add = parser.add_flag
-    add("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
-        help="address to serve on; port 0 picks a free port")
-    add("--marketplace", required=True, metavar="HOST:PORT",
-        help="marketplace address; its signing keys are fetched with ListSigningKeys")
-    add("--data-dir", type=Path, default=Path("var/eddie-sink"), metavar="DIR",
-        help="directory of the SQLite database readings.db")
-    add("--jsonl", type=Path, default=None, metavar="FILE",
-        help="also append each newly stored reading to FILE as one JSON line")
-    add("--log-level", default="info", choices=LOG_LEVELS, help="log level")
-    add("--grace-period", type=float, default=5.0, metavar="SECONDS",
-        help="how long in-flight RPCs may drain on shutdown")
-    add("--tls-cert", type=Path, default=None, metavar="PEM",
-        help="serve TLS with this certificate chain (needs --tls-key)")
-    add("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
-    add("--marketplace-ca", type=Path, default=None, metavar="PEM",
-        help="dial the marketplace with TLS, trusting these CA certificates")
-    return parser
-# fmt: on
+
+PROGRAM = Program(
+    prog="eddie-sink",
+    env_prefix="EDDIE_SINK",
+    description="Reference EDDIE Framework data sink: receives readings from AIIDAs "
+    "(DataSinkService.Publish) and serves them to the eligible party (ListReadings).",
+    config=SinkConfig,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return PROGRAM.parser()
 
 
 def parse_config(argv: Sequence[str] | None = None) -> SinkConfig:
-    """Parses flags (falling back to the environment); exits with usage on bad input."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag, value in (("--listen", args.listen), ("--marketplace", args.marketplace)):
-        try:
-            split_host_port(value)
-        except ValueError as exc:
-            parser.error(f"{flag}: {exc}")
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.grace_period < 0:
-        parser.error("--grace-period must not be negative")
-    return SinkConfig(
-        marketplace=args.marketplace,
-        data_dir=args.data_dir,
-        listen=args.listen,
-        jsonl=args.jsonl,
-        log_level=args.log_level,
-        grace_period=args.grace_period,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        marketplace_ca=args.marketplace_ca,
-    )
+    """Parses flags (falling back to the environment); exits 2 with one line on bad input."""
+    return PROGRAM.parse(argv)

@@ -9,7 +9,7 @@ import sys
 from eddie_common.cli import split_host_port
 from eddie_common.logging import configure_logging, log_event
 from eddie_common.serving import announce, run_program
-from marketplace_server.config import build_parser, config_from_args
+from marketplace_server.config import parse_config
 from marketplace_server.server import create_server
 
 log = logging.getLogger("marketplace_server")
@@ -18,7 +18,7 @@ log = logging.getLogger("marketplace_server")
 async def serve(argv: list[str] | None = None) -> None:
     import signal
 
-    config = config_from_args(build_parser().parse_args(argv))
+    config = parse_config(argv)
     configure_logging(config.log_level)
     host, _ = split_host_port(config.listen)
     app, port = await create_server(config)

@@ -16,6 +16,7 @@ from eddie_common.errors import PermissionDenied, Unauthenticated
 from eddie_common.interceptors import current_principal
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
 from marketplace_server.db import models
+from marketplace_server.oidc import OidcAuthenticator, unverified_issuer
 
 PUBLIC_METHODS = frozenset(
     {
@@ -85,9 +86,16 @@ class AccessTokenAuthenticator:
 
     _CACHE_SECONDS = 2.0
 
-    def __init__(self, verifier: TokenVerifier, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        sessions: async_sessionmaker[AsyncSession],
+        external: OidcAuthenticator | None = None,
+    ) -> None:
         self.verifier = verifier
         self.sessions = sessions
+        # Tokens of an external OpenID Connect provider (--oidc-issuer), routed by their `iss`.
+        self.external = external
         self._accounts: dict[str, tuple[float, int | None]] = {}
         self._denied: set[str] = set()  # deleted in this process: refused without the cache's window
 
@@ -118,6 +126,8 @@ class AccessTokenAuthenticator:
         token = bearer_token(metadata)
         if not token:
             raise Unauthenticated("missing authorization: Bearer <access token>", reason="TOKEN_MISSING")
+        if self.external is not None and unverified_issuer(token) == self.external.settings.issuer:
+            return await self._external_principal(token)
         claims = self.verifier.verify(token)
         if claims.get("typ") != "access":
             raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
@@ -130,6 +140,19 @@ class AccessTokenAuthenticator:
             raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")
         if claims.get("role") != role_name(role):
             raise Unauthenticated("invalid token role", reason="TOKEN_INVALID")
+        return Principal(account_id=account_id, role=role)
+
+    async def _external_principal(self, token: str) -> Principal:
+        assert self.external is not None
+        account_id, token_role = await self.external.authenticate(token)
+        role = await self._account_role(account_id)
+        if role is None:
+            raise Unauthenticated("the account no longer exists or is disabled", reason="ACCOUNT_DISABLED")
+        if role != token_role:
+            raise PermissionDenied(
+                "the token's role differs from the account's (roles are fixed at account creation)",
+                reason="OIDC_ROLE_MISMATCH",
+            )
         return Principal(account_id=account_id, role=role)
 
 

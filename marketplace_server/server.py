@@ -32,6 +32,7 @@ from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
 from marketplace_server.login_throttle import LoginThrottle
+from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
 from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
@@ -99,15 +100,22 @@ class Marketplace:
 
 async def create_server(config: Config) -> tuple[Marketplace, int]:
     """Builds (but does not start) the marketplace; returns it and its bound port."""
+    engine = create_engine(config.effective_database_url, schema=config.database_schema)
+    sessions = create_sessionmaker(engine)
+    try:
+        external = await _external_identity(
+            config, sessions
+        )  # before any write: an unreachable IdP fails fast
+    except BaseException:
+        await engine.dispose()
+        raise
     config.data_dir.mkdir(parents=True, exist_ok=True)
     signing_key = SigningKey.load_or_create(config.data_dir / "signing-key.pem")
     issuer = TokenIssuer(signing_key, config.issuer)
-    engine = create_engine(config.effective_database_url, schema=config.database_schema)
     await migrate(engine)
-    sessions = create_sessionmaker(engine)
 
     verifier = marketplace_verifier({signing_key.key_id: signing_key.public_key}, config.issuer)
-    authenticator = AccessTokenAuthenticator(verifier, sessions)
+    authenticator = AccessTokenAuthenticator(verifier, sessions, external)
     interceptor = ServiceInterceptor(
         domain=DOMAIN,
         authenticate=authenticator,
@@ -168,6 +176,22 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     app.lifecycle.on_stop.extend(permissions[name].stop for name in ("outbox", "timeouts", "statuses"))
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
+
+
+async def _external_identity(
+    config: Config, sessions: async_sessionmaker[AsyncSession]
+) -> OidcAuthenticator | None:
+    if not config.oidc_issuer:
+        return None
+    if not config.oidc_audience:
+        raise ValueError("--oidc-issuer needs --oidc-audience")
+    settings = OidcSettings(config.oidc_issuer, config.oidc_audience, config.oidc_role_claim)
+    try:
+        return await OidcAuthenticator.connect(settings, sessions)
+    except OidcDiscoveryError as exc:
+        raise OidcDiscoveryError(
+            f"OpenID Connect issuer {config.oidc_issuer} is unavailable ({exc}) — check --oidc-issuer"
+        ) from None
 
 
 def _add_permission_services(

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -60,6 +61,17 @@ class AccountRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
     # Set by DeleteAccount: the row stays (its id is the pseudonym consent receipts name), erased.
     delete_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class ExternalIdentityRow(Base):
+    """An account of an external OpenID Connect provider: (issuer, subject) -> the marketplace account."""
+
+    __tablename__ = "external_identities"
+
+    issuer: Mapped[str] = mapped_column(String(300), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class RefreshTokenRow(Base):
@@ -203,6 +215,28 @@ class OutboxRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class BucketLeaseRow(Base):
+    """Cluster mode: which replica holds the Connect streams of one bucket of instances."""
+
+    __tablename__ = "bucket_leases"
+
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # Increases on every takeover; writes on behalf of the bucket check it (fencing).
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ReplicaRow(Base):
+    """Cluster mode: a live replica (its heartbeat decides the buckets' fair share)."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(300), default="")
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class CounterRow(Base):
     """Named monotonic counters (for `seq` columns), portable across backends."""
 
@@ -215,14 +249,17 @@ class CounterRow(Base):
 __all__ = [
     "AccountRow",
     "Base",
+    "BucketLeaseRow",
     "CounterRow",
     "DataRequestRow",
+    "ExternalIdentityRow",
     "IdempotencyKeyRow",
     "InstanceRow",
     "OutboxRow",
     "PermissionRow",
     "PermissionTransitionRow",
     "RefreshTokenRow",
+    "ReplicaRow",
     "SearchMatchRow",
     "SearchRow",
 ]

@@ -69,7 +69,7 @@ def _upgrade(connection: Connection) -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["connection"] = connection
-    command.upgrade(cfg, "head")
+    command.upgrade(cfg, "heads")  # independent branches (one per feature) apply side by side
 
 
 async def migrate(engine: AsyncEngine) -> None:

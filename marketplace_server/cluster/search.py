@@ -1,0 +1,238 @@
+"""A search across replicas: scatter the query to the owners of the buckets, gather batches and tallies.
+
+The replica serving SearchInstances snapshots the buckets (owner, fencing
+token, claimed instances), sends the query once to each owner on
+`{prefix}.search.{replica}` with a reply inbox of its own, and gathers:
+
+- `matches` messages: batches of matched instance ids of one bucket, streamed
+  on to the EP as they arrive;
+- one `tally` per bucket carrying the token it was searched under.
+
+Every claimed instance is counted exactly once. A bucket's tally counts only if
+its token is the snapshot's; a bucket whose owner died, whose token changed, or
+whose tally did not arrive by the deadline counts its instances that did not
+already match as unreachable (or timed out), never twice. A slow consumer on
+the inbox fails the search loudly instead of undercounting silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from eddie_common.errors import Unavailable
+
+__all__ = [
+    "BucketSnapshot",
+    "BucketTally",
+    "ClusterSearchTally",
+    "gather",
+    "search_request",
+]
+
+
+@dataclass(frozen=True)
+class BucketSnapshot:
+    """A bucket as the search found it: its owner, fencing token and claimed instances."""
+
+    bucket: int
+    owner: str | None
+    token: int
+    claimed: int
+
+
+@dataclass(frozen=True)
+class BucketTally:
+    """An owner's final count for one bucket, under the token it searched with."""
+
+    bucket: int
+    token: int
+    queried: int
+    matched: int
+    not_matched: int
+    unreachable: int
+    timed_out: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "t": "tally",
+            "b": self.bucket,
+            "k": self.token,
+            "q": self.queried,
+            "m": self.matched,
+            "n": self.not_matched,
+            "u": self.unreachable,
+            "o": self.timed_out,
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> BucketTally:
+        return cls(
+            int(body["b"]), int(body["k"]), int(body["q"]), int(body["m"]), int(body["n"]), int(body["u"]),
+            int(body["o"]),
+        )  # fmt: skip
+
+
+@dataclass
+class ClusterSearchTally:
+    """Merges what the owners report into one summary, each bucket counted once."""
+
+    snapshot: dict[int, BucketSnapshot]
+    matched_ids: list[str] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set)
+    _matched_in: dict[int, int] = field(default_factory=dict)  # bucket -> ids accepted so far
+    _final: dict[int, BucketTally] = field(default_factory=dict)
+    _lost: set[int] = field(default_factory=set)
+
+    def on_matches(self, bucket: int, token: int, ids: list[str]) -> list[str]:
+        """Accepts a batch from the snapshot owner's token; returns the ids that are new."""
+        shot = self.snapshot.get(bucket)
+        if shot is None or shot.token != token or bucket in self._final or bucket in self._lost:
+            return []
+        fresh = [i for i in ids if i not in self._seen]
+        self._seen.update(fresh)
+        self.matched_ids.extend(fresh)
+        self._matched_in[bucket] = self._matched_in.get(bucket, 0) + len(fresh)
+        return fresh
+
+    def on_tally(self, tally: BucketTally) -> None:
+        shot = self.snapshot.get(tally.bucket)
+        if shot is None or tally.bucket in self._final or tally.bucket in self._lost:
+            return
+        if shot.token != tally.token:  # taken over mid-search: its instances are unreachable this time
+            self._lost.add(tally.bucket)
+            return
+        self._final[tally.bucket] = tally
+
+    def on_owner_lost(self, owner: str) -> None:
+        """The owner's replica died (or dropped the search): its open buckets are unreachable."""
+        for bucket, shot in self.snapshot.items():
+            if shot.owner == owner and bucket not in self._final:
+                self._lost.add(bucket)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._final) + len(self._lost) >= len(self.snapshot)
+
+    def summary(self) -> dict[str, int]:
+        """queried = matched + not_matched + unreachable + timed_out; open buckets count as timed out."""
+        totals = {"queried": 0, "matched": 0, "not_matched": 0, "unreachable": 0, "timed_out": 0}
+        for bucket, shot in self.snapshot.items():
+            final = self._final.get(bucket)
+            matched = self._matched_in.get(bucket, 0)
+            if final is not None:
+                # The owner's counts are authoritative; matches it reported but we never saw are
+                # counted as matched (they were lost in transit, not unanswered).
+                totals["queried"] += final.queried
+                totals["matched"] += final.matched
+                totals["not_matched"] += final.not_matched
+                totals["unreachable"] += final.unreachable
+                totals["timed_out"] += final.timed_out
+                continue
+            queried = max(shot.claimed, matched)
+            totals["queried"] += queried
+            totals["matched"] += matched
+            rest = queried - matched
+            if shot.owner is None or bucket in self._lost:
+                totals["unreachable"] += rest
+            else:
+                totals["timed_out"] += rest
+        return totals
+
+
+def search_request(
+    query_id: str, data_need: bytes, buckets: dict[int, int], reply: str, timeout: float
+) -> bytes:
+    """The scatter message to one owner: the query once, the buckets with the tokens to search under."""
+    return json.dumps(
+        {
+            "q": query_id,
+            "need": data_need.hex(),
+            "buckets": {str(b): t for b, t in buckets.items()},
+            "reply": reply,
+            "timeout": timeout,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+async def gather(
+    snapshot: dict[int, BucketSnapshot],
+    data_need: bytes,
+    timeout: float,
+    *,
+    prefix: str,
+    inbox: str,
+    subscribe: Subscribe,
+    publish: Publish,
+    live_owners: Callable[[], set[str]] = lambda: set(),
+) -> AsyncIterator[list[str] | dict[str, int]]:
+    """Scatters the query and yields batches of new matched ids, then the summary (a dict) last."""
+    tally = ClusterSearchTally(snapshot)
+    queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    failure: list[BaseException] = []
+
+    async def on_reply(message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            if body.get("t") == "matches":
+                fresh = tally.on_matches(int(body["b"]), int(body["k"]), [str(i) for i in body["ids"]])
+                if fresh:
+                    queue.put_nowait(fresh)
+            elif body.get("t") == "tally":
+                tally.on_tally(BucketTally.from_json(body))
+            elif body.get("t") == "slow":
+                failure.append(
+                    Unavailable("a replica fell behind during the search", reason="SEARCH_OVERLOADED")
+                )
+        except (ValueError, KeyError, TypeError):
+            return  # a malformed reply counts as no reply for its bucket
+        if tally.complete or failure:
+            queue.put_nowait(None)
+
+    query_id = secrets.token_hex(8)
+    subscription = await subscribe(inbox, on_reply)
+    try:
+        by_owner: dict[str, dict[int, int]] = {}
+        for bucket, shot in snapshot.items():
+            if shot.owner is not None:
+                by_owner.setdefault(shot.owner, {})[bucket] = shot.token
+        for owner, buckets in by_owner.items():
+            await publish(
+                f"{prefix}.search.{owner}", search_request(query_id, data_need, buckets, inbox, timeout)
+            )
+        if tally.complete or not by_owner:
+            queue.put_nowait(None)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, queue.put_nowait, None)
+        try:
+            ended = False
+            while not ended and (batch := await queue.get()) is not None:
+                while not queue.empty():  # everything that arrived while the last batch was written
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    batch.extend(more)
+                yield batch
+        finally:
+            timer.cancel()
+        if failure:
+            raise failure[0]
+        live = live_owners()
+        for owner in by_owner:
+            if live and owner not in live:
+                tally.on_owner_lost(owner)
+        yield tally.summary()
+    finally:
+        unsubscribe = getattr(subscription, "unsubscribe", None)
+        if unsubscribe is not None:
+            await unsubscribe()

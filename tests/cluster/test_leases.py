@@ -1,0 +1,158 @@
+"""Bucket leases among replicas on a real PostgreSQL: even spread, takeover, fencing, handover."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from marketplace_server.cluster.leases import LeaseKeeper, LeaseLost, assert_lease, bucket_of
+from marketplace_server.db.models import BucketLeaseRow
+from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
+from tests.conftest import POSTGRES_URL, _postgres_execute, postgres_reachable
+
+pytestmark = pytest.mark.postgres
+BUCKETS = 12
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
+    schema = f"t_{secrets.token_hex(8)}"
+    try:
+        await _postgres_execute(f"CREATE SCHEMA {schema}")
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
+    engine = create_engine(POSTGRES_URL, schema=schema)
+    try:
+        await migrate(engine)
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
+        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def keeper(sessions: async_sessionmaker[AsyncSession], name: str) -> LeaseKeeper:
+    return LeaseKeeper(sessions, name, buckets=BUCKETS, lease_seconds=1.5, renew_seconds=0.25)
+
+
+async def settle(keepers: list[LeaseKeeper], rounds: int = 3) -> None:
+    for _ in range(rounds):
+        for k in keepers:
+            await k.tick()
+
+
+def owners(keepers: list[LeaseKeeper]) -> dict[int, list[str]]:
+    held: dict[int, list[str]] = {}
+    for k in keepers:
+        for bucket in k.held:
+            held.setdefault(bucket, []).append(k.replica_id)
+    return held
+
+
+async def test_buckets_spread_evenly_and_each_has_exactly_one_owner(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    keepers = [keeper(sessions, f"r{i}") for i in range(3)]
+    for k in keepers:
+        await k._seed()
+    await settle(keepers)
+    held = owners(keepers)
+    assert sorted(held) == list(range(BUCKETS))
+    assert all(len(v) == 1 for v in held.values())
+    assert sorted(len(k.held) for k in keepers) == [4, 4, 4]
+
+
+async def test_a_joining_replica_gets_its_share_handed_over(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    first = keeper(sessions, "first")
+    await first._seed()
+    await first.tick()
+    assert len(first.held) == BUCKETS
+    second = keeper(sessions, "second")
+    await settle([second, first, second])
+    assert sorted((len(first.held), len(second.held))) == [6, 6]
+    assert all(len(v) == 1 for v in owners([first, second]).values())
+
+
+async def test_a_dead_replicas_buckets_are_taken_over_with_a_new_token(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    alive, dead = keeper(sessions, "alive"), keeper(sessions, "dead")
+    await alive._seed()
+    await settle([alive, dead])
+    taken = dict(dead.held)
+    assert taken
+    await asyncio.sleep(1.7)  # the dead replica never renews: its leases and heartbeat expire
+    await alive.tick()
+    await alive.tick()
+    assert len(alive.held) == BUCKETS
+    for bucket, token in taken.items():
+        assert alive.held[bucket] == token + 1  # every takeover increases the fencing token
+    bucket = next(iter(taken))
+    async with sessions.begin() as session:  # the dead replica's writes are fenced off
+        with pytest.raises(LeaseLost):
+            await assert_lease(session, bucket, "dead", taken[bucket])
+
+
+async def test_a_replica_learns_at_its_next_renewal_that_a_bucket_was_taken(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    lost: list[int] = []
+    k = keeper(sessions, "victim")
+    k.on_lost.append(lambda bucket, token: lost.append(bucket))
+    await k._seed()
+    await k.tick()
+    async with sessions.begin() as session:  # another replica took bucket 3 (its lease had expired)
+        await session.execute(
+            update(BucketLeaseRow)
+            .where(BucketLeaseRow.bucket == 3)
+            .values(owner="thief", token=BucketLeaseRow.token + 1)
+        )
+    await k.tick()
+    assert 3 in lost
+    assert not k.owns(3)
+
+
+async def test_a_replica_that_cannot_renew_fences_itself(sessions: async_sessionmaker[AsyncSession]) -> None:
+    lost: list[int] = []
+    k = keeper(sessions, "cut-off")
+    k.on_lost.append(lambda bucket, token: lost.append(bucket))
+    await k._seed()
+    await k.tick()
+    assert len(k.held) == BUCKETS
+    k._renewed_at -= 10  # as if every renewal for the last 10 s had failed
+    k._fence_if_stale()
+    assert k.held == {}
+    assert sorted(lost) == list(range(BUCKETS))
+
+
+async def test_a_graceful_stop_hands_every_bucket_over_at_once(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    leaving, staying = keeper(sessions, "leaving"), keeper(sessions, "staying")
+    await leaving.start()
+    await staying.start()
+    await settle([leaving, staying])
+    assert leaving.held
+    await leaving.stop()
+    await staying.tick()  # no expiry to wait for
+    await staying.tick()
+    assert len(staying.held) == BUCKETS
+    await staying.stop()
+    async with sessions() as session:
+        owner_left = await session.scalar(
+            select(BucketLeaseRow.owner).where(BucketLeaseRow.owner.is_not(None))
+        )
+    assert owner_left is None
+
+
+def test_an_instance_always_hashes_to_the_same_bucket() -> None:
+    assert bucket_of("aiida-fleet-7") == bucket_of("aiida-fleet-7")
+    assert {bucket_of(f"i-{n}", 16) for n in range(500)} == set(range(16))
