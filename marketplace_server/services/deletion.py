@@ -5,8 +5,8 @@ In one transaction (plus the outbox, which tells the AIIDAs):
   and the sinks' feed of ends refuses further readings within a second), pending ones
   rejected, and their instances unclaimed: claimable again with the pairing code;
 - an eligible party's open data requests are closed and its live permissions terminated;
-- refresh tokens are revoked, and e-mail, display name and password hash are erased
-  (the e-mail may sign up again).
+- refresh tokens are revoked, and e-mail, display name, password hash and the link to an
+  external identity provider's subject are erased (the e-mail may sign up again).
 The account row stays, erased: its id is the pseudonym that consent receipts and the
 permission history name, so receipts stay verifiable.
 
@@ -32,6 +32,7 @@ from marketplace_server.clock import utcnow
 from marketplace_server.db.models import (
     AccountRow,
     DataRequestRow,
+    ExternalIdentityRow,
     IdempotencyKeyRow,
     InstanceRow,
     OutboxRow,
@@ -218,6 +219,9 @@ class AccountDeletion:
             update(RefreshTokenRow).where(RefreshTokenRow.account_id == account.id).values(revoked=True)
         )
         await session.execute(delete(IdempotencyKeyRow).where(IdempotencyKeyRow.account_id == account.id))
+        # The external identity provider's subject is personal data too; a new sign-in there
+        # starts a new account.
+        await session.execute(delete(ExternalIdentityRow).where(ExternalIdentityRow.account_id == account.id))
         account.email = ""
         account.email_normalized = f"deleted:{account.id}"  # unique, and never a valid e-mail
         account.display_name = ""
