@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
-from eddie_client import procs
+from eddie_client import procs, receipts
 from eddie_client.client import (
     ROLE_CUSTOMER,
     ROLE_ELIGIBLE_PARTY,
@@ -283,6 +283,31 @@ async def access(
     story.step("W6", "EP's notifications: " + ", ".join(f"{i}:{s.removeprefix('STATE_')}" for i, s in seen))
 
 
+async def household_audit(alice: Session, instance_id: str, story: Story) -> None:
+    """Alice reads what happened to her device, then checks her consent receipts offline."""
+    heading("Trust: the household's activity feed and signed consent receipts")
+    feed = await alice.consent.ListActivities(
+        consent_pb2.ListActivitiesRequest(instance=f"instances/{instance_id}"), metadata=alice.metadata
+    )
+    kind = consent_pb2.Activity.Kind
+    for a in reversed(feed.activities):
+        what = "matched" if a.matched else "no match"
+        detail = f"search, {what}" if a.kind == kind.KIND_SEARCH else a.permission
+        story.step(
+            "trust",
+            f"{kind.Name(a.kind).removeprefix('KIND_')}: {a.eligible_party_display_name}, "
+            f"'{a.purpose}' ({detail})",
+        )
+    chain = await alice.consent.ListConsentReceipts(
+        consent_pb2.ListConsentReceiptsRequest(), metadata=alice.metadata
+    )
+    keys = await receipts.fetch_signing_keys(alice.identity)
+    verified = receipts.verify_chain(chain.consent_receipts, keys)
+    for line in receipts.chain_summary(verified):
+        story.step("trust", f"receipt {line}")
+    story.step("trust", f"{len(verified)} receipts: every signature and the hash chain verified offline")
+
+
 def print_table(story: Story) -> None:
     heading("What happened")
     counts: dict[str, int] = {}
@@ -303,6 +328,7 @@ async def run_story(cast: Cast) -> None:
         await browse(customers["alice"], story)
         matches = await search(ep, request, story)
         await access(cast, ep, customers, request, matches, story)
+        await household_audit(customers["alice"], "aiida-alice", story)
     print_table(story)
 
 

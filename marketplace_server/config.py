@@ -101,6 +101,20 @@ class Config:
         metavar="N",
         check=positive,
     )
+    # Singling-out floor: a search matching 0 < n < K instances streams and stores no ids.
+    min_match_set: int = flag(
+        "singling-out floor K: a search matching fewer than K instances (but some) streams and "
+        "stores no ids and says withheld (default 1 = off; 5 or more recommended in production)",
+        default=1,
+        metavar="K",
+        check=at_least(1),
+    )
+    # See marketplace_server.keyring.
+    rotate_signing_key: bool = flag(
+        "retire the current signing key (kept in DATA_DIR/retired-signing-keys, still listed by "
+        "ListSigningKeys) and sign with a new one from this start on",
+        default=False,
+    )
     login_attempts_per_minute: float = flag(
         "failed login attempts allowed per minute per peer; an e-mail with several recent "
         "failures is slowed down (up to 1 s per attempt), never locked",

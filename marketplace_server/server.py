@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import (
@@ -31,6 +32,7 @@ from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, ma
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
+from marketplace_server.keyring import load_key_ring
 from marketplace_server.login_throttle import LoginThrottle
 from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
 from marketplace_server.pagination import PageTokenCodec
@@ -42,6 +44,7 @@ from marketplace_server.rpc.identity import IdentityServicer
 from marketplace_server.rpc.instances import InstanceServicer
 from marketplace_server.rpc.sink_feed import SinkFeedServicer
 from marketplace_server.services.access import AccessService
+from marketplace_server.services.activities import ActivityFeed
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
 from marketplace_server.services.deletion import AccountDeletion
@@ -49,6 +52,7 @@ from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
 from marketplace_server.services.permissions import PermissionLedger
+from marketplace_server.services.receipts import ReceiptService, ReceiptSigner
 from marketplace_server.services.search import SearchService
 from marketplace_server.services.sink_feed import PermissionEndFeed
 from marketplace_server.services.statuses import StatusApplier
@@ -110,11 +114,12 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         await engine.dispose()
         raise
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    signing_key = SigningKey.load_or_create(config.data_dir / "signing-key.pem")
+    ring = load_key_ring(config.data_dir, rotate=config.rotate_signing_key)
+    signing_key = ring.current
     issuer = TokenIssuer(signing_key, config.issuer)
     await migrate(engine)
 
-    verifier = marketplace_verifier({signing_key.key_id: signing_key.public_key}, config.issuer)
+    verifier = marketplace_verifier({k.key_id: k.public_key for k in ring.keys}, config.issuer)
     authenticator = AccessTokenAuthenticator(verifier, sessions, external)
     interceptor = ServiceInterceptor(
         domain=DOMAIN,
@@ -136,20 +141,22 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         login_throttle=LoginThrottle(config.login_attempts_per_minute),
     )
     pages = PageTokenCodec.from_signing_key(signing_key)
-    manager = ConnectionManager(config, issuer, sessions)
+    # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
+    manager = ConnectionManager(config, TokenIssuer(ring.device_key, config.issuer), sessions)
     instances = InstanceService(sessions, manager, RateLimiter(config.claim_attempts_per_minute))
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(
-        InstanceServicer(instances, signing_key.public_pem, config.issuer, pages), server
+        InstanceServicer(instances, ring.device_key.public_pem, config.issuer, pages), server
     )
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
         DataRequestServicer(data_requests, search), server
     )
-    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages)
+    public_keys = {k.key_id: k.public_key for k in ring.keys}
+    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages, public_keys)
     deletion = AccountDeletion(permissions["permissions"], authenticator, manager, permissions["events"])
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, [signing_key], config.issuer, deletion), server
+        IdentityServicer(identity, ring.keys, config.issuer, deletion), server
     )
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
@@ -201,6 +208,7 @@ def _add_permission_services(
     manager: ConnectionManager,
     issuer: TokenIssuer,
     pages: PageTokenCodec,
+    public_keys: dict[str, ec.EllipticCurvePublicKey],
 ) -> dict[str, Any]:
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
@@ -212,14 +220,16 @@ def _add_permission_services(
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
     access = AccessService(ledger, timeouts, pages, config.decision_timeout)
-    consent = ConsentService(ledger, hub, timeouts)
+    receipts = ReceiptService(sessions, ReceiptSigner(issuer.key, config.issuer), pages)
+    consent = ConsentService(ledger, hub, timeouts, receipts.signer)
     access_pb2_grpc.add_AccessServiceServicer_to_server(
         AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
     )
-    consent_pb2_grpc.add_ConsentServiceServicer_to_server(ConsentServicer(consent), server)
-    sink_verifier = TokenVerifier(
-        {issuer.key.key_id: issuer.key.public_key}, issuer=config.issuer, audience=AUDIENCE_SINK
+    consent_pb2_grpc.add_ConsentServiceServicer_to_server(
+        ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
     )
+    # Sink tokens signed before a key rotation stay valid proofs: every key of the ring verifies.
+    sink_verifier = TokenVerifier(public_keys, issuer=config.issuer, audience=AUDIENCE_SINK)
     feed = PermissionEndFeed(sessions, sink_verifier)
     hub.listeners.append(feed.on_events)
     sink_feed_pb2_grpc.add_SinkFeedServiceServicer_to_server(SinkFeedServicer(feed), server)
@@ -232,4 +242,5 @@ def _add_permission_services(
         "outbox": outbox,
         "access": access,
         "consent": consent,
+        "receipts": receipts,
     }

@@ -153,6 +153,10 @@ class SearchRow(Base):
     unreachable: Mapped[int] = mapped_column(Integer)
     timed_out: Mapped[int] = mapped_column(Integer)
     elapsed_ms: Mapped[int] = mapped_column(Integer)
+    # Singling-out floor: fewer than --min-match-set matches, so no ids were kept.
+    withheld: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_searches_create_time_id", "create_time", "id"),)
 
 
 class SearchMatchRow(Base):
@@ -215,6 +219,26 @@ class OutboxRow(Base):
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class ConsentReceiptRow(Base):
+    """A signed consent receipt; one hash chain per customer (see services.receipts).
+
+    No foreign keys on purpose: receipts outlive the permission's and the account's
+    personal data (they name only pseudonymous ids).
+    """
+
+    __tablename__ = "consent_receipts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(32))
+    sequence: Mapped[int] = mapped_column(Integer)
+    permission_id: Mapped[str] = mapped_column(String(32), index=True)
+    decision: Mapped[str] = mapped_column(String(16))
+    jws: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = (Index("ux_consent_receipts_customer_sequence", "customer_id", "sequence", unique=True),)
+
+
 class BucketLeaseRow(Base):
     """Cluster mode: which replica holds the Connect streams of one bucket of instances."""
 
@@ -250,6 +274,7 @@ __all__ = [
     "AccountRow",
     "Base",
     "BucketLeaseRow",
+    "ConsentReceiptRow",
     "CounterRow",
     "DataRequestRow",
     "ExternalIdentityRow",

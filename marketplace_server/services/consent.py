@@ -36,6 +36,7 @@ from marketplace_server.services.permissions import (
     parse_permission_name,
     required_reason,
 )
+from marketplace_server.services.receipts import APPROVE, REJECT, REVOKE, ReceiptSigner, write_receipt
 from marketplace_server.services.timeouts import TIMEOUT_REASON, DecisionTimeouts
 
 __all__ = ["ConsentService"]
@@ -114,11 +115,14 @@ def _decision(
 class ConsentService:
     """ConsentService.Connect, DecideAccess and RevokePermission (customers only)."""
 
-    def __init__(self, ledger: PermissionLedger, hub: EventHub, timeouts: DecisionTimeouts) -> None:
+    def __init__(
+        self, ledger: PermissionLedger, hub: EventHub, timeouts: DecisionTimeouts, signer: ReceiptSigner
+    ) -> None:
         self.ledger = ledger
         self.sessions = ledger.sessions
         self.hub = hub
         self.timeouts = timeouts
+        self.signer = signer
 
     # --- DecideAccess ---
 
@@ -148,6 +152,9 @@ class ConsentService:
             assert decided is not None
             if decided.state == ACCEPTED:
                 await tx.configure(decided, configure_payload(decided, data_need))
+            if applied.moved and decided.state in (ACCEPTED, REJECTED):
+                decision = APPROVE if decided.state == ACCEPTED else REJECT
+                await write_receipt(tx.session, self.signer, decided, decision, decided.state_reason, now)
         if decided.state == TIMED_OUT:
             raise _deadline_passed(permission_id)
         log_event(log, "access_decided", permission=permission_id, customer=customer_id, approved=approve)
@@ -172,6 +179,7 @@ class ConsentService:
             if applied.row is None:
                 raise not_found(permission_id)
             await tx.revoke(applied.row, reason)
+            await write_receipt(tx.session, self.signer, applied.row, REVOKE, reason)
         log_event(log, "permission_revoked", permission=permission_id, customer=caller)
         return permission_to_proto(applied.row)
 

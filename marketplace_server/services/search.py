@@ -99,11 +99,13 @@ class SearchService:
         self.limiter.acquire(f"account:{row.owner_id}", what="searches")
         need = energy_pb2.DataNeed.FromString(row.data_need)
         tally = self.manager.begin_search(need)
+        floor = MatchFloor(self.config.min_match_set)
         try:
             async for batch in _matches_until(tally, started + timeout):
-                yield data_request_pb2.SearchInstancesResponse(
-                    matches=data_request_pb2.InstanceMatches(instance_ids=batch)
-                )
+                if released := floor.admit(batch):
+                    yield data_request_pb2.SearchInstancesResponse(
+                        matches=data_request_pb2.InstanceMatches(instance_ids=released)
+                    )
         finally:
             timed_out = self.manager.end_search(tally)
         summary = data_request_pb2.SearchSummary(
@@ -112,6 +114,7 @@ class SearchService:
             not_matched=tally.not_matched,
             unreachable=tally.unreachable,
             timed_out=timed_out,
+            withheld=floor.withholds(tally.matched),
         )
         summary.search = await self._store(data_request_id, tally, summary, time.perf_counter() - started)
         summary.elapsed.CopyFrom(to_duration(time.perf_counter() - started))
@@ -147,10 +150,11 @@ class SearchService:
                     unreachable=summary.unreachable,
                     timed_out=summary.timed_out,
                     elapsed_ms=int(elapsed * 1000),
+                    withheld=summary.withheld,
                 )
             )
             await session.flush()
-            if tally.matched_ids:
+            if tally.matched_ids and not summary.withheld:
                 await session.execute(
                     insert(SearchMatchRow),
                     [
@@ -188,10 +192,38 @@ class SearchService:
             unreachable=row.unreachable,
             timed_out=row.timed_out,
             elapsed=to_duration(row.elapsed_ms / 1000),
+            withheld=row.withheld,
         )
         return data_request_pb2.Search(
             name=name, matched_instance_ids=ids, summary=summary, create_time=to_timestamp(row.create_time)
         )
+
+
+class MatchFloor:
+    """The singling-out floor: matches are held back until K have arrived, then stream live.
+
+    A search matching fewer than K instances (but some) would let an EP single out and, by
+    repeating narrow queries, profile one pseudonymous household; its ids are never sent nor stored.
+    """
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+        self.held: list[str] = []
+        self.released = minimum <= 1
+
+    def admit(self, batch: list[str]) -> list[str]:
+        """The ids that may be sent now (held ones included once the floor is reached)."""
+        if self.released:
+            return batch
+        self.held.extend(batch)
+        if len(self.held) < self.minimum:
+            return []
+        self.released = True
+        released, self.held = self.held, []
+        return released
+
+    def withholds(self, matched: int) -> bool:
+        return 0 < matched < self.minimum
 
 
 async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[list[str]]:
@@ -222,4 +254,4 @@ async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[l
         timer.cancel()
 
 
-__all__ = ["SearchService", "parse_data_request_name"]
+__all__ = ["MatchFloor", "SearchService", "parse_data_request_name"]

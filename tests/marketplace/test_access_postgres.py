@@ -6,7 +6,9 @@ import pytest
 
 from tests.conftest import RunningMarketplace
 from tests.marketplace import test_access as access
+from tests.marketplace import test_activities as activities
 from tests.marketplace import test_consent as consent
+from tests.marketplace import test_receipts as receipts
 from tests.marketplace.access_support import aiida
 from tests.marketplace.aiida_double import RunningAiida
 
@@ -47,3 +49,19 @@ async def test_terminate_and_revoke_reach_the_aiida(
 
 async def test_statuses_and_a_hostile_aiida(pg_marketplace: RunningMarketplace, aiida: RunningAiida) -> None:
     await access.test_a_hostile_aiida_cannot_change_another_instances_permission(pg_marketplace, aiida)
+
+
+async def test_concurrent_decisions_of_one_customer_keep_one_receipt_chain(
+    pg_marketplace: RunningMarketplace, aiida: RunningAiida
+) -> None:
+    await receipts.test_concurrent_decisions_of_one_customer_do_not_fork_the_chain(pg_marketplace, aiida)
+
+
+async def test_receipt_chain_verifies(pg_marketplace: RunningMarketplace, aiida: RunningAiida) -> None:
+    await receipts.test_approve_reject_and_revoke_make_a_three_receipt_chain_that_verifies_offline(
+        pg_marketplace, aiida
+    )
+
+
+async def test_activity_feed_pages(pg_marketplace: RunningMarketplace, aiida: RunningAiida) -> None:
+    await activities.test_paging_one_at_a_time_walks_the_same_feed(pg_marketplace, aiida)

@@ -37,7 +37,9 @@ Run with `-s` for a table of rpc x target x caller -> outcome.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -685,6 +687,45 @@ def refused_on_stream(label: str) -> Callable[[Ctx, str, list[Any]], None]:
     return check
 
 
+def feed_of(label: str) -> Callable[[Ctx, str, list[Any]], None]:
+    """The audit feed of tenant `label`'s instance: its searches and its permissions' steps, nothing else."""
+
+    def check(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+        t = ctx.tenant(label)
+        activities = list(_one(responses).activities)
+        assert {a.instance_id for a in activities} == {t.instance_id}, "another instance's activity"
+        assert t.search in {a.search for a in activities}, "the tenant's search is missing"
+        steps = {a.permission for a in activities if a.permission}
+        assert t.accepted in steps, "the accepted permission's steps are missing"
+        other = ctx.b if t is ctx.a else ctx.a
+        theirs = {other.pending, other.accepted, other.decide_me, other.revoke_me, other.terminate_me}
+        assert not steps & theirs, "another tenant's permission"
+
+    return check
+
+
+def _claims(jws: str) -> dict[str, Any]:
+    body = jws.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))))
+
+
+def own_receipts(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+    receipts = list(_one(responses).consent_receipts)
+    assert {_claims(r.jws)["customer"] for r in receipts} == {ctx.account(caller)}, "another's receipts"
+    mine = ctx.a if caller == CUSTOMER_A else ctx.b
+    assert mine.accepted in {r.permission for r in receipts}, "the approval's receipt is missing"
+
+
+def receipt_of(label: str) -> Callable[[Ctx, str, list[Any]], None]:
+    def check(ctx: Ctx, caller: str, responses: list[Any]) -> None:
+        receipt = _one(responses)
+        claims = _claims(receipt.jws)
+        assert receipt.permission == claims["permission"] == ctx.tenant(label).accepted
+        assert (claims["decision"], claims["customer"]) == ("approve", ctx.tenant(label).customer_name)
+
+    return check
+
+
 # --- snapshots of targets ---
 
 
@@ -1276,6 +1317,22 @@ def consent_rows() -> dict[str, list[Row]]:
             )
         ]
 
+    def activities(own: str) -> list[Row]:
+        return [
+            Row(
+                f"{own}'s instance",
+                lambda ctx, caller: consent_pb2.ListActivitiesRequest(instance=ctx.tenant(own).instance),
+                by_tenant(
+                    own,
+                    customer=Ok(feed_of(own)),
+                    ep=ROLE,
+                    other_customer=nf("INSTANCE_NOT_FOUND"),
+                    other_ep=ROLE,
+                ),
+                ghost=lambda ctx, caller: consent_pb2.ListActivitiesRequest(instance=GHOST_INSTANCE),
+            )
+        ]
+
     return {
         "ConsentService.Connect": [
             Row(
@@ -1302,6 +1359,39 @@ def consent_rows() -> dict[str, list[Row]]:
                 other_ep=ROLE,
             ),
             "pending permission",
+        ),
+        "ConsentService.ListActivities": both(activities),
+        "ConsentService.ListConsentReceipts": [
+            Row(
+                "the caller's chain",
+                lambda ctx, caller: consent_pb2.ListConsentReceiptsRequest(page_size=500),
+                {
+                    ANON: UNAUTH,
+                    CUSTOMER_A: Ok(own_receipts),
+                    CUSTOMER_B: Ok(own_receipts),
+                    EP_A: ROLE,
+                    EP_B: ROLE,
+                },
+            )
+        ],
+        # The one ConsentService RPC open to eligible parties: a permission's EP may prove its consent.
+        "ConsentService.GetConsentReceipt": _permission_rows(
+            lambda name: consent_pb2.GetConsentReceiptRequest(permission=name),
+            "accepted",
+            lambda own: by_tenant(
+                own,
+                customer=Ok(receipt_of(own)),
+                ep=Ok(receipt_of(own)),
+                other_customer=nf("CONSENT_RECEIPT_NOT_FOUND"),
+                other_ep=nf("CONSENT_RECEIPT_NOT_FOUND"),
+            ),
+            "accepted permission",
+        )
+        + _permission_rows(
+            lambda name: consent_pb2.GetConsentReceiptRequest(permission=name),
+            "pending",
+            lambda own: {**signed_in(nf("CONSENT_RECEIPT_NOT_FOUND"))},
+            "undecided permission",
         ),
         "ConsentService.RevokePermission": _permission_rows(
             lambda name: consent_pb2.RevokePermissionRequest(name=name, reason="changed my mind"),

@@ -323,6 +323,24 @@ FIELD_LIMITS: list[tuple[str, Callable[[World], tuple[Any, Message, Any]], str]]
         "page_token",
     ),
     (
+        "a 1,025-character activity page token",
+        lambda w: (
+            w.customer.consent.ListActivities,
+            consent_pb2.ListActivitiesRequest(instance=w.pools["instance"][0], page_token="A" * 1025),
+            w.customer,
+        ),
+        "page_token",
+    ),
+    (
+        "a negative receipt page size",
+        lambda w: (
+            w.customer.consent.ListConsentReceipts,
+            consent_pb2.ListConsentReceiptsRequest(page_size=-1),
+            w.customer,
+        ),
+        "page_size",
+    ),
+    (
         "a 100 KB title",
         lambda w: (
             w.ep.data_requests.CreateDataRequest,
@@ -394,6 +412,22 @@ NEWLINE_NAMES: list[tuple[str, Callable[[World], tuple[Any, Message, Any]]]] = [
                 sink_uri="grpc://a.b\n:1",
             ),
             w.ep,
+        ),
+    ),
+    (
+        "activity feed instance",
+        lambda w: (
+            w.customer.consent.ListActivities,
+            consent_pb2.ListActivitiesRequest(instance=w.pools["instance"][0] + "\n"),
+            w.customer,
+        ),
+    ),
+    (
+        "receipt permission",
+        lambda w: (
+            w.customer.consent.GetConsentReceipt,
+            consent_pb2.GetConsentReceiptRequest(permission=w.pools["permission"][0] + "\n"),
+            w.customer,
         ),
     ),
     (

@@ -89,6 +89,7 @@ class World:
             "name": pool("data_request", "permission", "search", "instance"),
             "data_request": pool("data_request"),
             "permission": pool("permission"),
+            "instance": pool("instance"),
             "owner": pool("account"),
             "page_size": st.sampled_from([0, 1, 2, 500]),
             "page_token": pool("page_token"),
