@@ -47,7 +47,7 @@ from marketplace_server.services.access import AccessService
 from marketplace_server.services.activities import ActivityFeed
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
-from marketplace_server.services.deletion import AccountDeletion
+from marketplace_server.services.deletion import AccountDeletion, revoke_receipts
 from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
@@ -155,6 +155,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     public_keys = {k.key_id: k.public_key for k in ring.keys}
     permissions = _add_permission_services(server, config, sessions, manager, issuer, pages, public_keys)
     deletion = AccountDeletion(permissions["permissions"], authenticator, manager, permissions["events"])
+    deletion.on_revoked_by_deletion.append(revoke_receipts(permissions["receipts"].signer))
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(identity, ring.keys, config.issuer, deletion), server
     )

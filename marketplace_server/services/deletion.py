@@ -51,8 +51,9 @@ from marketplace_server.services.permissions import (
     PermissionLedger,
     PermissionTx,
 )
+from marketplace_server.services.receipts import REVOKE, ReceiptSigner, write_receipt
 
-__all__ = ["AccountDeletion", "OnRevokedByDeletion", "parse_account_name"]
+__all__ = ["AccountDeletion", "OnRevokedByDeletion", "parse_account_name", "revoke_receipts"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ DROP_POLL = 0.1
 
 # (transaction, the permission just revoked, the reason): runs inside the deletion's transaction.
 OnRevokedByDeletion = Callable[[PermissionTx, PermissionRow, str], Awaitable[None]]
+
+
+def revoke_receipts(signer: ReceiptSigner) -> OnRevokedByDeletion:
+    """The hook that gives a permission revoked by a deletion its consent receipt (decision revoke)."""
+
+    async def write(tx: PermissionTx, row: PermissionRow, reason: str) -> None:
+        await write_receipt(tx.session, signer, row, REVOKE, reason)
+
+    return write
 
 
 def parse_account_name(name: str, field: str = "name") -> str:
@@ -89,8 +99,8 @@ class AccountDeletion:
         self.authenticator = authenticator
         self.manager = manager
         self.hub = hub
-        # LEAD (merge): the consent-receipts helper's "write a revoke receipt in this transaction"
-        # goes here, so a permission revoked by a deletion gets its receipt like any revocation.
+        # Run in the deletion's transaction for each permission it revokes: the consent receipt of
+        # the revocation (`revoke_receipts`, wired in server.py), like any RevokePermission.
         self.on_revoked_by_deletion: list[OnRevokedByDeletion] = []
         self._tasks: set[asyncio.Task[None]] = set()
 

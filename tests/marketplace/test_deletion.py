@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import grpc
@@ -104,6 +106,13 @@ async def test_deleting_a_customer_revokes_unclaims_erases_and_refuses_its_token
     )
     assert rejected.state == Permission.STATE_REJECTED
     assert hooked == [(active.name.removeprefix("permissions/"), revoked.state_reason)]
+    # Its consent receipt (revoke) names the pseudonymous account id; the EP may still fetch it.
+    receipt = await scene.ep.consent.GetConsentReceipt(
+        consent_pb2.GetConsentReceiptRequest(permission=active.name), metadata=scene.ep.metadata
+    )
+    payload = json.loads(base64.urlsafe_b64decode(receipt.jws.split(".")[1] + "=="))
+    assert (payload["decision"], payload["customer"]) == ("revoke", customer.account.name)
+    assert payload["reason"] == revoked.state_reason and receipt.sequence == 2
     await scene.double.until(lambda: len(scene.double.revokes) == 1)
     assert scene.double.revokes[0].request.permission_id == active.name.removeprefix("permissions/")
     # The instance: unclaimed, its stream dropped, claimable again with its pairing code.
