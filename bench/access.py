@@ -81,18 +81,18 @@ async def _measure(marketplace: str, sink: str, trials: int) -> dict[str, Any]:
             pid = permission.name.removeprefix("permissions/")
             approved = time.perf_counter()
             await customer.decide(permission.name, approve=True)
-            while not await list_readings(sink, pid, ep.token.access_token):
+            while not await list_readings(sink, pid, ep.token):
                 await asyncio.sleep(POLL_S)
             first.append((time.perf_counter() - approved) * 1000)
 
             await asyncio.sleep(HOLD_S)  # let it stream for a while, then revoke mid-stream
             revoked = time.perf_counter()
             await customer.revoke(permission.name, "benchmark trial over")
-            count = at_revoke = len(await list_readings(sink, pid, ep.token.access_token))
+            count = at_revoke = len(await list_readings(sink, pid, ep.token))
             changed = revoked
             while time.perf_counter() - revoked < SETTLE_S:
                 await asyncio.sleep(POLL_S)
-                now = len(await list_readings(sink, pid, ep.token.access_token))
+                now = len(await list_readings(sink, pid, ep.token))
                 if now != count:
                     count, changed = now, time.perf_counter()
             last.append((changed - revoked) * 1000)

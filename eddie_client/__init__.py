@@ -13,6 +13,8 @@ from eddie_client.client import (
     Session,
     data_need,
     duration,
+    log_in,
+    sign_up,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "Session",
     "data_need",
     "duration",
+    "log_in",
+    "sign_up",
 ]

@@ -62,23 +62,30 @@ def data_need(
 
 @dataclass
 class Session:
-    """One signed-in account: its token and stubs on the shared channel."""
+    """One caller on a channel: its bearer access token ("" calls anonymously), the account and
+    refresh token it signed in with, the five services' stubs, and one method per workflow step."""
 
     channel: grpc.aio.Channel
-    token: identity_pb2.Token
-    metadata: tuple[tuple[str, str], ...] = field(init=False)
+    token: str = ""
+    account: identity_pb2.Account = field(default_factory=identity_pb2.Account)
+    refresh_token: str = ""
 
     def __post_init__(self) -> None:
-        self.metadata = (("authorization", f"Bearer {self.token.access_token}"),)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
         self.instances = instance_pb2_grpc.InstanceServiceStub(self.channel)
         self.data_requests = data_request_pb2_grpc.DataRequestServiceStub(self.channel)
         self.access = access_pb2_grpc.AccessServiceStub(self.channel)
         self.consent = consent_pb2_grpc.ConsentServiceStub(self.channel)
 
+    @classmethod
+    def signed_in(cls, channel: grpc.aio.Channel, token: identity_pb2.Token) -> Session:
+        """The session of a CreateToken / RefreshToken answer."""
+        return cls(channel, token.access_token, token.account, token.refresh_token)
+
     @property
-    def account(self) -> identity_pb2.Account:
-        return self.token.account
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The bearer metadata of every call (none when anonymous)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     # --- customer side ---
 
@@ -209,26 +216,43 @@ class MarketplaceClient:
         await self.channel.close()
 
     async def log_in(self, email: str, password: str) -> Session:
-        token = await self.identity.CreateToken(
-            identity_pb2.CreateTokenRequest(email=email, password=password)
-        )
-        return Session(self.channel, token)
+        return await log_in(self.channel, email, password)
 
     async def sign_up(self, role: int, email: str, password: str, display_name: str) -> Session:
         """Creates the account (or reuses it if the e-mail exists) and logs in."""
-        try:
-            await self.identity.CreateAccount(
-                identity_pb2.CreateAccountRequest(
-                    email=email,
-                    password=password,
-                    display_name=display_name,
-                    role=role,  # type: ignore[arg-type]
-                )
+        return await sign_up(self.channel, role, email, password, display_name, existing_ok=True)
+
+
+async def log_in(channel: grpc.aio.Channel, email: str, password: str) -> Session:
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    token = await identity.CreateToken(identity_pb2.CreateTokenRequest(email=email, password=password))
+    return Session.signed_in(channel, token)
+
+
+async def sign_up(
+    channel: grpc.aio.Channel,
+    role: int,
+    email: str,
+    password: str,
+    display_name: str,
+    *,
+    existing_ok: bool = False,
+) -> Session:
+    """Creates the account and logs in; an existing e-mail is ALREADY_EXISTS unless `existing_ok`."""
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    try:
+        await identity.CreateAccount(
+            identity_pb2.CreateAccountRequest(
+                email=email,
+                password=password,
+                display_name=display_name,
+                role=role,  # type: ignore[arg-type]
             )
-        except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-        return await self.log_in(email, password)
+        )
+    except grpc.aio.AioRpcError as err:
+        if not existing_ok or err.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+    return await log_in(channel, email, password)
 
 
 async def list_readings(sink_address: str, permission_id: str, token: str) -> list[Any]:

@@ -262,7 +262,7 @@ async def access(
     by_instance = {p.instance_id: p for p in permissions}
     alice_pid = by_instance["aiida-alice"].name.removeprefix("permissions/")
     bernd_pid = by_instance["aiida-bernd"].name.removeprefix("permissions/")
-    token = ep.token.access_token
+    token = ep.token
     count = await _wait_for_readings(cast.sink.address, alice_pid, token, 3, 20)
     story.step("W6", f"the sink received {count} readings for Alice's permission")
     assert not await list_readings(cast.sink.address, bernd_pid, token), "readings for a rejected permission"

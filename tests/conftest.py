@@ -1,148 +1,21 @@
-"""Shared fixtures: a real marketplace on port 0 and clients through generated stubs."""
+"""Fixtures: a real marketplace on port 0, on SQLite or in a fresh PostgreSQL schema."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import asyncpg
-import grpc
 import pytest
-from sqlalchemy.engine import make_url
 
-from eddie.marketplace.v1 import (
-    access_pb2_grpc,
-    consent_pb2_grpc,
-    data_request_pb2_grpc,
-    identity_pb2,
-    identity_pb2_grpc,
-    instance_pb2_grpc,
-)
-from marketplace_server.config import Config
-from marketplace_server.server import Marketplace, create_server
-
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-_counter = itertools.count()
-
-
-def postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def test_config(tmp_path: Path, **overrides: Any) -> Config:
-    defaults = Config(listen="127.0.0.1:0", data_dir=tmp_path / "marketplace", grace_period=1.0)
-    return replace(defaults, **overrides)
-
-
-test_config.__test__ = False  # type: ignore[attr-defined]  # a factory, not a test
-
-
-@dataclass
-class Client:
-    """Stubs on one channel plus the caller's bearer metadata."""
-
-    channel: grpc.aio.Channel
-    token: str = ""
-    account: identity_pb2.Account | None = None
-    refresh_token: str = ""
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-    @property
-    def identity(self) -> identity_pb2_grpc.IdentityServiceStub:
-        return identity_pb2_grpc.IdentityServiceStub(self.channel)
-
-    @property
-    def instances(self) -> instance_pb2_grpc.InstanceServiceStub:
-        return instance_pb2_grpc.InstanceServiceStub(self.channel)
-
-    @property
-    def data_requests(self) -> data_request_pb2_grpc.DataRequestServiceStub:
-        return data_request_pb2_grpc.DataRequestServiceStub(self.channel)
-
-    @property
-    def access(self) -> access_pb2_grpc.AccessServiceStub:
-        return access_pb2_grpc.AccessServiceStub(self.channel)
-
-    @property
-    def consent(self) -> consent_pb2_grpc.ConsentServiceStub:
-        return consent_pb2_grpc.ConsentServiceStub(self.channel)
-
-
-@dataclass
-class RunningMarketplace:
-    app: Marketplace
-    port: int
-    channel: grpc.aio.Channel
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def client(self, token: str = "") -> Client:
-        return Client(self.channel, token)
-
-    async def signup(self, role: int, name: str = "") -> Client:
-        n = next(_counter)
-        email = f"user{n}-{os.getpid()}@example.org"
-        password = "correct horse battery staple"
-        stub = identity_pb2_grpc.IdentityServiceStub(self.channel)
-        account = await stub.CreateAccount(
-            identity_pb2.CreateAccountRequest(
-                email=email, password=password, display_name=name or f"User {n}", role=role
-            )
-        )
-        token = await stub.CreateToken(identity_pb2.CreateTokenRequest(email=email, password=password))
-        return Client(self.channel, token.access_token, account, token.refresh_token)
-
-    async def customer(self, name: str = "") -> Client:
-        return await self.signup(identity_pb2.ROLE_CUSTOMER, name)
-
-    async def eligible_party(self, name: str = "") -> Client:
-        return await self.signup(identity_pb2.ROLE_ELIGIBLE_PARTY, name)
-
-
-async def start_marketplace(config: Config) -> RunningMarketplace:
-    app, port = await create_server(config)
-    await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return RunningMarketplace(app, port, channel)
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable, schema_name
 
 
 @pytest.fixture
 async def marketplace(tmp_path: Path) -> AsyncIterator[RunningMarketplace]:
     running = await start_marketplace(test_config(tmp_path))
     yield running
-    await running.channel.close()
-    await running.app.stop(0.5)
-
-
-def _postgres_dsn() -> str:
-    """POSTGRES_URL for asyncpg itself (without SQLAlchemy's `+asyncpg`)."""
-    return make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _postgres_execute(*statements: str) -> Any:
-    connection = await asyncpg.connect(_postgres_dsn(), timeout=5)
-    try:
-        result = None
-        for statement in statements:
-            result = await connection.fetchval(statement)
-        return result
-    finally:
-        await connection.close()
+    await running.close()
 
 
 @pytest.fixture
@@ -155,9 +28,9 @@ async def pg_marketplace(tmp_path: Path) -> AsyncIterator[RunningMarketplace]:
     """
     if not postgres_reachable():
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
-    schema = f"t_{secrets.token_hex(8)}"
+    schema = schema_name()
     try:
-        await _postgres_execute(f"CREATE SCHEMA {schema}")
+        await postgres_execute(f"CREATE SCHEMA {schema}")
     except Exception as exc:  # any connection or permission problem means "no PostgreSQL here"
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
     try:
@@ -165,10 +38,9 @@ async def pg_marketplace(tmp_path: Path) -> AsyncIterator[RunningMarketplace]:
         running = await start_marketplace(config)
         try:
             in_schema = f"SELECT to_regclass('{schema}.alembic_version') IS NOT NULL"
-            assert await _postgres_execute(in_schema), f"the marketplace's tables are not in schema {schema}"
+            assert await postgres_execute(in_schema), f"the marketplace's tables are not in schema {schema}"
             yield running
         finally:
-            await running.channel.close()
-            await running.app.stop(0.5)
+            await running.close()
     finally:
-        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -12,9 +12,8 @@ from aiida_stub.auth import trust_for
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie_common import tokens
 from eddie_common.interceptors import error_info
-from tests.helpers import expect_error
-
-from .conftest import ISSUER, FakeMarketplace, RunningStub, start_stub, stub_config
+from tests.support.expect import expect_error
+from tests.support.stub import ISSUER, FakeMarketplace, RunningStub, start_stub, stub_config
 
 INSTANCE = "aiida-test-1"
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from aiida_stub.config import build_parser, parse_config
-
-from .conftest import FakeMarketplace
+from tests.support.stub import FakeMarketplace
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = [

@@ -8,9 +8,8 @@ import grpc
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
-
-from .conftest import RunningSink, RunningStub
-from .helpers import configure, data_access, data_need, read_until, status_of
+from tests.support.stub import RunningSink, RunningStub
+from tests.support.stub_messages import configure, data_access, data_need, read_until, status_of
 
 State = aiida_pb2.DataAccess.State
 MATCHING = data_need(regions=("AT",))  # the default profile: vienna-p1, AT-9, electricity at 1 s

@@ -13,10 +13,9 @@ from aiida_stub.meter import Meter
 from aiida_stub.profile import load_profile, shipped_profiles_dir
 from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
-from tests.helpers import expect_error
-
-from .conftest import FakeMarketplace, RunningSink, RunningStub, start_sink, start_stub, stub_config
-from .helpers import S, configure, data_access, data_need, read_until, status_of
+from tests.support.expect import expect_error
+from tests.support.stub import FakeMarketplace, RunningSink, RunningStub, start_sink, start_stub, stub_config
+from tests.support.stub_messages import S, configure, data_access, data_need, read_until, status_of
 
 State = aiida_pb2.DataAccess.State
 

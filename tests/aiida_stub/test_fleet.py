@@ -8,9 +8,8 @@ from pathlib import Path
 
 from aiida_stub.profile import shipped_profiles_dir
 from eddie.aiida.v1 import aiida_pb2
-
-from .conftest import FakeMarketplace, start_stub, stub_config
-from .helpers import data_need
+from tests.support.stub import FakeMarketplace, start_stub, stub_config
+from tests.support.stub_messages import data_need
 
 FLEET = 50
 

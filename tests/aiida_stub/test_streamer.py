@@ -12,8 +12,7 @@ from aiida_stub.state import AccessRecord
 from aiida_stub.streamer import BACKLOG_LIMIT, AccessStreamer, SimClock, SinkChannels
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.retry import Backoff
-
-from .helpers import S, data_need
+from tests.support.stub_messages import S, data_need
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.framework.v1 import data_sink_pb2_grpc
 from eddie.marketplace.v1 import instance_pb2_grpc
 from eddie_common import tokens
-from tests.helpers import self_signed_certificate
-
-from .conftest import ISSUER, FakeInstanceService, FakeMarketplace, FakeSink, start_stub, stub_config
-from .helpers import configure, data_access
+from tests.support.certs import self_signed_certificate
+from tests.support.stub import ISSUER, FakeInstanceService, FakeMarketplace, FakeSink, start_stub, stub_config
+from tests.support.stub_messages import configure, data_access
 
 
 async def test_stub_serves_tls_registers_over_tls_and_streams_to_a_grpcs_sink(tmp_path: Path) -> None:

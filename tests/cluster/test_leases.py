@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from marketplace_server.cluster.leases import LeaseKeeper, LeaseLost, assert_lease, bucket_of
 from marketplace_server.db.models import BucketLeaseRow
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
-from tests.conftest import POSTGRES_URL, _postgres_execute, postgres_reachable
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
 pytestmark = pytest.mark.postgres
 BUCKETS = 12
@@ -25,7 +25,7 @@ async def sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
     schema = f"t_{secrets.token_hex(8)}"
     try:
-        await _postgres_execute(f"CREATE SCHEMA {schema}")
+        await postgres_execute(f"CREATE SCHEMA {schema}")
     except Exception as exc:
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
     engine = create_engine(POSTGRES_URL, schema=schema)
@@ -34,7 +34,7 @@ async def sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
         yield create_sessionmaker(engine)
     finally:
         await engine.dispose()
-        await _postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def keeper(sessions: async_sessionmaker[AsyncSession], name: str) -> LeaseKeeper:

@@ -23,8 +23,8 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
-from tests.e2e.conftest import Cast
-from tests.helpers import eventually
+from tests.support.cast import Cast
+from tests.support.expect import eventually
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "end to end passphrase"
@@ -80,9 +80,7 @@ async def _decide_on_stream(customer: Session, approve: bool) -> access_pb2.Perm
 
 
 async def _readings(cast: Cast, ep: Session, permission: access_pb2.Permission) -> list[object]:
-    return await list_readings(
-        cast.sink.address, permission.name.removeprefix("permissions/"), ep.token.access_token
-    )
+    return await list_readings(cast.sink.address, permission.name.removeprefix("permissions/"), ep.token)
 
 
 async def test_whole_workflow_six_with_real_processes(cast: Cast) -> None:

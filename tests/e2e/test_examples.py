@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from eddie_client.client import MarketplaceClient
-from tests.e2e.conftest import Cast
+from tests.support.cast import Cast
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import pytest
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import create_server
 from eddie.marketplace.v1 import instance_pb2
-from tests.conftest import start_marketplace, test_config
-from tests.e2e.test_search import _request, _search
+from tests.support.fleet import create_data_request, search
+from tests.support.marketplace import start_marketplace, test_config
 
 PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 N = 1000
@@ -54,9 +54,9 @@ async def test_fleet_of_a_thousand_registers_connects_and_answers(tmp_path: Path
 
         await asyncio.gather(*(claim(r) for r in rows))
         ep = await marketplace.eligible_party()
-        request = await _request(ep, max_granularity=3600 * 24, tags=["1-0:1.8.0"])
+        request = await create_data_request(ep, max_granularity=3600 * 24, tags=["1-0:1.8.0"])
         while True:
-            _, summary = await _search(ep, request.name, timeout=10)
+            _, summary = await search(ep, request.name, timeout=10)
             if summary.matched + summary.not_matched == N:
                 break
             assert time.monotonic() - started < 240, summary

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningMarketplace
+from tests.support.marketplace import RunningMarketplace
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPCURL = Path(sys.executable).parent / "grpcurl"

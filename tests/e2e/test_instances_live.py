@@ -11,9 +11,9 @@ from aiida_stub.server import create_server
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.marketplace.v1 import instance_pb2
 from eddie_common.tokens import AUDIENCE_AIIDA, SigningKey, TokenIssuer
-from tests.conftest import RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import claim, start_aiida, wait_connected
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.fleet import claim, start_aiida, wait_connected
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 PROFILE = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles" / "vienna-p1.toml"
 

@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2
+from eddie_client.client import Session
 from eddie_client.receipts import fetch_signing_keys, verify_chain
 from marketplace_server.keyring import load_key_ring, rotate_signing_key
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import claim, start_aiida, wait_connected
-from tests.e2e.test_search import _request, _search
+from tests.support.fleet import claim, create_data_request, search, start_aiida, wait_connected
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 
@@ -22,9 +22,9 @@ async def _stop(market: RunningMarketplace) -> None:
     await market.app.stop(0)
 
 
-async def _search_until_matched(ep: Client, name: str, instance_id: str) -> None:
+async def _search_until_matched(ep: Session, name: str, instance_id: str) -> None:
     started = time.monotonic()
-    while instance_id not in (await _search(ep, name, timeout=2))[0]:
+    while instance_id not in (await search(ep, name, timeout=2))[0]:
         assert time.monotonic() - started < 30, "the AIIDA never answered the search"
         await asyncio.sleep(0.2)
 
@@ -52,7 +52,7 @@ async def test_after_a_rotation_old_receipts_and_tokens_verify_and_the_aiida_kee
         customer, ep = await market.customer(), await market.eligible_party()
         await claim(customer, aiida)
         await wait_connected(customer, aiida.instance_id)
-        request = await _request(ep, regions=["AT-9"])
+        request = await create_data_request(ep, regions=["AT-9"])
         await _search_until_matched(ep, request.name, aiida.instance_id)
         granted = await ep.access.RequestAccess(
             access_pb2.RequestAccessRequest(
@@ -70,8 +70,8 @@ async def test_after_a_rotation_old_receipts_and_tokens_verify_and_the_aiida_kee
         keys = await fetch_signing_keys(market.client().identity)
         assert len(keys) == 2
         # Tokens signed with the retired key still work until they expire.
-        customer = Client(market.channel, customer.token, customer.account)
-        ep = Client(market.channel, ep.token, ep.account)
+        customer = Session(market.channel, customer.token, customer.account)
+        ep = Session(market.channel, ep.token, ep.account)
         await wait_connected(customer, aiida.instance_id)  # the AIIDA accepts the marketplace's calls
         await _search_until_matched(ep, request.name, aiida.instance_id)
         await customer.consent.RevokePermission(

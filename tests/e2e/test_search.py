@@ -16,10 +16,19 @@ import grpc
 import pytest
 
 from eddie.marketplace.v1 import data_request_pb2
-from eddie_client import data_need
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import RunningAiida, ScriptedAiida, claim, start_aiida, start_scripted, wait_connected
-from tests.helpers import expect_error
+from eddie_client.client import Session
+from tests.support.expect import expect_error
+from tests.support.fleet import (
+    RunningAiida,
+    ScriptedAiida,
+    claim,
+    create_data_request,
+    search,
+    start_aiida,
+    start_scripted,
+    wait_connected,
+)
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 DAY = 86400.0
 
@@ -92,7 +101,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Client, list[RunningAiida]]:
+async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Session, list[RunningAiida]]:
     owner = await marketplace.customer()
     aiidas = []
     for name, text in households().items():
@@ -106,48 +115,8 @@ async def _fleet(marketplace: RunningMarketplace, tmp_path: Path) -> tuple[Clien
     return owner, aiidas
 
 
-async def _request(ep: Client, **need: object) -> data_request_pb2.DataRequest:
-    values = dict(
-        energy_type="ELECTRICITY",
-        tags=["1-0:1.8.0"],
-        min_granularity=1,
-        max_granularity=900,
-        history=0,
-        duration_s=DAY,
-        regions=[],
-    )
-    values.update(need)
-    return await ep.data_requests.CreateDataRequest(
-        data_request_pb2.CreateDataRequestRequest(
-            data_request=data_request_pb2.DataRequest(
-                title="Study", purpose="Research", data_need=data_need(**values)
-            )
-        ),  # type: ignore[arg-type]
-        metadata=ep.metadata,
-    )
-
-
-async def _search(
-    ep: Client, name: str, timeout: float = 3.0
-) -> tuple[list[str], data_request_pb2.SearchSummary]:
-    from eddie_client.client import duration
-
-    matches, summary = [], None
-    async for response in ep.data_requests.SearchInstances(
-        data_request_pb2.SearchInstancesRequest(data_request=name, timeout=duration(timeout)),
-        metadata=ep.metadata,
-    ):
-        if response.HasField("matches"):
-            matches.extend(response.matches.instance_ids)
-        else:
-            assert summary is None, "more than one summary"
-            summary = response.summary
-    assert summary is not None, "no summary"
-    return matches, summary
-
-
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Client, list[RunningAiida]]]:
+async def world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Session, list[RunningAiida]]]:
     marketplace = await start_marketplace(test_config(tmp_path, search_rate_per_minute=1000))
     owner, aiidas = await _fleet(marketplace, tmp_path)
     yield marketplace, owner, aiidas
@@ -161,8 +130,8 @@ async def test_search_returns_exactly_the_matching_households(world) -> None:  #
     marketplace, _, _ = world
     ep = await marketplace.eligible_party()
     for label, need, expected in CASES:
-        request = await _request(ep, **need)
-        matches, summary = await _search(ep, request.name)
+        request = await create_data_request(ep, **need)
+        matches, summary = await search(ep, request.name)
         assert set(matches) == expected, label
         assert len(matches) == len(expected), f"{label}: duplicate matches"
         assert summary.queried == 5, label
@@ -177,19 +146,19 @@ async def test_search_returns_exactly_the_matching_households(world) -> None:  #
 async def test_only_the_owner_may_search_an_open_request(world) -> None:  # type: ignore[no-untyped-def]
     marketplace, owner, _ = world
     ep, other = await marketplace.eligible_party(), await marketplace.eligible_party()
-    request = await _request(ep)
-    await expect_error(_search(other, request.name), grpc.StatusCode.PERMISSION_DENIED, "NOT_OWNER")
-    await expect_error(_search(owner, request.name), grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
-    await expect_error(_search(ep, "dataRequests/nope"), grpc.StatusCode.NOT_FOUND)
-    await expect_error(_search(ep, "bogus"), grpc.StatusCode.INVALID_ARGUMENT, field="data_request")
+    request = await create_data_request(ep)
+    await expect_error(search(other, request.name), grpc.StatusCode.PERMISSION_DENIED, "NOT_OWNER")
+    await expect_error(search(owner, request.name), grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED")
+    await expect_error(search(ep, "dataRequests/nope"), grpc.StatusCode.NOT_FOUND)
+    await expect_error(search(ep, "bogus"), grpc.StatusCode.INVALID_ARGUMENT, field="data_request")
     await expect_error(
-        _search(ep, request.name, timeout=3600), grpc.StatusCode.INVALID_ARGUMENT, field="timeout"
+        search(ep, request.name, timeout=3600), grpc.StatusCode.INVALID_ARGUMENT, field="timeout"
     )
     await ep.data_requests.CloseDataRequest(
         data_request_pb2.CloseDataRequestRequest(name=request.name), metadata=ep.metadata
     )
-    await expect_error(_search(ep, request.name), grpc.StatusCode.FAILED_PRECONDITION, "DATA_REQUEST_CLOSED")
-    _, summary = await _search(ep, (await _request(ep)).name)
+    await expect_error(search(ep, request.name), grpc.StatusCode.FAILED_PRECONDITION, "DATA_REQUEST_CLOSED")
+    _, summary = await search(ep, (await create_data_request(ep)).name)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await ep.data_requests.GetSearch(
             data_request_pb2.GetSearchRequest(name=summary.search), metadata=other.metadata
@@ -205,7 +174,7 @@ async def test_dead_silent_and_offline_devices_are_counted(world) -> None:  # ty
     offline = aiidas[-1]
     await offline.app.stop(0)
     await wait_connected(owner, offline.instance_id, connected=False)
-    request = await _request(ep)
+    request = await create_data_request(ep)
 
     async def kill_soon() -> None:
         await asyncio.sleep(0.5)
@@ -213,7 +182,7 @@ async def test_dead_silent_and_offline_devices_are_counted(world) -> None:  # ty
 
     killer = asyncio.create_task(kill_soon())
     started = time.monotonic()
-    matches, summary = await _search(ep, request.name, timeout=1.5)
+    matches, summary = await search(ep, request.name, timeout=1.5)
     elapsed = time.monotonic() - started
     await killer
     assert set(matches) == ALL - {offline.instance_id}
@@ -233,7 +202,7 @@ async def test_search_returns_when_every_instance_is_gone(world) -> None:  # typ
         await aiida.app.stop(0)
     for aiida in aiidas:
         await wait_connected(owner, aiida.instance_id, connected=False)
-    matches, summary = await _search(ep, (await _request(ep)).name, timeout=5)
+    matches, summary = await search(ep, (await create_data_request(ep)).name, timeout=5)
     assert matches == []
     assert (summary.queried, summary.unreachable, summary.matched, summary.timed_out) == (5, 5, 0, 0)
     assert summary.elapsed.ToTimedelta().total_seconds() < 1.0
@@ -243,7 +212,7 @@ async def test_the_callers_deadline_stops_the_fan_out(world) -> None:  # type: i
     marketplace, owner, _ = world
     ep = await marketplace.eligible_party()
     silent = await start_scripted(marketplace, owner, "silent-box-2", ScriptedAiida(delay=None))
-    request = await _request(ep)
+    request = await create_data_request(ep)
     started = time.monotonic()
     responses = []
     code = grpc.StatusCode.OK

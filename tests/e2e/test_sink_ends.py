@@ -26,9 +26,9 @@ from eddie.marketplace.v1 import access_pb2, consent_pb2, identity_pb2
 from eddie_client import procs
 from eddie_client.client import MarketplaceClient, Session, data_need
 from eddie_common.interceptors import error_info
-from tests.e2e.conftest import Cast
 from tests.e2e.test_access_processes import _readings, _setup, _state_is
-from tests.helpers import eventually
+from tests.support.cast import Cast
+from tests.support.expect import eventually
 
 pytestmark = pytest.mark.e2e
 S = access_pb2.Permission.State

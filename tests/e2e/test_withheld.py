@@ -15,9 +15,10 @@ import pytest
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import create_server
 from eddie.marketplace.v1 import access_pb2, data_request_pb2, instance_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.test_search import _request, _search
-from tests.helpers import expect_error
+from eddie_client.client import Session
+from tests.support.expect import expect_error
+from tests.support.fleet import create_data_request, search
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 PROFILES = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles"
 FLEET = 10  # five profiles round-robin: two households each
@@ -25,7 +26,7 @@ FLOOR = 3
 
 
 @pytest.fixture
-async def fleet_world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Client]]:
+async def fleet_world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace, Session]]:
     marketplace = await start_marketplace(
         test_config(
             tmp_path, min_match_set=FLOOR, claim_attempts_per_minute=10_000, search_rate_per_minute=1000
@@ -61,29 +62,29 @@ async def fleet_world(tmp_path: Path) -> AsyncIterator[tuple[RunningMarketplace,
 
 
 async def _search_all_answering(
-    ep: Client, request: data_request_pb2.DataRequest
+    ep: Session, request: data_request_pb2.DataRequest
 ) -> tuple[list[str], data_request_pb2.SearchSummary]:
     """Searches until every instance of the fleet is connected and answers."""
     started = time.monotonic()
     while True:
-        matches, summary = await _search(ep, request.name, timeout=5)
+        matches, summary = await search(ep, request.name, timeout=5)
         if summary.matched + summary.not_matched == FLEET:
             return matches, summary
         assert time.monotonic() - started < 60, summary
         await asyncio.sleep(0.2)
 
 
-async def _stored(ep: Client, search: str) -> data_request_pb2.Search:
+async def _stored(ep: Session, search: str) -> data_request_pb2.Search:
     return await ep.data_requests.GetSearch(
         data_request_pb2.GetSearchRequest(name=search), metadata=ep.metadata
     )
 
 
 async def test_a_search_matching_fewer_than_the_floor_is_withheld(
-    fleet_world: tuple[RunningMarketplace, Client],
+    fleet_world: tuple[RunningMarketplace, Session],
 ) -> None:
     _, ep = fleet_world
-    vienna = await _request(ep, regions=["AT-9"])  # two households of the fleet
+    vienna = await create_data_request(ep, regions=["AT-9"])  # two households of the fleet
     matches, summary = await _search_all_answering(ep, vienna)
     assert matches == []
     assert (summary.withheld, summary.matched, summary.queried) == (True, 2, FLEET)
@@ -104,10 +105,10 @@ async def test_a_search_matching_fewer_than_the_floor_is_withheld(
 
 
 async def test_a_search_matching_the_floor_or_more_streams_its_matches(
-    fleet_world: tuple[RunningMarketplace, Client],
+    fleet_world: tuple[RunningMarketplace, Session],
 ) -> None:
     _, ep = fleet_world
-    electricity = await _request(ep)  # every household with an electricity meter
+    electricity = await create_data_request(ep)  # every household with an electricity meter
     matches, summary = await _search_all_answering(ep, electricity)
     assert not summary.withheld and summary.matched >= FLOOR
     assert sorted(matches) == sorted((await _stored(ep, summary.search)).matched_instance_ids)
@@ -122,9 +123,9 @@ async def test_a_search_matching_the_floor_or_more_streams_its_matches(
 
 
 async def test_a_search_matching_nobody_is_not_withheld(
-    fleet_world: tuple[RunningMarketplace, Client],
+    fleet_world: tuple[RunningMarketplace, Session],
 ) -> None:
     _, ep = fleet_world
-    nobody = await _request(ep, energy_type="HYDROGEN", regions=["AT"])
+    nobody = await create_data_request(ep, energy_type="HYDROGEN", regions=["AT"])
     matches, summary = await _search_all_answering(ep, nobody)
     assert (matches, summary.matched, summary.withheld) == ([], 0, False)

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from eddie_common import tokens
-from tests.eddie_sink.conftest import (
+from tests.support.expect import expect_error
+from tests.support.sink import (
     OTHER_EP,
     FakeMarketplace,
     RunningSink,
@@ -19,7 +20,6 @@ from tests.eddie_sink.conftest import (
     start_fake_marketplace,
     start_sink,
 )
-from tests.helpers import expect_error
 
 
 def _token_of_another_key() -> str:

@@ -16,7 +16,8 @@ from eddie.framework.v1 import data_sink_pb2
 from eddie.marketplace.v1 import access_pb2, identity_pb2_grpc, sink_feed_pb2, sink_feed_pb2_grpc
 from eddie_common import tokens
 from eddie_common.interceptors import error_info
-from tests.eddie_sink.conftest import (
+from tests.support.expect import eventually
+from tests.support.sink import (
     ISSUER,
     PERMISSION,
     FakeMarketplace,
@@ -27,7 +28,6 @@ from tests.eddie_sink.conftest import (
     sink_config,
     start_sink,
 )
-from tests.helpers import eventually
 
 Response = sink_feed_pb2.WatchPermissionEndsResponse
 

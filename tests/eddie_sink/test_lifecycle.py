@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.eddie_sink.conftest import FakeMarketplace, reading, sink_config, start_sink
+from tests.support.sink import FakeMarketplace, reading, sink_config, start_sink
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from eddie_sink.page_tokens import Cursor, PageTokens
-from tests.eddie_sink.conftest import FakeMarketplace, RunningSink, reading
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.sink import FakeMarketplace, RunningSink, reading
 
 
 async def test_pages_follow_each_other_without_gaps_or_repeats(

@@ -15,8 +15,8 @@ from google.protobuf import timestamp_pb2
 from eddie.energy.v1 import energy_pb2
 from eddie.framework.v1 import data_sink_pb2
 from eddie_common.interceptors import error_info
-from tests.eddie_sink.conftest import FakeMarketplace, RunningSink, bearer, reading
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.sink import FakeMarketplace, RunningSink, bearer, reading
 
 
 async def test_published_readings_are_listed_oldest_first(

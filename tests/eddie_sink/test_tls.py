@@ -9,15 +9,8 @@ import grpc
 from eddie.marketplace.v1 import identity_pb2_grpc
 from eddie_common import tokens
 from eddie_sink.server import create_server
-from tests.eddie_sink.conftest import (
-    ISSUER,
-    FakeMarketplace,
-    RunningSink,
-    SigningKeysDouble,
-    reading,
-    sink_config,
-)
-from tests.helpers import self_signed_certificate
+from tests.support.certs import self_signed_certificate
+from tests.support.sink import ISSUER, FakeMarketplace, RunningSink, SigningKeysDouble, reading, sink_config
 
 
 async def test_sink_serves_tls_and_fetches_keys_over_tls(tmp_path: Path):

@@ -10,9 +10,7 @@ import grpc
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.interceptors import error_info
-from tests.conftest import RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.access_support import (
+from tests.support.access import (
     SINK_URI,
     Permission,
     Scene,
@@ -22,7 +20,9 @@ from tests.marketplace.access_support import (
     new_scene,
     read_until,
 )
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.aiida_double import RunningAiida
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import RunningMarketplace
 from tests.marketplace import test_access as access
 from tests.marketplace import test_activities as activities
 from tests.marketplace import test_consent as consent
 from tests.marketplace import test_receipts as receipts
-from tests.marketplace.access_support import aiida
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.access import aiida
+from tests.support.aiida_double import RunningAiida
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida"]  # fixture
 

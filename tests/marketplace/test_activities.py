@@ -7,10 +7,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import consent_pb2, data_request_pb2
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.access_support import Permission, Scene, aiida, data_need, market, new_scene
-from tests.marketplace.aiida_double import RunningAiida
+from eddie_client.client import Session
+from tests.support.access import Permission, Scene, aiida, data_need, market, new_scene
+from tests.support.aiida_double import RunningAiida
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 
@@ -18,7 +19,7 @@ Activity = consent_pb2.Activity
 DataAccess = aiida_pb2.DataAccess
 
 
-async def feed(customer: Client, instance_id: str, page_size: int = 0) -> list[Activity]:
+async def feed(customer: Session, instance_id: str, page_size: int = 0) -> list[Activity]:
     """The whole feed, page by page."""
     found: list[Activity] = []
     token = ""
@@ -35,7 +36,7 @@ async def feed(customer: Client, instance_id: str, page_size: int = 0) -> list[A
             return found
 
 
-async def other_request(scene: Scene, ep: Client, purpose: str) -> data_request_pb2.DataRequest:
+async def other_request(scene: Scene, ep: Session, purpose: str) -> data_request_pb2.DataRequest:
     return await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(
             data_request=data_request_pb2.DataRequest(title="Survey", purpose=purpose, data_need=data_need())
@@ -44,7 +45,7 @@ async def other_request(scene: Scene, ep: Client, purpose: str) -> data_request_
     )
 
 
-async def search(ep: Client, request: data_request_pb2.DataRequest) -> str:
+async def search(ep: Session, request: data_request_pb2.DataRequest) -> str:
     async for response in ep.data_requests.SearchInstances(
         data_request_pb2.SearchInstancesRequest(data_request=request.name, timeout=Duration(seconds=5)),
         metadata=ep.metadata,

@@ -14,9 +14,7 @@ from eddie.marketplace.v1 import access_pb2, consent_pb2
 from eddie_common.errors import ResourceExhausted
 from eddie_common.tokens import AUDIENCE_SINK, TokenVerifier
 from marketplace_server.services.events import EventHub, PermissionChanged
-from tests.conftest import RunningMarketplace, start_marketplace
-from tests.helpers import expect_error
-from tests.marketplace.access_support import (
+from tests.support.access import (
     DAY,
     SINK_URI,
     Permission,
@@ -26,7 +24,9 @@ from tests.marketplace.access_support import (
     matched_scene,
     read_until,
 )
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.aiida_double import RunningAiida
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace, start_marketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 

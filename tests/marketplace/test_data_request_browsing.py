@@ -18,9 +18,7 @@ import pytest_asyncio
 
 from marketplace_server.pagination import PageTokenCodec
 from marketplace_server.services.data_requests import METHOD_LIST, ListFilters
-from tests.conftest import RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.data_request_support import (
+from tests.support.data_requests import (
     ELECTRICITY,
     GAS,
     HEAT,
@@ -36,6 +34,8 @@ from tests.marketplace.data_request_support import (
     seed_catalogue,
     serving,
 )
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

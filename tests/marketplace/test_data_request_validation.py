@@ -11,10 +11,11 @@ import pytest_asyncio
 from google.protobuf.duration_pb2 import Duration
 
 from eddie.marketplace.v1 import data_request_pb2
+from eddie_client.client import Session
 from eddie_common.interceptors import bad_request
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.data_request_support import DAY, create_as, data_request, need, serving
+from tests.support.data_requests import DAY, create_as, data_request, need, serving
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -30,7 +31,7 @@ async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runn
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def ep(shared: RunningMarketplace) -> Client:
+async def ep(shared: RunningMarketplace) -> Session:
     return await shared.eligible_party()
 
 
@@ -160,7 +161,7 @@ INVALID_CASES: list[tuple[str, data_request_pb2.DataRequest, str]] = [
 @pytest.mark.parametrize(
     ("dr", "field"), [pytest.param(dr, field, id=case) for case, dr, field in INVALID_CASES]
 )
-async def test_an_invalid_field_is_named(ep: Client, dr: data_request_pb2.DataRequest, field: str) -> None:
+async def test_an_invalid_field_is_named(ep: Session, dr: data_request_pb2.DataRequest, field: str) -> None:
     err = await expect_error(create_as(ep, dr), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", field)
     bad = bad_request(err)
     assert bad is not None
@@ -168,19 +169,19 @@ async def test_an_invalid_field_is_named(ep: Client, dr: data_request_pb2.DataRe
 
 
 @pytest.mark.parametrize("request_id", ["has space", "x" * 65, "ümlaut", "a/b"])
-async def test_a_malformed_request_id_is_named(ep: Client, request_id: str) -> None:
+async def test_a_malformed_request_id_is_named(ep: Session, request_id: str) -> None:
     await expect_error(
         create_as(ep, request_id=request_id), grpc.StatusCode.INVALID_ARGUMENT, field="request_id"
     )
 
 
-async def test_a_missing_data_request_is_named(ep: Client) -> None:
+async def test_a_missing_data_request_is_named(ep: Session) -> None:
     request = data_request_pb2.CreateDataRequestRequest()
     call = ep.data_requests.CreateDataRequest(request, metadata=ep.metadata)
     await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, field="data_request")
 
 
-async def test_all_violations_are_reported_together(ep: Client) -> None:
+async def test_all_violations_are_reported_together(ep: Session) -> None:
     dr = data_request(title="", purpose="", data_need=need(energy_type=0, data_tags=["bad"], regions=["XX"]))
     err = await expect_error(create_as(ep, dr, request_id="bad id"), grpc.StatusCode.INVALID_ARGUMENT)
     bad = bad_request(err)
@@ -228,6 +229,6 @@ VALID_EDGES: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("overrides"), [pytest.param(o, id=case) for case, o in VALID_EDGES])
-async def test_edge_values_are_accepted(ep: Client, overrides: dict[str, Any]) -> None:
+async def test_edge_values_are_accepted(ep: Session, overrides: dict[str, Any]) -> None:
     created = await create_as(ep, data_request(**overrides))
     assert created.state == data_request_pb2.DataRequest.STATE_OPEN

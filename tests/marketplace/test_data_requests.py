@@ -16,9 +16,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from eddie.marketplace.v1 import data_request_pb2
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.data_request_support import (
+from eddie_client.client import Session
+from tests.support.data_requests import (
     DAY,
     GAS,
     REQUEST,
@@ -29,6 +28,8 @@ from tests.marketplace.data_request_support import (
     need,
     serving,
 )
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -42,12 +43,12 @@ async def marketplace(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
         yield running
 
 
-async def get_as(client: Client, name: str) -> data_request_pb2.DataRequest:
+async def get_as(client: Session, name: str) -> data_request_pb2.DataRequest:
     request = data_request_pb2.GetDataRequestRequest(name=name)
     return await client.data_requests.GetDataRequest(request, metadata=client.metadata)
 
 
-async def close_as(client: Client, name: str) -> data_request_pb2.DataRequest:
+async def close_as(client: Session, name: str) -> data_request_pb2.DataRequest:
     request = data_request_pb2.CloseDataRequestRequest(name=name)
     return await client.data_requests.CloseDataRequest(request, metadata=client.metadata)
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from tests.conftest import RunningMarketplace
 from tests.marketplace import test_data_request_browsing as browsing
 from tests.marketplace import test_data_requests as on_sqlite
-from tests.marketplace.data_request_support import all_pages, create_as, data_request, list_as, seed_catalogue
+from tests.support.data_requests import all_pages, create_as, data_request, list_as, seed_catalogue
+from tests.support.marketplace import RunningMarketplace
 
 pytestmark = pytest.mark.postgres
 

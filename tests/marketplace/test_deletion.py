@@ -11,17 +11,18 @@ import pytest
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import consent_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session as Client
 from marketplace_server.db.models import AccountRow
 from marketplace_server.services.permissions import PermissionTx
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.access_support import (
+from tests.support.access import (
     Permission,
     aiida,
     market,
     matched_scene,
 )
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.aiida_double import RunningAiida
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 
 from eddie.marketplace.v1 import identity_pb2
 from eddie_common.tokens import AUDIENCE_AIIDA, AUDIENCE_MARKETPLACE, SigningKey, TokenIssuer
-from tests.conftest import RunningMarketplace
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 C = identity_pb2.ROLE_CUSTOMER
 PASSWORD = "correct horse battery staple"

@@ -7,8 +7,8 @@ import pytest
 
 from eddie.marketplace.v1 import instance_pb2
 from eddie_common.tokens import key_id_of, load_public_key
-from tests.conftest import RunningMarketplace
-from tests.helpers import expect_error
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 SECRET = "s" * 20 + "-very-secret-0123456789"
 CODE = "K7MX-3QPA"

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives import serialization
 from google.rpc import error_details_pb2, status_pb2
 
 from eddie.marketplace.v1 import identity_pb2
+from eddie_client.client import Session
 from marketplace_server.oidc import OidcDiscoveryError
 from marketplace_server.server import create_server
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.marketplace.oidc_provider import OidcProvider, ProviderKey
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.oidc_provider import OidcProvider, ProviderKey
 
 AUDIENCE = "eddie-marketplace"
 WHOAMI = identity_pb2.GetCurrentAccountRequest()
@@ -56,7 +57,7 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
 
 
 async def whoami(mp: RunningMarketplace, token: str) -> identity_pb2.Account:
-    client = Client(mp.channel, token)
+    client = Session(mp.channel, token)
     return await client.identity.GetCurrentAccount(WHOAMI, metadata=client.metadata)
 
 

@@ -12,6 +12,7 @@ import pytest
 from jwt.api_jws import PyJWS
 
 from eddie.marketplace.v1 import consent_pb2, identity_pb2
+from eddie_client.client import Session
 from eddie_client.receipts import (
     ReceiptError,
     fetch_signing_keys,
@@ -20,16 +21,16 @@ from eddie_client.receipts import (
     verify_receipt,
 )
 from eddie_common.tokens import SigningKey
-from tests.conftest import Client, RunningMarketplace
-from tests.helpers import expect_error
-from tests.marketplace.access_support import Scene, aiida, market, new_scene
-from tests.marketplace.aiida_double import RunningAiida
 from tests.marketplace.test_consent import Device, decision
+from tests.support.access import Scene, aiida, market, new_scene
+from tests.support.aiida_double import RunningAiida
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 
 
-async def receipts_of(customer: Client, page_size: int = 0) -> list[consent_pb2.ConsentReceipt]:
+async def receipts_of(customer: Session, page_size: int = 0) -> list[consent_pb2.ConsentReceipt]:
     """The customer's whole chain, page by page."""
     found: list[consent_pb2.ConsentReceipt] = []
     token = ""
@@ -48,7 +49,7 @@ async def keys_of(market: RunningMarketplace) -> dict[str, Any]:
     return await fetch_signing_keys(market.client().identity)
 
 
-async def three_decisions(scene: Scene) -> tuple[Client, list[Any]]:
+async def three_decisions(scene: Scene) -> tuple[Session, list[Any]]:
     """One customer: approves one access (unary), rejects another (on Connect), revokes the first."""
     customer = await scene.market.customer("Alice")
     first = await scene.add_instance(customer)

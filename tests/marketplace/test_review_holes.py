@@ -13,8 +13,7 @@ from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from marketplace_server.db.models import IdempotencyKeyRow
 from marketplace_server.login_throttle import FREE_FAILURES, LoginThrottle
-from tests.conftest import RunningMarketplace, start_marketplace
-from tests.marketplace.access_support import (
+from tests.support.access import (
     Permission,
     aiida,
     data_need,
@@ -23,7 +22,8 @@ from tests.marketplace.access_support import (
     matched_scene,
     new_scene,
 )
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.aiida_double import RunningAiida
+from tests.support.marketplace import RunningMarketplace, start_marketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 

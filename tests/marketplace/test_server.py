@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from eddie.marketplace.v1 import identity_pb2
 from marketplace_server.server import SERVICE_NAMES
-from tests.conftest import RunningMarketplace, start_marketplace, test_config
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 
 async def test_health_is_serving_overall_and_per_service(marketplace: RunningMarketplace) -> None:

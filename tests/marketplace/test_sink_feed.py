@@ -10,9 +10,9 @@ import grpc
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, sink_feed_pb2, sink_feed_pb2_grpc
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, AUDIENCE_SINK, SigningKey, TokenIssuer
-from tests.conftest import RunningMarketplace
-from tests.marketplace.access_support import Permission, aiida, market, matched_scene
-from tests.marketplace.aiida_double import RunningAiida
+from tests.support.access import Permission, aiida, market, matched_scene
+from tests.support.aiida_double import RunningAiida
+from tests.support.marketplace import RunningMarketplace
 
 __all__ = ["aiida", "market"]  # fixtures
 

@@ -17,9 +17,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2, identity_pb2, instance_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.helpers import expect_error
-from tests.security.world import PASSWORD, SECRET, data_need
+from eddie_client.client import Session
+from tests.support.expect import expect_error
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.world import PASSWORD, SECRET, data_need
 
 LIMIT = 3
 
@@ -60,12 +61,12 @@ async def v6(market: RunningMarketplace) -> AsyncIterator[grpc.aio.Channel]:
 
 
 def login(channel: grpc.aio.Channel, email: str, password: str) -> Any:
-    return Client(channel).identity.CreateToken(
+    return Session(channel).identity.CreateToken(
         identity_pb2.CreateTokenRequest(email=email, password=password)
     )
 
 
-async def _account(market: RunningMarketplace, role: int = identity_pb2.ROLE_CUSTOMER) -> Client:
+async def _account(market: RunningMarketplace, role: int = identity_pb2.ROLE_CUSTOMER) -> Session:
     return await market.signup(role)
 
 
@@ -114,7 +115,7 @@ async def _register(market: RunningMarketplace, instance_id: str, code: str) -> 
     )
 
 
-def claim(client: Client, instance_id: str, code: str) -> Any:
+def claim(client: Session, instance_id: str, code: str) -> Any:
     request = instance_pb2.ClaimInstanceRequest(instance_id=instance_id, pairing_code=code)
     return client.instances.ClaimInstance(request, metadata=client.metadata)
 
@@ -127,7 +128,7 @@ async def test_pairing_code_attempts_are_limited_per_instance(
     attacker, owner = await _account(market), await _account(market)
     for i in range(LIMIT):
         await expect_error(claim(attacker, "target-1", f"GUESS-{i:04d}"), grpc.StatusCode.PERMISSION_DENIED)
-    owner_v6 = Client(v6, owner.token)
+    owner_v6 = Session(v6, owner.token)
     await expect_error(
         claim(owner_v6, "target-1", "RIGHT-CODE-1"), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"
     )
@@ -146,16 +147,16 @@ async def test_pairing_code_attempts_are_limited_per_peer(
     await expect_error(
         claim(attacker, last, f"RIGHT-CODE-{LIMIT}"), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"
     )
-    owner = Client(v6, (await _account(market)).token)
+    owner = Session(v6, (await _account(market)).token)
     assert (await claim(owner, last, f"RIGHT-CODE-{LIMIT}")).state == instance_pb2.Instance.STATE_CLAIMED
 
 
-async def _search(ep: Client, name: str) -> list[data_request_pb2.SearchInstancesResponse]:
+async def _search(ep: Session, name: str) -> list[data_request_pb2.SearchInstancesResponse]:
     request = data_request_pb2.SearchInstancesRequest(data_request=name, timeout=Duration(seconds=1))
     return [r async for r in ep.data_requests.SearchInstances(request, metadata=ep.metadata)]
 
 
-async def _data_request(ep: Client) -> str:
+async def _data_request(ep: Session) -> str:
     dr = await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(
             data_request=data_request_pb2.DataRequest(title="t", purpose="p", data_need=data_need())

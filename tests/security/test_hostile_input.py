@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
 from eddie_common.interceptors import bad_request, error_info
 from eddie_common.serving import MAX_MESSAGE_BYTES
-from tests.conftest import POSTGRES_URL, _postgres_execute, postgres_reachable
-from tests.security.background import LoopThread
-from tests.security.calls import RPCS, assert_acceptable, assert_error_info, invoke
-from tests.security.strategies import messages
-from tests.security.world import SECRET, World, build_world, data_need
+from tests.support.background import LoopThread
+from tests.support.calls import RPCS, assert_acceptable, assert_error_info, invoke
+from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
+from tests.support.strategies import messages
+from tests.support.world import SECRET, World, build_world, data_need
 
 # Huge strings are the point here; hypothesis warns when it has to print one.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -79,7 +79,7 @@ def _database(loop: LoopThread, kind: str) -> tuple[dict[str, Any], str | None]:
     if not postgres_reachable():
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
     schema = f"t_{secrets.token_hex(8)}"
-    loop.run(_postgres_execute(f"CREATE SCHEMA {schema}"))
+    loop.run(postgres_execute(f"CREATE SCHEMA {schema}"))
     return {"database_url": POSTGRES_URL, "database_schema": schema}, schema
 
 
@@ -100,7 +100,7 @@ def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         logging.getLogger().removeHandler(handler)
         loop.run(world.close())
         if schema:
-            loop.run(_postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            loop.run(postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         loop.close()
         _print_outcomes(request.param)
 

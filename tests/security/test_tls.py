@@ -21,15 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session
 from eddie_common.serving import TlsFiles
 from eddie_sink.config import SinkConfig
 from eddie_sink.server import create_server as create_sink
 from marketplace_server.config import Config
 from marketplace_server.server import create_server
-from tests.conftest import Client, RunningMarketplace, test_config
-from tests.e2e.fleet import RunningAiida, claim, start_aiida, wait_connected
-from tests.security.certs import CertificateAuthority, KeyPair
-from tests.security.world import data_need
+from tests.support.certs import CertificateAuthority, KeyPair
+from tests.support.fleet import RunningAiida, claim, start_aiida, wait_connected
+from tests.support.marketplace import RunningMarketplace, test_config
+from tests.support.world import data_need
 
 PROFILE = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles" / "vienna-p1.toml"
 
@@ -125,8 +126,8 @@ async def test_a_marketplace_with_a_client_ca_requires_client_certificates(tmp_p
 class TlsScene:
     market: RunningMarketplace
     aiida: RunningAiida
-    customer: Client
-    ep: Client
+    customer: Session
+    ep: Session
 
 
 def _aiida_tls(pki: Pki) -> dict[str, Any]:
@@ -158,7 +159,7 @@ async def scene(tmp_path: Path, pki: Pki) -> AsyncIterator[TlsScene]:
     await stop(market)
 
 
-async def _search(ep: Client) -> tuple[str, list[str]]:
+async def _search(ep: Session) -> tuple[str, list[str]]:
     request = data_request_pb2.CreateDataRequestRequest(
         data_request=data_request_pb2.DataRequest(title="TLS study", purpose="p", data_need=data_need())
     )

@@ -26,15 +26,16 @@ from aiida_stub.server import AiidaApp
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie.marketplace.v1 import access_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session
 from eddie_common import tokens
 from eddie_sink.config import SinkConfig
 from eddie_sink.server import SinkApp
 from eddie_sink.server import create_server as create_sink
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.e2e.fleet import start_aiida
-from tests.marketplace.aiida_double import AiidaDouble
-from tests.marketplace.aiida_double import start_aiida as start_double
-from tests.security.world import SECRET, data_need
+from tests.support.aiida_double import AiidaDouble
+from tests.support.aiida_double import start_aiida as start_double
+from tests.support.fleet import start_aiida
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.world import SECRET, data_need
 
 PROFILE = Path(__file__).resolve().parents[2] / "aiida_stub" / "profiles" / "vienna-p1.toml"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -63,7 +64,7 @@ class Programs:
     aiida_id: str
     sink: SinkApp
     sink_port: int
-    customer: Client
+    customer: Session
 
     @property
     def ports(self) -> dict[str, int]:
@@ -181,7 +182,7 @@ INSTANCES = 24  # events per round, below the subscriber queue (a reading stream
 QUEUE = 40  # the event hub's per-stream queue for this test (1,000 in production)
 
 
-async def _claim_many(market: RunningMarketplace, owner: Client, ids: list[str], address: str) -> None:
+async def _claim_many(market: RunningMarketplace, owner: Session, ids: list[str], address: str) -> None:
     for instance_id in ids:
         await market.client().instances.RegisterInstance(
             instance_pb2.RegisterInstanceRequest(
@@ -198,7 +199,7 @@ async def _claim_many(market: RunningMarketplace, owner: Client, ids: list[str],
             await asyncio.sleep(0.01)
 
 
-async def _searched_data_request(ep: Client) -> str:
+async def _searched_data_request(ep: Session) -> str:
     dr = await ep.data_requests.CreateDataRequest(
         data_request_pb2.CreateDataRequestRequest(
             data_request=data_request_pb2.DataRequest(
@@ -246,7 +247,7 @@ async def test_streams_that_are_never_read_do_not_hold_up_other_clients(tmp_path
         await _claim_many(market, slow_customer, ids, double.address)
         await _claim_many(market, other_customer, ["other-1"], double.address)
         # The abusers share one channel with a tiny flow-control window and never read.
-        slow_c, slow_ep = Client(stalled, slow_customer.token), Client(stalled, ep.token)
+        slow_c, slow_ep = Session(stalled, slow_customer.token), Session(stalled, ep.token)
         never_read = [
             slow_c.consent.Connect(metadata=slow_c.metadata),
             slow_ep.access.WatchPermissions(access_pb2.WatchPermissionsRequest(), metadata=slow_ep.metadata),

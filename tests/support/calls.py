@@ -11,8 +11,8 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session
 from eddie_common.interceptors import error_info
-from tests.conftest import Client
 
 SERVICES: list[tuple[ServiceDescriptor, str]] = [
     (identity_pb2.DESCRIPTOR.services_by_name["IdentityService"], "identity"),
@@ -21,7 +21,7 @@ SERVICES: list[tuple[ServiceDescriptor, str]] = [
     (access_pb2.DESCRIPTOR.services_by_name["AccessService"], "access"),
     (consent_pb2.DESCRIPTOR.services_by_name["ConsentService"], "consent"),
 ]
-# Every marketplace RPC with the Client attribute holding its stub (the generated one).
+# Every marketplace RPC with the Session attribute holding its stub.
 RPCS: list[tuple[MethodDescriptor, str]] = [(m, attr) for service, attr in SERVICES for m in service.methods]
 FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 CALL_TIMEOUT = 20.0
@@ -65,7 +65,7 @@ async def _write_all(call: Any, requests: list[Message]) -> None:
 
 
 async def invoke(
-    client: Client, method: MethodDescriptor, attr: str, requests: list[Message], metadata: Any
+    client: Session, method: MethodDescriptor, attr: str, requests: list[Message], metadata: Any
 ) -> Outcome:
     """Calls `method` through the generated stub with `requests` (one unless client-streaming)."""
     stub = getattr(getattr(client, attr), method.name)

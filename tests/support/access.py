@@ -15,8 +15,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.marketplace.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from eddie_client.client import Session
+from tests.support.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 Permission = access_pb2.Permission
 SINK_URI = "grpc://127.0.0.1:50099"
@@ -62,15 +63,15 @@ class Scene:
 
     market: RunningMarketplace
     aiida: RunningAiida
-    ep: Client
+    ep: Session
     data_request: data_request_pb2.DataRequest
-    customers: dict[str, Client] = field(default_factory=dict)  # instance id -> owner
+    customers: dict[str, Session] = field(default_factory=dict)  # instance id -> owner
 
     @property
     def double(self) -> AiidaDouble:
         return self.aiida.double
 
-    async def add_instance(self, customer: Client | None = None, matched: bool = True) -> str:
+    async def add_instance(self, customer: Session | None = None, matched: bool = True) -> str:
         instance_id = f"aiida-{next(_ids)}"
         code = f"CODE-{instance_id}"
         self.double.matches[instance_id] = matched
@@ -109,7 +110,7 @@ class Scene:
         return matched
 
     async def request_access(
-        self, *instance_ids: str, request_id: str = "", ep: Client | None = None
+        self, *instance_ids: str, request_id: str = "", ep: Session | None = None
     ) -> list[Any]:
         caller = ep or self.ep
         response = await caller.access.RequestAccess(
@@ -147,7 +148,7 @@ class Scene:
             metadata=customer.metadata,
         )
 
-    async def get(self, permission: Any, client: Client | None = None) -> Any:
+    async def get(self, permission: Any, client: Session | None = None) -> Any:
         caller = client or self.ep
         return await caller.access.GetPermission(
             access_pb2.GetPermissionRequest(name=permission.name), metadata=caller.metadata

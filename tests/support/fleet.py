@@ -14,8 +14,9 @@ import grpc
 from aiida_stub.config import Config as AiidaConfig
 from aiida_stub.server import AiidaApp, create_server
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
-from eddie.marketplace.v1 import instance_pb2
-from tests.conftest import Client, RunningMarketplace
+from eddie.marketplace.v1 import data_request_pb2, instance_pb2
+from eddie_client.client import Session, data_need, duration
+from tests.support.marketplace import RunningMarketplace
 
 
 @dataclass
@@ -48,7 +49,7 @@ async def start_aiida(
     return RunningAiida(app, bound, instance_id, config.pairing_code, config)
 
 
-async def claim(owner: Client, aiida: RunningAiida) -> instance_pb2.Instance:
+async def claim(owner: Session, aiida: RunningAiida) -> instance_pb2.Instance:
     return await owner.instances.ClaimInstance(
         instance_pb2.ClaimInstanceRequest(instance_id=aiida.instance_id, pairing_code=aiida.pairing_code),
         metadata=owner.metadata,
@@ -56,7 +57,7 @@ async def claim(owner: Client, aiida: RunningAiida) -> instance_pb2.Instance:
 
 
 async def wait_connected(
-    owner: Client, instance_id: str, connected: bool = True, timeout: float = 10.0
+    owner: Session, instance_id: str, connected: bool = True, timeout: float = 10.0
 ) -> float:
     """Polls GetInstance until `connected` has the wanted value; returns the seconds it took."""
     start = time.monotonic()
@@ -98,7 +99,7 @@ class ScriptedAiida(aiida_pb2_grpc.AiidaServiceServicer):
 
 
 async def start_scripted(
-    marketplace: RunningMarketplace, owner: Client, instance_id: str, servicer: ScriptedAiida
+    marketplace: RunningMarketplace, owner: Session, instance_id: str, servicer: ScriptedAiida
 ) -> grpc.aio.Server:
     server = grpc.aio.server()
     aiida_pb2_grpc.add_AiidaServiceServicer_to_server(servicer, server)
@@ -118,3 +119,43 @@ async def start_scripted(
     )
     await wait_connected(owner, instance_id)
     return server
+
+
+async def create_data_request(ep: Session, **need: object) -> data_request_pb2.DataRequest:
+    """A data request of `ep` for the need `need` (data_need's plain values) on top of a broad default."""
+    values = dict(
+        energy_type="ELECTRICITY",
+        tags=["1-0:1.8.0"],
+        min_granularity=1,
+        max_granularity=900,
+        history=0,
+        duration_s=86400.0,
+        regions=[],
+    )
+    values.update(need)
+    return await ep.data_requests.CreateDataRequest(
+        data_request_pb2.CreateDataRequestRequest(
+            data_request=data_request_pb2.DataRequest(
+                title="Study", purpose="Research", data_need=data_need(**values)
+            )
+        ),  # type: ignore[arg-type]
+        metadata=ep.metadata,
+    )
+
+
+async def search(
+    ep: Session, name: str, timeout: float = 3.0
+) -> tuple[list[str], data_request_pb2.SearchSummary]:
+    """Runs a search of data request `name`: the matches in arrival order, and the one summary."""
+    matches, summary = [], None
+    async for response in ep.data_requests.SearchInstances(
+        data_request_pb2.SearchInstancesRequest(data_request=name, timeout=duration(timeout)),
+        metadata=ep.metadata,
+    ):
+        if response.HasField("matches"):
+            matches.extend(response.matches.instance_ids)
+        else:
+            assert summary is None, "more than one summary"
+            summary = response.summary
+    assert summary is not None, "no summary"
+    return matches, summary

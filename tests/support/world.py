@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, identity_pb2, instance_pb2
+from eddie_client.client import Session
 from eddie_common import tokens
-from tests.conftest import Client, RunningMarketplace, start_marketplace, test_config
-from tests.marketplace.aiida_double import AiidaDouble, RunningAiida, start_aiida
-from tests.security.strategies import Hints
+from tests.support.aiida_double import AiidaDouble, RunningAiida, start_aiida
+from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
+from tests.support.strategies import Hints
 
 PASSWORD = "correct horse battery staple"
 SECRET = "s" * 40
@@ -49,10 +50,10 @@ def world_config(tmp: Path, **overrides: Any) -> Any:
 class World:
     market: RunningMarketplace
     aiida: RunningAiida
-    customer: Client
-    ep: Client
-    other_customer: Client
-    other_ep: Client
+    customer: Session
+    ep: Session
+    other_customer: Session
+    other_ep: Session
     pools: dict[str, list[str]] = field(default_factory=dict)
     forged_tokens: list[str] = field(default_factory=list)
 
@@ -148,7 +149,7 @@ def data_need() -> energy_pb2.DataNeed:
     )
 
 
-async def _register_and_claim(world: World, instance_id: str, owner: Client | None) -> None:
+async def register_and_claim(world: World, instance_id: str, owner: Session | None) -> None:
     code = f"CODE-{instance_id}"
     await world.market.client().instances.RegisterInstance(
         instance_pb2.RegisterInstanceRequest(
@@ -278,8 +279,8 @@ async def build_world(tmp: Path, **overrides: Any) -> World:
     world.pools["account"] = [c.account.name for c in clients]  # type: ignore[union-attr]
     world.pools["email"] = [c.account.email for c in clients]  # type: ignore[union-attr]
     world.pools["refresh_token"] = [world.other_customer.refresh_token, "rt_" + "x" * 43]
-    await _register_and_claim(world, "fuzz-claimed-1", world.customer)
-    await _register_and_claim(world, "fuzz-unclaimed-1", None)
+    await register_and_claim(world, "fuzz-claimed-1", world.customer)
+    await register_and_claim(world, "fuzz-unclaimed-1", None)
     await _data_request_with_permission(world, approve=None)
     await _data_request_with_permission(world, approve=True)
     world.pools["page_token"] = await _page_tokens(world)

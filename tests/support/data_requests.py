@@ -12,8 +12,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
-from tests import conftest
-from tests.conftest import Client, RunningMarketplace
+from eddie_client.client import Session
+from tests.support import marketplace
+from tests.support.marketplace import RunningMarketplace
 
 DataRequest = data_request_pb2.DataRequest
 ELECTRICITY = energy_pb2.ENERGY_TYPE_ELECTRICITY
@@ -28,7 +29,7 @@ DAY = 86_400
 @contextlib.asynccontextmanager
 async def serving(tmp: Path) -> AsyncIterator[RunningMarketplace]:
     """A marketplace on SQLite in `tmp`, for module-scoped fixtures (tests that share one server)."""
-    running = await conftest.start_marketplace(conftest.test_config(tmp))
+    running = await marketplace.start_marketplace(marketplace.test_config(tmp))
     try:
         yield running
     finally:
@@ -70,17 +71,17 @@ def create(dr: data_request_pb2.DataRequest | None = None, request_id: str = "")
 
 
 async def create_as(
-    client: Client, dr: data_request_pb2.DataRequest | None = None, request_id: str = ""
+    client: Session, dr: data_request_pb2.DataRequest | None = None, request_id: str = ""
 ) -> Any:
     return await client.data_requests.CreateDataRequest(create(dr, request_id), metadata=client.metadata)
 
 
-async def list_as(client: Client, **fields: Any) -> data_request_pb2.ListDataRequestsResponse:
+async def list_as(client: Session, **fields: Any) -> data_request_pb2.ListDataRequestsResponse:
     request = data_request_pb2.ListDataRequestsRequest(**fields)
     return await client.data_requests.ListDataRequests(request, metadata=client.metadata)
 
 
-async def all_pages(client: Client, page_size: int, **filters: Any) -> list[list[str]]:
+async def all_pages(client: Session, page_size: int, **filters: Any) -> list[list[str]]:
     """Every page's titles, following next_page_token to the end."""
     pages: list[list[str]] = []
     token = ""
@@ -138,7 +139,7 @@ SEEDS = [
 class Catalogue:
     """The seeded marketplace: clients by owner key, seeds by title, account names by key."""
 
-    clients: dict[str, Client]
+    clients: dict[str, Session]
     names: dict[str, str] = field(default_factory=dict)  # title -> dataRequests/{id}
 
     def owner_name(self, key: str) -> str:
