@@ -80,10 +80,12 @@ async def client(target: str, n: int, searches: int) -> dict[str, Any]:
     gc.freeze()
     rss_per_stream = (proc.memory_info().rss - rss_before) / n
     samples = []
+    cpu_before = sum(proc.cpu_times()[:2])
     for _ in range(searches):
         t = time.perf_counter()
         await asyncio.gather(*(_round_trip(c) for c in calls))
         samples.append(time.perf_counter() - t)
+    cpu_per_search = (sum(proc.cpu_times()[:2]) - cpu_before) / searches
     for c in calls:
         c.cancel()
     await channel.close()
@@ -93,6 +95,7 @@ async def client(target: str, n: int, searches: int) -> dict[str, Any]:
         "p50_ms": statistics.median(samples) * 1000,
         "p95_ms": _p95(samples) * 1000,
         "rss_per_stream_kib": rss_per_stream / 1024,
+        "cpu_us_per_instance": cpu_per_search / n * 1e6,
         "pid": os.getpid(),
     }
 

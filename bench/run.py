@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -18,10 +19,15 @@ from typing import Any
 from bench import search
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SEARCH_LABELS = {
+    "broad_50": "broad search 50 %",
+    "broad_80": "broad search 80 %",
+    "selective": "selective 20 %",
+}
 
 
 def _row(label: str, *cells: str) -> str:
-    return f"{label:<44}" + "".join(f"{c:>14}" for c in cells)
+    return f"{label:<44}" + "".join(f"{c:>16}" for c in cells)
 
 
 def print_search_table(rows: list[dict[str, Any]]) -> None:
@@ -32,26 +38,35 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
             "floor p50 / p95 ms", *(f"{r['floor']['p50_ms']:.0f} / {r['floor']['p95_ms']:.0f}" for r in rows)
         )
     )
-    print(
-        _row(
-            "broad search p50 / p95 ms",
-            *(f"{r['search']['p50_ms']:.0f} / {r['search']['p95_ms']:.0f}" for r in rows),
+    for key, label in SEARCH_LABELS.items():
+        print(
+            _row(
+                f"{label} p50 / p95 ms",
+                *(f"{r['search'][key]['p50_ms']:.0f} / {r['search'][key]['p95_ms']:.0f}" for r in rows),
+            )
         )
-    )
-    print(_row("  matches streamed per search", *(f"{r['search']['matched']:,}" for r in rows)))
-    print(_row("ratio search/floor (p50)", *(f"{r['ratio_p50']:.2f}" for r in rows)))
-    print(
-        _row(
-            "selective search p50 / p95 ms",
-            *(
-                f"{r['search']['selective']['p50_ms']:.0f} / {r['search']['selective']['p95_ms']:.0f}"
-                for r in rows
-            ),
+        print(_row("  ratio to the floor (p50)", *(f"{r['ratios'][key]:.2f}" for r in rows)))
+        print(
+            _row(
+                "  matched / `matches` messages per search",
+                *(f"{r['search'][key]['matched']:,} / {r['search'][key]['messages_p50']:.0f}" for r in rows),
+            )
         )
+        print(
+            _row(
+                "  marketplace CPU us per instance",
+                *(f"{r['search'][key]['cpu_us_per_instance']:.0f}" for r in rows),
+            )
+        )
+        print(
+            _row(
+                "  fleet (all N AIIDAs) CPU us per instance",
+                *(f"{r['search'][key]['fleet_cpu_us_per_instance']:.0f}" for r in rows),
+            )
+        )
+    print(
+        _row("floor client CPU us per instance", *(f"{r['floor']['cpu_us_per_instance']:.0f}" for r in rows))
     )
-    print(_row("  matches streamed per search", *(f"{r['search']['selective']['matched']:,}" for r in rows)))
-    print(_row("ratio selective/floor (p50)", *(f"{r['ratio_selective_p50']:.2f}" for r in rows)))
-    print(_row("marketplace CPU ms per search", *(f"{r['search']['cpu_ms_per_search']:.0f}" for r in rows)))
     print(
         _row("floor client KiB per idle stream", *(f"{r['floor']['rss_per_stream_kib']:.1f}" for r in rows))
     )
@@ -62,13 +77,20 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
         )
     )
     print(_row("ratio memory", *(f"{r['ratio_memory']:.2f}" for r in rows)))
-    print(_row("claim all N s", *(f"{r['search']['claim_s']:.1f}" for r in rows)))
+    print(_row("floor: open all N streams s", *(f"{r['floor']['open_s']:.1f}" for r in rows)))
     print(
         _row(
             "restart -> search reaches all s",
             *(f"{r['search']['restart_to_full_reach_s']:.1f}" for r in rows),
         )
     )
+    print(
+        _row(
+            "  of which marketplace start-up s",
+            *(f"{r['search']['restart_to_listening_s']:.1f}" for r in rows),
+        )
+    )
+    print(_row("claims per second", *(f"{r['search']['claims_per_s']:.0f}" for r in rows)))
 
 
 def main() -> None:
@@ -84,6 +106,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "search": [],
@@ -100,8 +124,7 @@ def main() -> None:
                     "n": n,
                     "floor": floor,
                     "search": product,
-                    "ratio_p50": product["p50_ms"] / floor["p50_ms"],
-                    "ratio_selective_p50": product["selective"]["p50_ms"] / floor["p50_ms"],
+                    "ratios": {key: product[key]["p50_ms"] / floor["p50_ms"] for key in SEARCH_LABELS},
                     "ratio_memory": product["rss_per_instance_kib"] / floor["rss_per_stream_kib"],
                 }
             )
@@ -111,6 +134,7 @@ def main() -> None:
 
             print("W6: approval -> first reading, revocation -> last reading ...", flush=True)
             report["access"] = access.run(work)
+    report["load_after"] = os.getloadavg()
     print_search_table(report["search"])
     if "access" in report:
         a = report["access"]
@@ -123,9 +147,11 @@ def main() -> None:
             )
         )
         print(_row("W6 revocation -> last reading", f"max {a['revocation_to_last_reading_max_ms']:.0f} ms"))
+    load = ", ".join(f"{x:.1f}" for x in report["load_before"])
+    print(f"\nload average before the run: {load} ({report['cpus']} CPUs)")
     out = RESULTS / "bench.json"
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten {out}")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

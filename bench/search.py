@@ -12,10 +12,31 @@ from typing import Any
 import psutil
 
 from bench.floor import _p95
+from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import ROLE_CUSTOMER, ROLE_ELIGIBLE_PARTY, MarketplaceClient, Session, data_need, procs
+from eddie_client.client import duration
 
 PASSWORD = "benchmark passphrase 2026"
 PROFILES = Path(__file__).resolve().parent.parent / "aiida_stub" / "profiles"
+# The fleet deals these ten households round robin, so the searches below match fixed shares:
+# electricity anywhere 80 %, electricity in Austria 50 %, hydrogen 20 %.
+FLEET_MIX = [
+    *["vienna-p1"] * 3,
+    *["graz-gas"] * 2,
+    *["berlin-flat"] * 2,
+    "germany-heatpump",
+    *["hydrogen-pilot"] * 2,
+]
+BROAD_80 = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400)
+BROAD_50 = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400, regions=["AT"])
+SELECTIVE = data_need("HYDROGEN", ["7-0:3.0.0"], 3600, 3600, 0, 86400)
+SEARCHES = {"broad_50": (BROAD_50, 0.5), "broad_80": (BROAD_80, 0.8), "selective": (SELECTIVE, 0.2)}
+
+
+def fleet_profiles() -> tuple[Path, list[str]]:
+    """The first profile, and `--profile` flags for the rest of the mix (in order)."""
+    paths = [PROFILES / f"{name}.toml" for name in FLEET_MIX]
+    return paths[0], [arg for path in paths[1:] for arg in ("--profile", str(path))]
 
 
 def floor(n: int, searches: int, work: Path) -> dict[str, Any]:
@@ -87,77 +108,101 @@ async def _wait_connected(ep: Session, need: Any, n: int, timeout: float) -> flo
 
 
 async def _product_searches(
-    address: str, fleet_csv: Path, n: int, searches: int, mp_pid: int
+    address: str, fleet_csv: Path, n: int, searches: int, mp_pid: int, fleet_pid: int
 ) -> tuple[dict[str, Any], Session]:
     mp_proc = psutil.Process(mp_pid)
+    fleet_proc = psutil.Process(fleet_pid)
     async with MarketplaceClient(address) as mp:
         ep = await mp.sign_up(ROLE_ELIGIBLE_PARTY, "bench-ep@bench.example", PASSWORD, "Bench EP")
         rss_before = mp_proc.memory_info().rss
         t0 = time.perf_counter()
         await _claim_all(mp, fleet_csv, n)
         claim_s = time.perf_counter() - t0
-        need = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400)
-        connect_s = await _wait_connected(ep, need, n, timeout=300)
-        await asyncio.sleep(1.0)
+        connect_s = await _wait_connected(ep, BROAD_80, n, timeout=300)
+        await asyncio.sleep(4.0)  # past the heap freezer's quiet period, as in steady operation
         rss_per_instance = (mp_proc.memory_info().rss - rss_before) / n
-        cpu_before = sum(mp_proc.cpu_times()[:2])
-        broad = await _timed_searches(ep, "Load profiles for a study", need, n, searches)
-        cpu_per_search = (sum(mp_proc.cpu_times()[:2]) - cpu_before) / searches
-        # A selective need: only the hydrogen households (about a fifth of the seeded mix) match.
-        selective = await _timed_searches(
-            ep,
-            "Hydrogen pilot households",
-            data_need("HYDROGEN", ["7-0:3.0.0"], 3600, 3600, 0, 86400),
-            n,
-            searches,
-        )
-        return {
+        result: dict[str, Any] = {
             "n": n,
             "claim_s": claim_s,
+            "claims_per_s": n / claim_s,
             "all_connected_s": connect_s,
-            "p50_ms": broad["p50_ms"],
-            "p95_ms": broad["p95_ms"],
-            "server_elapsed_p50_ms": broad["server_elapsed_p50_ms"],
-            "matched": broad["matched"],
-            "selective": selective,
-            "cpu_ms_per_search": cpu_per_search * 1000,
             "rss_per_instance_kib": rss_per_instance / 1024,
-        }, ep
+        }
+        for label, (need, share) in SEARCHES.items():
+            result[label] = await _timed_searches(ep, label, need, n, searches, mp_proc, fleet_proc)
+            expected = round(n * share)
+            assert result[label]["matched"] == expected, (label, result[label]["matched"], expected)
+        return result, ep
 
 
-async def _timed_searches(ep: Session, title: str, need: Any, n: int, searches: int) -> dict[str, Any]:
-    """p50/p95 of call -> summary over `searches` searches of one data request (after a warm-up)."""
+async def _counted_search(ep: Session, name: str) -> tuple[int, int, data_request_pb2.SearchSummary]:
+    """One search; returns the matched ids, the `matches` messages it took, and the summary."""
+    request = data_request_pb2.SearchInstancesRequest(data_request=name, timeout=duration(30))
+    ids: set[str] = set()
+    messages = 0
+    summary = data_request_pb2.SearchSummary()
+    async for response in ep.data_requests.SearchInstances(request, metadata=ep.metadata):
+        if response.HasField("matches"):
+            messages += 1
+            ids.update(response.matches.instance_ids)
+        else:
+            summary = response.summary
+    assert len(ids) == summary.matched, "an id streamed twice or missing"
+    return len(ids), messages, summary
+
+
+async def _timed_searches(
+    ep: Session,
+    title: str,
+    need: Any,
+    n: int,
+    searches: int,
+    mp_proc: psutil.Process,
+    fleet_proc: psutil.Process,
+) -> dict[str, Any]:
+    """p50/p95 of call -> summary over `searches` searches of one data request (after a warm-up),
+    the marketplace's CPU per instance per search, and the `matches` messages per search."""
     request = await ep.create_data_request(title, "benchmark", need)
-    await ep.search(request.name, timeout=30)
-    samples, server_elapsed, matched = [], [], 0
+    await _counted_search(ep, request.name)
+    samples, server_elapsed, messages, matched = [], [], [], 0
+    cpu_before = sum(mp_proc.cpu_times()[:2])
+    fleet_before = sum(fleet_proc.cpu_times()[:2])
     for _ in range(searches):
         t = time.perf_counter()
-        matches, summary = await ep.search(request.name, timeout=30)
+        matched, sent, summary = await _counted_search(ep, request.name)
         samples.append(time.perf_counter() - t)
         server_elapsed.append(summary.elapsed.ToTimedelta().total_seconds())
+        messages.append(sent)
         assert summary.queried == n and summary.matched + summary.not_matched == n, summary
-        matched = len(matches)
+    cpu = (sum(mp_proc.cpu_times()[:2]) - cpu_before) / searches
+    fleet_cpu = (sum(fleet_proc.cpu_times()[:2]) - fleet_before) / searches
     return {
         "p50_ms": statistics.median(samples) * 1000,
         "p95_ms": _p95(samples) * 1000,
         "server_elapsed_p50_ms": statistics.median(server_elapsed) * 1000,
         "matched": matched,
+        "messages_p50": statistics.median(messages),
+        "cpu_ms_per_search": cpu * 1000,
+        "cpu_us_per_instance": cpu / n * 1e6,
+        "fleet_cpu_us_per_instance": fleet_cpu / n * 1e6,
     }
 
 
 async def _restart_to_full_reach(
     data_dir: Path, work: Path, n: int, old: procs.Proc
-) -> tuple[float, procs.Proc]:
+) -> tuple[float, float, procs.Proc]:
+    """Seconds from starting a new marketplace to a search reaching all n, and to its
+    `listening` line (the process start-up: imports, migrations, loading the instances)."""
     old.stop()
     t0 = time.perf_counter()
     mp = procs.start_marketplace(
         data_dir, work, "--search-rate", "100000", "--log-level", "warning", name="marketplace-restarted"
     )
+    listening = time.perf_counter() - t0
     async with MarketplaceClient(mp.address) as client:
         ep = await client.log_in("bench-ep@bench.example", PASSWORD)
-        need = data_need("ELECTRICITY", ["1-0:1.8.0"], 60, 900, 0, 86400)
-        await _wait_connected(ep, need, n, timeout=300)
-    return time.perf_counter() - t0, mp
+        await _wait_connected(ep, BROAD_80, n, timeout=300)
+    return time.perf_counter() - t0, listening, mp
 
 
 def product(n: int, searches: int, work: Path) -> dict[str, Any]:
@@ -168,12 +213,14 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
     )
     fleet = None
     try:
+        first_profile, more_profiles = fleet_profiles()
         fleet = procs.start_aiida(
             mp.address,
             fleet_dir,
-            PROFILES,
+            first_profile,
             work,
             *("--fleet", str(n), "--id-prefix", f"bench{n}", "--log-level", "warning"),
+            *more_profiles,
             name="fleet",
             timeout=600,
         )
@@ -181,9 +228,12 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
         deadline = time.monotonic() + 600
         while not fleet_csv.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        result, _ = asyncio.run(_product_searches(mp.address, fleet_csv, n, searches, mp.popen.pid))
-        restart_s, mp = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
+        result, _ = asyncio.run(
+            _product_searches(mp.address, fleet_csv, n, searches, mp.popen.pid, fleet.popen.pid)
+        )
+        restart_s, listening_s, mp = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
         result["restart_to_full_reach_s"] = restart_s
+        result["restart_to_listening_s"] = listening_s
         return result
     finally:
         if fleet is not None:

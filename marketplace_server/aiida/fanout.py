@@ -1,14 +1,20 @@
-"""Fan-out of one search query over the instances' Connect streams, and its tally."""
+"""The tally of one search: counts the answers and hands matched ids out in batches.
+
+A reply costs a set removal, a counter and, for a match, one list append; the
+streaming side is woken through one future only while it is actually waiting.
+No queue, task or timer per instance.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 
 @dataclass
 class SearchTally:
-    """Counts the answers of one search as they arrive; matches are queued for streaming."""
+    """Counts the answers of one search as they arrive; matched ids are streamed in batches."""
 
     query_id: str
     asked: set[str] = field(default_factory=set)
@@ -16,32 +22,39 @@ class SearchTally:
     matched: int = 0
     not_matched: int = 0
     unreachable: int = 0
-    matches: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     matched_ids: list[str] = field(default_factory=list)
     closed: bool = False
+    _expired: bool = False
+    _sent: int = 0
+    _waiter: asyncio.Future[None] | None = None
 
     @property
     def pending(self) -> int:
         return len(self.asked)
 
-    def _settle(self) -> None:
-        if not self.asked and not self.closed:
-            self.closed = True
-            self.matches.put_nowait(None)
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def on_reply(self, instance_id: str, matched: bool) -> None:
-        """Records one answer; a second answer or one not asked for is dropped."""
-        if self.closed or instance_id not in self.asked:
-            return
-        self.asked.discard(instance_id)
+    def on_reply(self, instance_id: str, matched: bool) -> bool:
+        """Records one answer; False (and nothing recorded) for a second answer or one not asked for."""
+        asked = self.asked
+        if instance_id not in asked or self.closed:
+            return False
+        asked.remove(instance_id)
         if matched:
             self.matched += 1
             self.matched_ids.append(instance_id)
-            self.matches.put_nowait(instance_id)
+            self._wake()
         else:
             self.not_matched += 1
-        if not self.asked:
-            self._settle()
+        if not asked:
+            self.closed = True
+            self._wake()
+        return True
 
     def on_lost(self, instance_id: str) -> None:
         """The instance's stream broke (or its queue was full) before it answered."""
@@ -50,13 +63,46 @@ class SearchTally:
         self.asked.discard(instance_id)
         self.unreachable += 1
         if not self.asked:
-            self._settle()
+            self.closed = True
+            self._wake()
 
     def close(self) -> int:
         """Ends the search; returns how many asked instances timed out. Late replies are dropped."""
         timed_out = len(self.asked)
         self.asked.clear()
-        if not self.closed:
-            self.closed = True
-            self.matches.put_nowait(None)
+        self.closed = True
+        self._wake()
         return timed_out
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._wake()
+
+    def _take(self) -> list[str]:
+        batch = self.matched_ids[self._sent :]
+        self._sent = len(self.matched_ids)
+        return batch
+
+    async def batches(self, deadline: float) -> AsyncIterator[list[str]]:
+        """Yields the matched ids not yet handed out, until the search is over.
+
+        `deadline` is on the event loop's clock. The consumer resumes this generator once it
+        has written the previous batch; every id that arrived meanwhile is in the next one,
+        so the first match leaves at once and a broad search needs a handful of messages.
+        One timer for the whole search ends the stream at the deadline; the caller then
+        closes the tally (`close`), which counts who has not answered as timed out.
+        """
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(deadline, self._expire)
+        try:
+            while True:
+                if self._sent < len(self.matched_ids):
+                    yield self._take()
+                elif self.closed or self._expired:
+                    return
+                else:
+                    self._waiter = loop.create_future()
+                    await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None

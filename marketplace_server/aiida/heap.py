@@ -24,16 +24,29 @@ class HeapFreezer:
     def __init__(self, quiet_seconds: float = 3.0) -> None:
         self.quiet_seconds = quiet_seconds
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
         self.freezes = 0
 
     def changed(self) -> None:
-        """The set of long-lived objects changed; freeze once it has been quiet for a while."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.quiet_seconds, self._freeze)
+        """The set of long-lived objects changed; freeze once it has been quiet for a while.
+
+        Called once per stream coming up or going down (10,000 times in a few seconds after a
+        restart), so it only moves the due time; the one timer re-arms itself until it is due.
+        """
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + self.quiet_seconds
+        if self._timer is None:
+            self._timer = loop.call_at(self._due, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._due:
+            self._timer = loop.call_at(self._due, self._check)
+            return
+        self._timer = None
+        self._freeze()
 
     def _freeze(self) -> None:
-        self._timer = None
         started = time.perf_counter()
         gc.unfreeze()
         gc.collect()

@@ -1,19 +1,21 @@
 """One long-lived `AiidaService.Connect` stream to one instance, kept up with backoff.
 
 A link owns one long-lived task, the supervisor (connect, read, reconnect).
-Writes go through a small bounded per-link backlog drained by a short-lived
-writer that exists only while there is something to send, so a slow instance
-never blocks a search or another instance. Queries are written pre-serialized.
+Writes go through a small bounded per-link backlog, so a slow instance never
+blocks a search or another instance. Queries are written pre-serialized, and a
+write is driven without a task of its own: the fan-out starts it inline (grpc
+hands the message to its core at once) and the write's completion callback
+finishes it and starts the next queued one. A search thus costs no task, timer
+or event-loop round per instance on the way out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,12 +35,32 @@ MAX_UNSOLICITED_PER_MINUTE = 600
 _PING_PREFIX = aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=0))
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 class InstanceLink:
-    """The marketplace's stream to one AIIDA instance."""
+    """The marketplace's stream to one AIIDA instance.
+
+    Thousands live for hours, so a link is slotted and holds no object it does not need
+    while idle (an empty list for the backlog, a wake-up future only while backing off).
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_call",
+        "_flooded",
+        "_ping_seq",
+        "_stopped",
+        "_supervisor",
+        "_unsolicited",
+        "_unsolicited_window",
+        "_wake",
+        "_write_waits_on",
+        "_writing",
+        "address",
+        "connected",
+        "failed_attempts",
+        "instance_id",
+        "last_seen",
+        "manager",
+    )
 
     def __init__(self, manager: ConnectionManager, instance_id: str, address: str) -> None:
         self.manager = manager
@@ -46,17 +68,19 @@ class InstanceLink:
         self.address = address
         self.connected = False
         self.last_seen = 0.0
-        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog: list[bytes] = []
         self._call: Any = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        # The write in progress (a `call.write` coroutine) and the future it waits on.
+        self._writing: Coroutine[Any, Any, None] | None = None
+        self._write_waits_on: asyncio.Future[Any] | None = None
         self._ping_seq = 0
         self._unsolicited = 0
         self._unsolicited_window = 0.0
         self._stopped = False
         self._flooded = False
         self.failed_attempts = 0  # connections in a row that failed or were cut: the backoff's exponent
-        self._reconnect_now = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
 
     # --- lifecycle ---
 
@@ -65,39 +89,72 @@ class InstanceLink:
 
     async def stop(self) -> None:
         self._stopped = True
-        for task in (self._supervisor, self._writer):
-            if task is not None and not task.done():
+        self._abandon_writes()
+        task = self._supervisor
+        if task is not None:
+            if not task.done():
                 task.cancel()
-        for task in (self._supervisor, self._writer):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def readdress(self, address: str) -> None:
         """The instance re-registered (maybe elsewhere): reconnect now."""
         self.address = address
-        self._reconnect_now.set()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         if self._call is not None:
             self._call.cancel()
 
     # --- sending ---
 
     def send(self, payload: bytes) -> bool:
-        """Queues a pre-serialized ConnectRequest; False when offline or the queue is full."""
+        """Sends a pre-serialized ConnectRequest, or queues it behind the write in progress.
+
+        False when offline or the queue is full.
+        """
         if not self.connected or len(self._backlog) >= SEND_QUEUE_SIZE:
             return False
-        self._backlog.append(payload)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._drain(self._call))
+        if self._writing is None:
+            self._writing = self._call.write(payload)
+            self._advance_write(None)
+        else:
+            self._backlog.append(payload)
         return True
 
-    async def _drain(self, call: Any) -> None:
-        backlog = self._backlog
-        try:
-            while backlog:
-                await call.write(backlog.popleft())
-        except Exception:
-            backlog.clear()
+    def _advance_write(self, done: asyncio.Future[Any] | None) -> None:
+        """Runs the write in progress up to its next wait (what a task's step would do).
+
+        `done` is the future whose completion called us; a callback left over from a write
+        that was abandoned (the stream broke) finds another future pending and does nothing.
+        """
+        if done is not self._write_waits_on:
+            return
+        writing = self._writing
+        while writing is not None:
+            try:
+                waits_on = writing.send(None)
+            except StopIteration:  # written; start the next queued message, if any
+                writing = self._writing = self._call.write(self._backlog.pop(0)) if self._backlog else None
+                continue
+            except (Exception, asyncio.CancelledError):  # the stream broke; the reader reconnects
+                self._writing = self._write_waits_on = None
+                self._backlog.clear()
+                return
+            if waits_on is None:  # a bare yield: go again on the next loop iteration
+                self._write_waits_on = None
+                asyncio.get_running_loop().call_soon(self._advance_write, None)
+                return
+            waits_on._asyncio_future_blocking = False
+            self._write_waits_on = waits_on
+            waits_on.add_done_callback(self._advance_write)
+            return
+        self._write_waits_on = None
+
+    def _abandon_writes(self) -> None:
+        writing, self._writing, self._write_waits_on = self._writing, None, None
+        self._backlog.clear()
+        if writing is not None:
+            writing.close()
 
     # --- the connection loop ---
 
@@ -123,44 +180,44 @@ class InstanceLink:
             # backoff keeps growing instead of restarting from the shortest delay.
             self.failed_attempts = 0 if opened and not self._flooded else self.failed_attempts + 1
             self._flooded = False
-            delay = self.manager.reconnect_backoff.delay(self.failed_attempts + 1)
-            self._reconnect_now.clear()
+            await self._back_off(self.manager.reconnect_backoff.delay(self.failed_attempts + 1))
+
+    async def _back_off(self, delay: float) -> None:
+        """Waits `delay` seconds, or less if the instance re-registers meanwhile."""
+        self._wake = asyncio.get_running_loop().create_future()
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reconnect_now.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake
+        finally:
+            self._wake = None
 
     async def _run_once(self) -> bool:
-        channel = self.manager.channel_for(self.address)
+        connect = self.manager.connect_method_for(self.address)
         metadata = self.manager.stream_metadata(self.instance_id)
-        multi = channel.stream_stream(
-            CONNECT_METHOD,
-            request_serializer=_identity,
-            response_deserializer=aiida_pb2.ConnectResponse.FromString,
-        )
         async with self.manager.connect_slots:
-            call = multi(metadata=metadata, wait_for_ready=False)
+            call = connect(metadata=metadata, wait_for_ready=False)
             self._call = call
             self._ping_seq += 1
             await call.write(
                 aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString()
             )
-            first: Any = await asyncio.wait_for(call.read(), self.manager.connect_timeout)
+            async with asyncio.timeout(self.manager.connect_timeout):
+                first: Any = await call.read()
         if first is grpc.aio.EOF:
             return False
         self._backlog.clear()
         self.connected = True
         await self.manager.on_link_up(self)
         self._handle(first)
-        while True:
-            message: Any = await call.read()
-            if message is grpc.aio.EOF:
-                return True
-            self._handle(message)
+        read = call.read
+        handle = self._handle
+        while (message := await read()) is not grpc.aio.EOF:
+            handle(message)
+        return True
 
     async def _on_disconnected(self) -> None:
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-        self._writer = None
-        self._backlog.clear()
+        self._abandon_writes()
         if self._call is not None:
             self._call.cancel()
             self._call = None

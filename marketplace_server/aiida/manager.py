@@ -27,7 +27,7 @@ from eddie_common.retry import Backoff
 from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
 from marketplace_server.aiida.fanout import SearchTally
 from marketplace_server.aiida.heap import HeapFreezer
-from marketplace_server.aiida.link import InstanceLink
+from marketplace_server.aiida.link import CONNECT_METHOD, InstanceLink
 from marketplace_server.config import Config
 from marketplace_server.db.models import InstanceRow
 
@@ -62,6 +62,7 @@ class ConnectionManager:
         self.connect_slots = asyncio.Semaphore(256)
         self.links: dict[str, InstanceLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._connect_methods: dict[str, Any] = {}
         self._tallies: dict[str, SearchTally] = {}
         self._call_tokens: dict[str, tuple[float, str]] = {}
         self._seen: set[str] = set()
@@ -97,6 +98,7 @@ class ConnectionManager:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._connect_methods.clear()
 
     def ensure(self, instance_id: str, address: str) -> None:
         """Connects a newly claimed instance, or reconnects one that re-registered."""
@@ -138,6 +140,18 @@ class ConnectionManager:
                 channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
+
+    def connect_method_for(self, address: str) -> Any:
+        """`AiidaService.Connect` on the address's channel (one multi-callable per channel)."""
+        method = self._connect_methods.get(address)
+        if method is None:
+            method = self.channel_for(address).stream_stream(
+                CONNECT_METHOD,
+                request_serializer=_identity,
+                response_deserializer=aiida_pb2.ConnectResponse.FromString,
+            )
+            self._connect_methods[address] = method
+        return method
 
     def stream_metadata(self, instance_id: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._token(instance_id)}"), (INSTANCE_HEADER, instance_id))
@@ -194,10 +208,7 @@ class ConnectionManager:
 
     def on_match_reply(self, link: InstanceLink, query_id: str, matched: bool) -> bool:
         tally = self._tallies.get(query_id)
-        if tally is None or link.instance_id not in tally.asked:
-            return False
-        tally.on_reply(link.instance_id, matched)
-        return True
+        return tally is not None and tally.on_reply(link.instance_id, matched)
 
     def on_status(self, link: InstanceLink, status: aiida_pb2.DataAccessStatus) -> None:
         for listener in self.status_listeners:
@@ -250,6 +261,10 @@ class ConnectionManager:
                 if link.connected:
                     link.ping()
                     self._seen.add(link.instance_id)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

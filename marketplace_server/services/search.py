@@ -12,8 +12,9 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
@@ -40,6 +41,7 @@ _ID = r"[A-Za-z0-9_-]{1,64}"
 DATA_REQUEST_NAME = re.compile(rf"^dataRequests/({_ID})$")
 SEARCH_NAME = re.compile(rf"^dataRequests/({_ID})/searches/({_ID})$")
 STATE_CLOSED = data_request_pb2.DataRequest.STATE_CLOSED
+_MATCHES = cast(Table, SearchMatchRow.__table__)
 
 
 def parse_data_request_name(name: str, field: str = "data_request") -> str:
@@ -100,8 +102,9 @@ class SearchService:
         need = energy_pb2.DataNeed.FromString(row.data_need)
         tally = self.manager.begin_search(need)
         floor = MatchFloor(self.config.min_match_set)
+        deadline = asyncio.get_running_loop().time() + timeout - (time.perf_counter() - started)
         try:
-            async for batch in _matches_until(tally, started + timeout):
+            async for batch in tally.batches(deadline):
                 if released := floor.admit(batch):
                     yield data_request_pb2.SearchInstancesResponse(
                         matches=data_request_pb2.InstanceMatches(instance_ids=released)
@@ -155,8 +158,10 @@ class SearchService:
             )
             await session.flush()
             if tally.matched_ids and not summary.withheld:
+                # One executemany on the table (Core), not the ORM's bulk path: a broad search
+                # stores thousands of ids and the ORM spent more on them than the fan-out did.
                 await session.execute(
-                    insert(SearchMatchRow),
+                    insert(_MATCHES),
                     [
                         {"search_id": search_id, "instance_id": i, "data_request_id": data_request_id}
                         for i in tally.matched_ids
@@ -224,34 +229,6 @@ class MatchFloor:
 
     def withholds(self, matched: int) -> bool:
         return 0 < matched < self.minimum
-
-
-async def _matches_until(tally: SearchTally, deadline: float) -> AsyncIterator[list[str]]:
-    """Yields batches of matched instance ids until every instance answered or the deadline passed.
-
-    The generator resumes once the previous message has been written; every id that
-    arrived meanwhile goes into the next batch, so there is no timer per batch and a
-    broad search sends few large messages. One timer for the whole search puts the
-    end marker into the queue.
-    """
-    queue = tally.matches
-    loop = asyncio.get_running_loop()
-    timer = loop.call_later(max(0.0, deadline - time.perf_counter()), queue.put_nowait, None)
-    try:
-        while (first := await queue.get()) is not None:
-            batch = [first]
-            ended = False
-            while not queue.empty():
-                instance_id = queue.get_nowait()
-                if instance_id is None:
-                    ended = True
-                    break
-                batch.append(instance_id)
-            yield batch
-            if ended:
-                return
-    finally:
-        timer.cancel()
 
 
 __all__ = ["MatchFloor", "SearchService", "parse_data_request_name"]

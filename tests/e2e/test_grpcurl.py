@@ -58,6 +58,7 @@ async def test_readme_grpcurl_commands_work_against_a_live_server(marketplace: R
     assert out.count('"status": "SERVING"') == 2  # overall and per-service health
     assert '"displayName": "Ops"' in out  # CreateAccount, then GetCurrentAccount
     assert "ROLE_ELIGIBLE_PARTY" in out
+    assert '"summary": {' in out and '"search": "dataRequests/' in out  # the search ran to its summary
 
 
 async def test_describe_explains_each_rpc(marketplace: RunningMarketplace) -> None:

@@ -40,6 +40,8 @@ class AiidaDouble(aiida_pb2_grpc.AiidaServiceServicer):
     revokes: list[Call] = field(default_factory=list)
     streams: dict[str, asyncio.Queue[aiida_pb2.ConnectResponse]] = field(default_factory=dict)
     opened: dict[str, int] = field(default_factory=dict)
+    # An instance listed here answers a search query only once its event is set.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def _notify(self) -> None:
@@ -85,6 +87,8 @@ class AiidaDouble(aiida_pb2_grpc.AiidaServiceServicer):
                     aiida_pb2.ConnectResponse(pong=aiida_pb2.Pong(sequence=request.ping.sequence))
                 )
             elif request.HasField("search_query"):
+                if instance_id in self.gates:
+                    await self.gates[instance_id].wait()
                 reply = aiida_pb2.MatchReply(
                     query_id=request.search_query.query_id, matched=self.matches.get(instance_id, False)
                 )
