@@ -13,11 +13,11 @@ from eddie_common.cli import split_host_port
 from eddie_common.errors import Validator
 
 PERMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-SINK_SCHEMES = ("grpc://", "grpcs://")
+SINK_SCHEMES = ("grpc://", "grpcs://", "mqtt://", "mqtts://")
 
 
 def valid_sink_uri(uri: str) -> bool:
-    """`grpc://host:port` or `grpcs://host:port`."""
+    """`grpc://host:port` or `grpcs://host:port` (DataSinkService), `mqtt://` or `mqtts://` (MQTT broker)."""
     for scheme in SINK_SCHEMES:
         if uri.startswith(scheme):
             try:
@@ -42,7 +42,7 @@ def validate_data_access(access: aiida_pb2.DataAccess, has_access: bool) -> None
     v.check(
         valid_sink_uri(access.sink_uri),
         "data_access.sink_uri",
-        "expected grpc://host:port or grpcs://host:port",
+        "expected grpc://, grpcs://, mqtt:// or mqtts:// host:port",
     )
     v.check(bool(access.sink_token), "data_access.sink_token", "required")
     v.check(access.HasField("data_need"), "data_access.data_need", "required")

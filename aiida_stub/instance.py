@@ -18,6 +18,7 @@ from aiida_stub.accesses import PERMISSION_ID, stream_plan, validate_data_access
 from aiida_stub.auth import MarketplaceTrust
 from aiida_stub.matcher import find_source
 from aiida_stub.meter import meter_for
+from aiida_stub.mqtt import MqttAccessStreamer
 from aiida_stub.profile import Profile
 from aiida_stub.state import AccessRecord, InstanceRecord, StateStore, StateValue
 from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels
@@ -169,7 +170,8 @@ class AiidaInstance:
 
     def _start_streamer(self, access: AccessRecord) -> None:
         rt = self.runtime
-        streamer = AccessStreamer(
+        kind = MqttAccessStreamer if access.sink_uri.startswith(("mqtt://", "mqtts://")) else AccessStreamer
+        streamer = kind(
             access,
             stream_plan(self.profile, access, access.source_index),
             meter_for(self.profile.seed),

@@ -76,7 +76,7 @@ class SinkChannels:
     """One channel per sink address, shared by every access that streams there."""
 
     def __init__(self, sink_ca: bytes | None = None) -> None:
-        self._sink_ca = sink_ca
+        self.sink_ca = sink_ca  # also trusted for mqtts:// brokers
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, sink_uri: str) -> data_sink_pb2_grpc.DataSinkServiceAsyncStub:
@@ -84,7 +84,7 @@ class SinkChannels:
         if channel is None:
             scheme, _, target = sink_uri.partition("://")
             if scheme == "grpcs":
-                credentials = grpc.ssl_channel_credentials(root_certificates=self._sink_ca)
+                credentials = grpc.ssl_channel_credentials(root_certificates=self.sink_ca)
                 channel = grpc.aio.secure_channel(target, credentials)
             else:
                 channel = grpc.aio.insecure_channel(target)
@@ -97,7 +97,9 @@ class SinkChannels:
             await channel.close()
 
 
-class _SinkFailed(Exception):
+class SinkFailed(Exception):
+    """A delivery failed with the sink's (or the transport's) status code."""
+
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -131,7 +133,7 @@ class AccessStreamer:
         self.access = access
         self.plan = plan
         self._meter = meter
-        self._stub = channels.stub(access.sink_uri)
+        self._channels = channels
         self._clock = clock
         self._on_progress = on_progress
         self._on_finished = on_finished
@@ -172,7 +174,7 @@ class AccessStreamer:
     async def _run(self) -> None:
         try:
             state, reason = await self._stream()
-        except _Stopped:
+        except Stopped:
             return
         except Exception:
             log.exception("streamer_failed", extra={"permission": self.access.permission_id})
@@ -189,8 +191,8 @@ class AccessStreamer:
                 return State.STATE_FULFILLED, "the access's time window ended"
             try:
                 await self._deliver()
-            except _SinkFailed as failure:
-                self._call, self._written = None, 0
+            except SinkFailed as failure:
+                await self._reset_transport()
                 self._failures += 1
                 self._auth_failures = self._auth_failures + 1 if failure.code in _PERMANENT else 0
                 if self._auth_failures >= AUTH_FAILURES_ALLOWED:
@@ -209,6 +211,10 @@ class AccessStreamer:
                     retry_in=round(delay, 2),
                 )
                 await self._sleep(delay)
+
+    async def _reset_transport(self) -> None:
+        """Forgets the broken stream (the next delivery opens a new one)."""
+        self._call, self._written = None, 0
 
     async def _deliver(self) -> None:
         """Writes what is due, checkpoints when it is time, else waits for the next interval."""
@@ -274,13 +280,13 @@ class AccessStreamer:
         call = self._call
         if call is None:
             metadata = (("authorization", f"Bearer {self.access.sink_token}"),)
-            call = self._call = self._stub.Publish(metadata=metadata)
+            call = self._call = self._channels.stub(self.access.sink_uri).Publish(metadata=metadata)
             self._opened_at, self._written = time.monotonic(), 0
         pid = self.access.permission_id
         try:
             while self._written < len(self._backlog):
                 if self._stop.is_set():
-                    raise _Stopped
+                    raise Stopped
                 await call.write(_to_proto(pid, self._backlog[self._written]))
                 self._written += 1
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -302,6 +308,10 @@ class AccessStreamer:
         if last is not None:
             self.access.cursor_us = last.time_us
             self._on_progress()
+        self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        """Logs how many readings the full backlog dropped since the last acknowledgement."""
         if self._dropped:
             log_event(
                 log,
@@ -312,7 +322,7 @@ class AccessStreamer:
             )
             self._dropped = 0
 
-    async def _failure(self, call: grpc.aio.Call) -> _SinkFailed:
+    async def _failure(self, call: grpc.aio.Call) -> SinkFailed:
         """The sink's status. A write that raced the sink's own status reads INTERNAL until it lands."""
         try:
             code = await call.code()
@@ -324,7 +334,7 @@ class AccessStreamer:
             details = await call.details()
         except Exception:
             code, details = grpc.StatusCode.UNAVAILABLE, "stream broken"
-        return _SinkFailed(code, details or "")
+        return SinkFailed(code, details or "")
 
     def _past_end_grace(self) -> bool:
         if self._next_us < self.access.end_us:
@@ -335,13 +345,13 @@ class AccessStreamer:
         return time.time() > end_wall_s + END_GRACE_SECONDS
 
     async def _sleep(self, seconds: float) -> None:
-        """Sleeps, waking (and raising _Stopped) as soon as the streamer is stopped."""
+        """Sleeps, waking (and raising Stopped) as soon as the streamer is stopped."""
         if self._stop.is_set():
-            raise _Stopped
+            raise Stopped
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
         if self._stop.is_set():
-            raise _Stopped
+            raise Stopped
 
     async def _close_call(self) -> None:
         """Closes an open stream: a quick checkpoint for a clean end (and a current cursor), else cancel."""
@@ -350,9 +360,9 @@ class AccessStreamer:
             return
         try:
             await asyncio.wait_for(self._checkpoint(), CLOSE_TIMEOUT_SECONDS)
-        except (TimeoutError, _SinkFailed):
+        except (TimeoutError, SinkFailed):
             call.cancel()
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """The streamer was stopped (revocation or shutdown)."""

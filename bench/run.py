@@ -1,7 +1,10 @@
 """`make bench`: the search fan-out against the bare grpc.aio floor, and W6 latencies.
 
 Prints a table and writes bench/results/bench.json. Usage:
-    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access]
+    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access] [--sink-churn]
+
+`--sink-churn` adds the sink-under-churn soak (bench/sink_churn.py, issue 15.7);
+`--sizes '' --skip-access --sink-churn` runs only that.
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ def main() -> None:
     parser.add_argument(
         "--skip-access", action="store_true", help="skip the W6 approval/revocation latencies"
     )
+    parser.add_argument(
+        "--sink-churn", action="store_true", help="also run the sink soak: 1,000 reconnecting publish streams"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -129,13 +135,23 @@ def main() -> None:
                 }
             )
             print(json.dumps(report["search"][-1]), flush=True)
+        if args.sink_churn:
+            from bench import sink_churn
+
+            print("sink under churn: 1,000 reconnecting publish streams, EPs listing ...", flush=True)
+            report["sink_churn"] = sink_churn.run(work / "sink-churn")
         if not args.skip_access:
             from bench import access
 
             print("W6: approval -> first reading, revocation -> last reading ...", flush=True)
             report["access"] = access.run(work)
     report["load_after"] = os.getloadavg()
-    print_search_table(report["search"])
+    if report["search"]:
+        print_search_table(report["search"])
+    if "sink_churn" in report:
+        from bench import sink_churn
+
+        sink_churn.print_figures(report["sink_churn"])
     if "access" in report:
         a = report["access"]
         print()

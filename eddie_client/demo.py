@@ -2,7 +2,10 @@
 
 Starts a marketplace (SQLite), four AIIDAs with different household profiles
 and an EP data sink, then drives the six workflows through the generated stubs
-and narrates them. Exits non-zero if any step fails; stops everything it started.
+and narrates them. When Mosquitto answers on 127.0.0.1:1883 the sink also
+subscribes to it and one more permission is delivered over MQTT on EDDIE's AIIDA
+topics (otherwise the demo says it skipped that step). Exits non-zero if any
+step fails; stops everything it started.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiomqtt
 
 from eddie.marketplace.v1 import access_pb2, consent_pb2, data_request_pb2, instance_pb2
 from eddie_client import procs, receipts
@@ -27,6 +34,7 @@ from eddie_client.client import (
     data_need,
     list_readings,
 )
+from eddie_client.demo_cli import CommandLine
 
 PROFILES = Path(__file__).resolve().parent.parent / "aiida_stub" / "profiles"
 PASSWORD = "demo passphrase for the marketplace"
@@ -37,6 +45,7 @@ HOUSEHOLDS = [
     ("dana", "Dana (hydrogen pilot)", "hydrogen-pilot.toml"),
 ]
 STATE = access_pb2.Permission.State
+MQTT_BROKER = ("127.0.0.1", 1883)
 
 
 @dataclass
@@ -59,9 +68,18 @@ class Cast:
     marketplace: procs.Proc
     sink: procs.Proc
     aiidas: dict[str, tuple[procs.Proc, str, str]]  # who -> (process, instance id, pairing code)
+    mqtt_url: str | None = None  # the broker the sink subscribes to, if one answers
 
     def all(self) -> list[procs.Proc]:
         return [self.marketplace, self.sink, *(p for p, _, _ in self.aiidas.values())]
+
+
+def broker_answers(address: tuple[str, int] = MQTT_BROKER) -> bool:
+    try:
+        with socket.create_connection(address, timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def start_cast(work: Path, time_scale: float) -> Cast:
@@ -69,8 +87,12 @@ def start_cast(work: Path, time_scale: float) -> Cast:
     logs.mkdir(parents=True, exist_ok=True)
     mp = procs.start_marketplace(work / "marketplace", logs)
     started = [mp]
+    mqtt_url = "mqtt://{}:{}".format(*MQTT_BROKER) if broker_answers() else None
     try:
-        sink = procs.start_sink(mp.address, work / "sink", logs, "--jsonl", str(work / "readings.jsonl"))
+        flags = ["--jsonl", str(work / "readings.jsonl")]
+        if mqtt_url is not None:
+            flags += ["--mqtt-url", mqtt_url]
+        sink = procs.start_sink(mp.address, work / "sink", logs, *flags)
         started.append(sink)
         aiidas = {}
         for who, _, profile in HOUSEHOLDS:
@@ -85,7 +107,7 @@ def start_cast(work: Path, time_scale: float) -> Cast:
             started.append(p)
             code = p.wait_for(r"pairing code: (\S+)", 10).group(1)
             aiidas[who] = (p, f"aiida-{who}", code)
-        return Cast(mp, sink, aiidas)
+        return Cast(mp, sink, aiidas, mqtt_url)
     except BaseException:
         for p in started:
             p.stop()
@@ -143,23 +165,26 @@ async def publish(ep: Session, story: Story) -> data_request_pb2.DataRequest:
     return request
 
 
-async def browse(alice: Session, story: Story) -> None:
-    heading("Workflow 3: a customer browses with a filter")
-    page = await alice.browse(region="AT-9")
-    titles = [r.title for r in page.data_requests]
-    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.total_size})")
+async def browse(alice: CommandLine, story: Story) -> None:
+    heading("Workflow 3: a customer browses with a filter (on the command line)")
+    await alice.show("data-requests", "list", "--region", "AT-9")
+    page = await alice.json("data-requests", "list", "--region", "AT-9")
+    titles = [r["title"] for r in page.get("dataRequests", [])]
+    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.get('totalSize', 0)})")
     assert "Austrian household load profiles" in titles and "Heat-pump optimiser" not in titles
 
 
-async def search(ep: Session, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
+async def search(ep: CommandLine, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
     heading("Workflow 5: the eligible party searches; each AIIDA answers match / no match")
-    matches, summary = await ep.search(request.name, timeout=3)
+    found = await ep.json("search", request.name, "--timeout", "3")
+    matches: list[str] = found.get("matchedInstanceIds", [])
+    summary = found["summary"]
     story.step("W5", f"matches: {sorted(matches)}")
     story.step(
         "W5",
-        f"summary: queried {summary.queried}, matched {summary.matched}, not matched "
-        f"{summary.not_matched}, unreachable {summary.unreachable}, timed out {summary.timed_out}, "
-        f"{summary.elapsed.ToMilliseconds()} ms",
+        f"summary: queried {summary.get('queried', 0)}, matched {summary.get('matched', 0)}, not matched "
+        f"{summary.get('notMatched', 0)}, unreachable {summary.get('unreachable', 0)}, timed out "
+        f"{summary.get('timedOut', 0)}, {summary.get('elapsed', '0s')}",
     )
     assert sorted(matches) == ["aiida-alice", "aiida-bernd"], matches
     return matches
@@ -244,6 +269,7 @@ async def access(
     customers: dict[str, Session],
     request: data_request_pb2.DataRequest,
     matches: list[str],
+    clis: dict[str, CommandLine],
     story: Story,
 ) -> None:
     heading("Workflow 6: access requests, consent on the customers' apps, data to the EP's sink")
@@ -267,11 +293,10 @@ async def access(
     story.step("W6", f"the sink received {count} readings for Alice's permission")
     assert not await list_readings(cast.sink.address, bernd_pid, token), "readings for a rejected permission"
     story.step("W6", "no reading for Bernd's rejected permission")
-    revoked = await customers["alice"].consent.RevokePermission(
-        consent_pb2.RevokePermissionRequest(name=by_instance["aiida-alice"].name, reason="study long enough"),
-        metadata=customers["alice"].metadata,
+    revoked = await clis["alice"].json(
+        "permissions", "revoke", by_instance["aiida-alice"].name, "--reason", "study long enough"
     )
-    story.step("W6", f"Alice revoked: {STATE.Name(revoked.state)}")
+    story.step("W6", f"Alice revoked on the command line: {revoked['state']}")
     await asyncio.sleep(1.5)
     before = len(await list_readings(cast.sink.address, alice_pid, token))
     await asyncio.sleep(2.0)
@@ -281,6 +306,7 @@ async def access(
     stop_watch.set()
     await watcher
     story.step("W6", "EP's notifications: " + ", ".join(f"{i}:{s.removeprefix('STATE_')}" for i, s in seen))
+    await clis["ep"].show("access", "list", request.name)
 
 
 async def household_audit(alice: Session, instance_id: str, story: Story) -> None:
@@ -308,6 +334,46 @@ async def household_audit(alice: Session, instance_id: str, story: Story) -> Non
     story.step("trust", f"{len(verified)} receipts: every signature and the hash chain verified offline")
 
 
+async def mqtt_delivery(
+    cast: Cast, ep: Session, alice: Session, request: data_request_pb2.DataRequest, story: Story
+) -> None:
+    heading("Workflow 6 over MQTT: EDDIE's AIIDA topics through Mosquitto")
+    if cast.mqtt_url is None:
+        print("  skipped: Mosquitto does not answer on 127.0.0.1:1883 (start it to see the MQTT data path)")
+        return
+    (permission,) = await ep.request_access(request.name, ["aiida-alice"], cast.mqtt_url)
+    pid = permission.name.removeprefix("permissions/")
+    story.step("W6", f"EP asked for access with sink {cast.mqtt_url}: {permission.name}")
+    host, port = MQTT_BROKER
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe(f"aiida/v1/{pid}/#", qos=1)  # what `mosquitto_sub -t 'aiida/v1/+/#'` shows
+        await alice.decide(permission.name, True)
+        story.step("W6", "Alice approved; her AIIDA connects to the broker as the permission")
+        async with asyncio.timeout(20):
+            async for message in client.messages:
+                if "/data/outbound/" in message.topic.value and isinstance(message.payload, bytes):
+                    story.step("W6", f"{message.topic.value}: {message.payload.decode()[:160]}")
+                    break
+        count = await _wait_for_readings(cast.sink.address, pid, ep.token, 2, 20)
+        story.step("W6", f"the sink took {count} readings off the broker; the EP lists them (ListReadings)")
+        command = json.dumps({"action": "TERMINATE", "permissionId": pid})
+        await client.publish(f"aiida/v1/{pid}/command/terminate", command, qos=1)
+        story.step("W6", f"EP published TERMINATE on aiida/v1/{pid}/command/terminate")
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                if message.topic.value.endswith("/status") and isinstance(message.payload, bytes):
+                    status = json.loads(message.payload)["status"]
+                    if status != "ACTIVE":
+                        story.step("W6", f"aiida/v1/{pid}/status: {status}")
+                        break
+    deadline = time.monotonic() + 10
+    while (state := (await ep.get_permission(permission.name)).state) != STATE.STATE_TERMINATED:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the permission is {STATE.Name(state)}, not TERMINATED, after TERMINATE")
+        await asyncio.sleep(0.1)
+    story.step("W6", f"the marketplace's permission is {STATE.Name(state)}")
+
+
 def print_table(story: Story) -> None:
     heading("What happened")
     counts: dict[str, int] = {}
@@ -319,16 +385,29 @@ def print_table(story: Story) -> None:
     print("\n  all six workflows completed successfully")
 
 
-async def run_story(cast: Cast) -> None:
+async def command_lines(cast: Cast, work: Path, story: Story) -> dict[str, CommandLine]:
+    """The EP and Alice also sign in with `eddie`, each with a session of their own."""
+    clis = {}
+    for who, email in (("ep", "research@energy-institute.example"), ("alice", "alice@household.example")):
+        clis[who] = CommandLine(cast.marketplace.address, work / f"eddie-{who}", PASSWORD)
+        await clis[who].run("login", "--email", email)
+    story.step("W1", "the EP and Alice signed in on the command line too (`eddie login`)")
+    return clis
+
+
+async def run_story(cast: Cast, work: Path) -> None:
     story = Story()
     async with MarketplaceClient(cast.marketplace.address) as mp:
         ep, customers = await accounts(mp, story)
+        clis = await command_lines(cast, work, story)
         await claim_all(cast, customers, story)
         request = await publish(ep, story)
-        await browse(customers["alice"], story)
-        matches = await search(ep, request, story)
-        await access(cast, ep, customers, request, matches, story)
+        await browse(clis["alice"], story)
+        matches = await search(clis["ep"], request, story)
+        await access(cast, ep, customers, request, matches, clis, story)
         await household_audit(customers["alice"], "aiida-alice", story)
+        await clis["alice"].show("receipts", "verify")
+        await mqtt_delivery(cast, ep, customers["alice"], request, story)
     print_table(story)
 
 
@@ -338,7 +417,7 @@ def print_poke_help(cast: Cast) -> None:
         f"""
 Servers are still running (Ctrl-C stops them):
   marketplace  {m}
-  eddie-sink   {cast.sink.address}
+  eddie-sink   {cast.sink.address}{f" (subscribed to {cast.mqtt_url})" if cast.mqtt_url else ""}
   AIIDAs       {", ".join(f"{iid}@{p.address}" for p, iid, _ in cast.aiidas.values())}
 Try:
   .venv/bin/grpcurl -plaintext {m} list
@@ -364,7 +443,7 @@ def main() -> None:
     cast = start_cast(work, args.time_scale)
     ok = False
     try:
-        asyncio.run(run_story(cast))
+        asyncio.run(run_story(cast, work))
         ok = True
         if args.keep_running:
             print_poke_help(cast)

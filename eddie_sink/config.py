@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eddie_common.flags import LOG_LEVELS, Program, flag, host_port, non_negative
+from eddie_common.mqtt import check_broker_uri
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class SinkConfig:
     marketplace_ca: Path | None = flag(
         "dial the marketplace with TLS, trusting these CA certificates", default=None, metavar="PEM"
     )
+    mqtt_url: str | None = flag(
+        "also take readings from this MQTT broker (mqtt://host:port or mqtts://host:port), "
+        "on EDDIE's AIIDA topics aiida/v1/+/data/outbound/+",
+        default=None,
+        metavar="URL",
+        check=check_broker_uri,
+    )
+    # Not a flag: how long the broker keeps the sink's MQTT session (queueing its messages) while away.
+    mqtt_session_expiry: int = 7 * 86400
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 

@@ -2,6 +2,12 @@
 
 Tokens are verified offline. A token whose `kid` is unknown triggers at most one
 refetch of `ListSigningKeys` per `refresh_interval`, then one more verification.
+
+A verified token is remembered until its `exp` (at most `VERIFIED_CACHE_SIZE`,
+forgotten when the keys change): an AIIDA presents the same sink token on every
+reconnect, and a full ES256 verification (about 1.5 ms in PyJWT, most of it
+base64 validation in Python) per reconnect was the largest cost of a sink under
+churn (issue 15.7, bench/sink_churn.py).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -24,6 +31,7 @@ from eddie_common.tokens import ALGORITHM, TokenVerifier, load_public_key
 log = logging.getLogger(__name__)
 
 REFRESH_INTERVAL_SECONDS = 30.0
+VERIFIED_CACHE_SIZE = 20_000
 FETCH_TIMEOUT_SECONDS = 3.0
 # Keep gRPC's own reconnect backoff short so a marketplace that appears is noticed quickly.
 CHANNEL_OPTIONS = [
@@ -53,6 +61,7 @@ class MarketplaceKeys:
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self._issuer = ""
         self._verifiers: dict[str, TokenVerifier] = {}
+        self._verified: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()  # (audience, token)
         self._ready = asyncio.Event()
         self._last_fetch = float("-inf")
         self._refresh_lock = asyncio.Lock()
@@ -105,13 +114,26 @@ class MarketplaceKeys:
 
     async def verify(self, token: str, audience: str) -> dict[str, Any]:
         """The token's claims, or Unauthenticated; refetches keys once on an unknown `kid`."""
+        cached = self._verified.get((audience, token))
+        if cached is not None and time.time() < cached["exp"]:
+            self._verified.move_to_end((audience, token))
+            return dict(cached)
         verifier = self._verifier(audience)
         try:
-            return verifier.verify(token)
+            claims = verifier.verify(token)
         except Unauthenticated as exc:
             if exc.reason != "TOKEN_UNKNOWN_KEY" or not await self._refresh_for_unknown_key():
                 raise
-        return self._verifier(audience).verify(token)
+            claims = self._verifier(audience).verify(token)
+        self._remember(audience, token, claims)
+        return claims
+
+    def _remember(self, audience: str, token: str, claims: dict[str, Any]) -> None:
+        if not isinstance(claims.get("exp"), int | float):
+            return
+        self._verified[(audience, token)] = dict(claims)
+        while len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
 
     def _verifier(self, audience: str) -> TokenVerifier:
         if not self._ready.is_set():
@@ -149,6 +171,7 @@ class MarketplaceKeys:
         if not keys or not response.issuer:
             raise ValueError("ListSigningKeys returned no usable key or no issuer")
         self._keys, self._issuer, self._verifiers = keys, response.issuer, {}
+        self._verified.clear()  # a key that is gone no longer vouches for its tokens
         self._ready.set()
         log_event(log, "signing_keys_loaded", issuer=response.issuer, keys=",".join(sorted(keys)))
 

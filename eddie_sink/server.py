@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -11,6 +12,7 @@ from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.cli import split_host_port
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.logging import log_event
+from eddie_common.mqtt import parse_broker_uri
 from eddie_common.serving import (
     SERVER_OPTIONS,
     Lifecycle,
@@ -24,6 +26,7 @@ from eddie_sink.config import SinkConfig
 from eddie_sink.ends import PermissionEnds
 from eddie_sink.feed import EndFeed
 from eddie_sink.keys import MarketplaceKeys
+from eddie_sink.mqtt import MqttIngest
 from eddie_sink.page_tokens import PageTokens
 from eddie_sink.servicer import DataSinkServicer
 from eddie_sink.store import ReadingStore
@@ -47,6 +50,7 @@ class SinkApp:
     port: int
     ends: PermissionEnds
     feed: EndFeed
+    mqtt: MqttIngest | None = None
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -95,12 +99,26 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     writer.start()
     keys.start()
     feed.start()
+    mqtt = None
+    if config.mqtt_url:
+        client_id = "eddie-sink-" + (await store.secret("mqtt_client_id", 6)).hex()
+        mqtt = MqttIngest(
+            parse_broker_uri(config.mqtt_url),
+            keys,
+            store,
+            writer,
+            client_id=client_id,
+            session_expiry=config.mqtt_session_expiry,
+            ends=ends,
+        )
+        mqtt.start()
     await server.start()
-    lifecycle = Lifecycle(
-        server, health, [SERVICE_NAME], on_stop=[writer.close, feed.close, keys.close, store.close]
-    )
+    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, feed.close, keys.close, store.close]
+    if mqtt is not None:
+        on_stop.insert(0, mqtt.close)  # no new MQTT readings once the writer commits its last batch
+    lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=on_stop)
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port, ends, feed), port
+    return SinkApp(lifecycle, store, writer, keys, port, ends, feed, mqtt), port
 
 
 async def run(config: SinkConfig) -> None:

@@ -41,8 +41,15 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
         )
         await ends.follow(publisher)
         log_event(
-            log, "reading_stream_opened", permission=publisher.permission_id, instance=publisher.instance_id
+            log,
+            "reading_stream_opened",
+            logging.DEBUG,  # at INFO, hundreds of lines a second for a reconnecting fleet; "closed" stays
+            permission=publisher.permission_id,
+            instance=publisher.instance_id,
         )
+        # Headers now tell the AIIDA its stream is accepted (token checked, handler running), not only
+        # at the end of the stream; the churn soak (bench/sink_churn.py) measures acceptance with them.
+        await context.send_initial_metadata(())
         receipts = StreamReceipts()
         accepted = 0
         try:

@@ -1,8 +1,9 @@
 """SQLite storage of readings and of the permissions they arrived under.
 
-One aiosqlite connection in WAL mode; an asyncio lock keeps each transaction
-whole. Readings are keyed by (permission_id, data_tag, time_ns) and inserted
-with INSERT OR IGNORE, so at-least-once delivery stores each reading once.
+One aiosqlite connection in WAL mode writes; an asyncio lock keeps each
+transaction whole. A second, read-only connection serves the listings.
+Readings are keyed by (permission_id, data_tag, time_ns) and inserted with
+INSERT OR IGNORE, so at-least-once delivery stores each reading once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -53,15 +55,28 @@ CREATE TABLE IF NOT EXISTS settings (
 # 6 bound parameters per row, well below SQLite's limit of 32,766 per statement.
 _ROWS_PER_STATEMENT = 500
 _COLUMNS = "permission_id, data_tag, time_ns, value, unit"
+RECORDED_CACHE_SIZE = 100_000
 
 
 class ReadingStore:
     """The sink's database; every method is one transaction."""
 
-    def __init__(self, connection: aiosqlite.Connection, jsonl: IO[str] | None) -> None:
+    def __init__(
+        self,
+        connection: aiosqlite.Connection,
+        jsonl: IO[str] | None,
+        reader: aiosqlite.Connection | None = None,
+    ) -> None:
         self._db = connection
+        # Reads (ListReadings) go to a connection of their own: in WAL mode they see the last commit
+        # without waiting for the writer's or the Publish streams' turns on the lock.
+        self._reader = reader or connection
         self._jsonl = jsonl
         self._lock = asyncio.Lock()
+        self._recorded: OrderedDict[str, None] = OrderedDict()  # permissions known to be recorded
+        self._unrecorded: dict[str, tuple[str, str]] = {}  # waiting for the next permission transaction
+        self._recording: asyncio.Future[None] | None = None  # that transaction's outcome
+        self._in_flight: dict[str, tuple[str, str]] = {}  # being written by the current one
 
     @classmethod
     async def open(cls, path: Path, jsonl: Path | None = None) -> ReadingStore:
@@ -76,14 +91,24 @@ class ReadingStore:
         except BaseException:
             await connection.close()
             raise
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute("PRAGMA query_only=ON")
+        except BaseException:
+            await reader.close()
+            await connection.close()
+            raise
         jsonl_file = None
         if jsonl is not None:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
             jsonl_file = jsonl.open("a", encoding="utf-8")
-        return cls(connection, jsonl_file)
+        return cls(connection, jsonl_file, reader)
 
     async def close(self) -> None:
         async with self._lock:
+            if self._reader is not self._db:
+                await self._reader.close()
             await self._db.close()
             if self._jsonl is not None:
                 self._jsonl.close()
@@ -123,21 +148,63 @@ class ReadingStore:
         return [StoredReading(*row) for row in rows]
 
     async def record_permission(self, permission_id: str, eligible_party: str, instance_id: str) -> None:
-        """Remembers who a permission's data is for, as first seen on a sink token."""
-        async with self._lock:
-            await self._db.execute(
-                "INSERT OR IGNORE INTO permissions (permission_id, eligible_party, instance_id, first_seen) "
-                "VALUES (?, ?, ?, ?)",
-                (permission_id, eligible_party, instance_id, time.time_ns()),
-            )
+        """Remembers who a permission's data is for, as first seen on a sink token.
+
+        Every Publish stream opens with this call, so it must not make streams wait on one another
+        (issue 15.7, bench/sink_churn.py): a permission recorded recently is not written again, and
+        first-seen permissions arriving together are written in one transaction (one fsync), not one
+        transaction each behind the writer's and the readers' turns on the database.
+        """
+        if permission_id in self._recorded:
+            self._recorded.move_to_end(permission_id)
+            return
+        self._unrecorded[permission_id] = (eligible_party, instance_id)
+        flushed = self._recording
+        if flushed is None:
+            flushed = self._recording = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._record_permissions(flushed))
+        await asyncio.shield(flushed)
+
+    async def _record_permissions(self, flushed: asyncio.Future[None]) -> None:
+        """Writes every permission queued until this task's turn on the database, in one transaction."""
+        try:
+            async with self._lock:
+                rows, self._unrecorded, self._recording = self._unrecorded, {}, None
+                self._in_flight = rows
+                now = time.time_ns()
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._db.executemany(
+                        "INSERT OR IGNORE INTO permissions (permission_id, eligible_party, instance_id, "
+                        "first_seen) VALUES (?, ?, ?, ?)",
+                        [(p, ep, instance, now) for p, (ep, instance) in rows.items()],
+                    )
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+        except BaseException as exc:
+            self._in_flight = {}
+            if self._recording is flushed:
+                self._recording = None
+            flushed.set_exception(exc)
+            flushed.exception()  # retrieved: the callers waiting on it get it
+            return
+        self._in_flight = {}
+        for permission_id in rows:
+            self._recorded[permission_id] = None
+        while len(self._recorded) > RECORDED_CACHE_SIZE:
+            self._recorded.popitem(last=False)
+        flushed.set_result(None)
 
     async def eligible_party_of(self, permission_id: str) -> str | None:
-        async with (
-            self._lock,
-            self._db.execute(
-                "SELECT eligible_party FROM permissions WHERE permission_id = ?", (permission_id,)
-            ) as cursor,
-        ):
+        """Whose the permission's readings are: as recorded, or as being recorded right now."""
+        pending = self._unrecorded.get(permission_id) or self._in_flight.get(permission_id)
+        if pending is not None:
+            return pending[0]
+        async with self._reader.execute(
+            "SELECT eligible_party FROM permissions WHERE permission_id = ?", (permission_id,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else str(row[0])
 
@@ -152,7 +219,7 @@ class ReadingStore:
             params.extend(after)
         sql += " ORDER BY time_ns, data_tag LIMIT ?"
         params.append(limit)
-        async with self._lock, self._db.execute(sql, params) as cursor:
+        async with self._reader.execute(sql, params) as cursor:
             rows = await cursor.fetchall()
         return [StoredReading(*row) for row in rows]
 

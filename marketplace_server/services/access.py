@@ -60,7 +60,7 @@ MAX_INSTANCES = 1000
 CHUNK = 500
 LIVE_STATES = (PENDING, *ACTIVE_STATES)
 MAX_SINK_URI = 300
-_SINK_URI = re.compile(r"grpcs?://(.+)", re.ASCII)
+_SINK_URI = re.compile(r"(?:grpc|mqtt)s?://(.+)", re.ASCII)  # DataSinkService or an MQTT broker
 DataRequest = data_request_pb2.DataRequest
 
 
@@ -89,7 +89,7 @@ def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
     v.check(
         match is not None and len(request.sink_uri) <= MAX_SINK_URI and valid_address(match.group(1)),
         "sink_uri",
-        "must be grpc://host:port or grpcs://host:port",
+        "must be grpc://, grpcs://, mqtt:// or mqtts:// host:port",
     )
     idempotency.check_request_id(v, request.request_id)
     v.raise_if_any()

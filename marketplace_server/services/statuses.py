@@ -28,6 +28,7 @@ from marketplace_server.services.permissions import (
     REVOKE,
     REVOKED,
     TERMINAL_STATES,
+    TERMINATED,
     UNFULFILLABLE,
     Move,
     PermissionLedger,
@@ -51,6 +52,7 @@ _PERMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 FULFILLED_REASON = "the data window ended"
 UNFULFILLABLE_REASON = "the AIIDA cannot serve the data need"
 ENDED_REASON = "the permission has ended"
+TERMINATED_REASON = "terminated by the eligible party at the AIIDA"
 
 
 def planned_move(state: int, status: aiida_pb2.DataAccessStatus) -> Move | None:
@@ -65,6 +67,8 @@ def planned_move(state: int, status: aiida_pb2.DataAccessStatus) -> Move | None:
         return Move(UNFULFILLABLE, reason or UNFULFILLABLE_REASON)
     if reported == AccessState.STATE_FULFILLED:
         return Move(FULFILLED, FULFILLED_REASON)
+    if reported == AccessState.STATE_TERMINATED:  # e.g. the EP's MQTT TERMINATE command
+        return Move(TERMINATED, reason or TERMINATED_REASON)
     if reported == AccessState.STATE_REVOKED:
         return Move(REVOKED, f"revoked at the AIIDA: {reason}" if reason else "revoked at the AIIDA")
     return None

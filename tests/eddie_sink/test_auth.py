@@ -154,3 +154,23 @@ async def test_unknown_key_ids_refetch_keys_at_most_once_per_interval(
         )
 
     assert fake_marketplace.identity.calls == 1
+
+
+async def test_a_remembered_sink_token_stops_vouching_once_its_key_is_gone(tmp_path: Path):
+    marketplace = await start_fake_marketplace()
+    sink = await start_sink(sink_config(tmp_path, marketplace.address, key_refresh_interval=0.0))
+    try:
+        old_token = marketplace.sink_token()
+        assert await sink.publish(old_token, [reading(1)]) == 1
+        assert await sink.publish(old_token, [reading(2)]) == 1  # the second time from memory
+        # The marketplace drops the old key; a token of the new one makes the sink refetch.
+        new_key = tokens.SigningKey.generate()
+        marketplace.identity.keys[:] = [new_key]
+        marketplace.issuer = tokens.TokenIssuer(new_key, issuer="test-marketplace")
+        assert await sink.publish(marketplace.sink_token(), [reading(3)]) == 1
+        await expect_error(
+            sink.publish(old_token, [reading(4)]), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_UNKNOWN_KEY"
+        )
+    finally:
+        await sink.close()
+        await marketplace.server.stop(0)

@@ -26,7 +26,7 @@ from eddie.energy.v1 import energy_pb2 as eddie_dot_energy_dot_v1_dot_energy__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64\x64ie/aiida/v1/aiida.proto\x12\x0e\x65\x64\x64ie.aiida.v1\x1a\x1c\x65\x64\x64ie/energy/v1/energy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x0e\x43onnectRequest\x12\x33\n\x0csearch_query\x18\x01 \x01(\x0b\x32\x1b.eddie.aiida.v1.SearchQueryH\x00\x12$\n\x04ping\x18\x02 \x01(\x0b\x32\x14.eddie.aiida.v1.PingH\x00\x42\t\n\x07message\"\xb5\x01\n\x0f\x43onnectResponse\x12\x31\n\x0bmatch_reply\x18\x01 \x01(\x0b\x32\x1a.eddie.aiida.v1.MatchReplyH\x00\x12>\n\x12\x64\x61ta_access_status\x18\x02 \x01(\x0b\x32 .eddie.aiida.v1.DataAccessStatusH\x00\x12$\n\x04pong\x18\x03 \x01(\x0b\x32\x14.eddie.aiida.v1.PongH\x00\x42\t\n\x07message\"M\n\x0bSearchQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12,\n\tdata_need\x18\x02 \x01(\x0b\x32\x19.eddie.energy.v1.DataNeed\"/\n\nMatchReply\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07matched\x18\x02 \x01(\x08\"\x18\n\x04Ping\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x18\n\x04Pong\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\xa2\x03\n\nDataAccess\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12,\n\tdata_need\x18\x02 \x01(\x0b\x32\x19.eddie.energy.v1.DataNeed\x12\x10\n\x08sink_uri\x18\x03 \x01(\t\x12\x12\n\nsink_token\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .eddie.aiida.v1.DataAccess.State\x12\x14\n\x0cstate_reason\x18\x08 \x01(\t\"\x83\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x17\n\x13STATE_UNFULFILLABLE\x10\x02\x12\x11\n\rSTATE_REVOKED\x10\x03\x12\x13\n\x0fSTATE_FULFILLED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\"j\n\x10\x44\x61taAccessStatus\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .eddie.aiida.v1.DataAccess.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\x1a\x43onfigureDataAccessRequest\x12/\n\x0b\x64\x61ta_access\x18\x01 \x01(\x0b\x32\x1a.eddie.aiida.v1.DataAccess\"@\n\x17RevokeDataAccessRequest\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14GetDataAccessRequest\x12\x15\n\rpermission_id\x18\x01 \x01(\t\"\x19\n\x17ListDataAccessesRequest\"M\n\x18ListDataAccessesResponse\x12\x31\n\rdata_accesses\x18\x01 \x03(\x0b\x32\x1a.eddie.aiida.v1.DataAccess2\xd0\x03\n\x0c\x41iidaService\x12N\n\x07\x43onnect\x12\x1e.eddie.aiida.v1.ConnectRequest\x1a\x1f.eddie.aiida.v1.ConnectResponse(\x01\x30\x01\x12]\n\x13\x43onfigureDataAccess\x12*.eddie.aiida.v1.ConfigureDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12W\n\x10RevokeDataAccess\x12\'.eddie.aiida.v1.RevokeDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12Q\n\rGetDataAccess\x12$.eddie.aiida.v1.GetDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12\x65\n\x10ListDataAccesses\x12\'.eddie.aiida.v1.ListDataAccessesRequest\x1a(.eddie.aiida.v1.ListDataAccessesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x64\x64ie/aiida/v1/aiida.proto\x12\x0e\x65\x64\x64ie.aiida.v1\x1a\x1c\x65\x64\x64ie/energy/v1/energy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x0e\x43onnectRequest\x12\x33\n\x0csearch_query\x18\x01 \x01(\x0b\x32\x1b.eddie.aiida.v1.SearchQueryH\x00\x12$\n\x04ping\x18\x02 \x01(\x0b\x32\x14.eddie.aiida.v1.PingH\x00\x42\t\n\x07message\"\xb5\x01\n\x0f\x43onnectResponse\x12\x31\n\x0bmatch_reply\x18\x01 \x01(\x0b\x32\x1a.eddie.aiida.v1.MatchReplyH\x00\x12>\n\x12\x64\x61ta_access_status\x18\x02 \x01(\x0b\x32 .eddie.aiida.v1.DataAccessStatusH\x00\x12$\n\x04pong\x18\x03 \x01(\x0b\x32\x14.eddie.aiida.v1.PongH\x00\x42\t\n\x07message\"M\n\x0bSearchQuery\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12,\n\tdata_need\x18\x02 \x01(\x0b\x32\x19.eddie.energy.v1.DataNeed\"/\n\nMatchReply\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07matched\x18\x02 \x01(\x08\"\x18\n\x04Ping\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\x18\n\x04Pong\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\xb8\x03\n\nDataAccess\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12,\n\tdata_need\x18\x02 \x01(\x0b\x32\x19.eddie.energy.v1.DataNeed\x12\x10\n\x08sink_uri\x18\x03 \x01(\t\x12\x12\n\nsink_token\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x05state\x18\x07 \x01(\x0e\x32 .eddie.aiida.v1.DataAccess.State\x12\x14\n\x0cstate_reason\x18\x08 \x01(\t\"\x99\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x17\n\x13STATE_UNFULFILLABLE\x10\x02\x12\x11\n\rSTATE_REVOKED\x10\x03\x12\x13\n\x0fSTATE_FULFILLED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05\x12\x14\n\x10STATE_TERMINATED\x10\x06\"j\n\x10\x44\x61taAccessStatus\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .eddie.aiida.v1.DataAccess.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"M\n\x1a\x43onfigureDataAccessRequest\x12/\n\x0b\x64\x61ta_access\x18\x01 \x01(\x0b\x32\x1a.eddie.aiida.v1.DataAccess\"@\n\x17RevokeDataAccessRequest\x12\x15\n\rpermission_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14GetDataAccessRequest\x12\x15\n\rpermission_id\x18\x01 \x01(\t\"\x19\n\x17ListDataAccessesRequest\"M\n\x18ListDataAccessesResponse\x12\x31\n\rdata_accesses\x18\x01 \x03(\x0b\x32\x1a.eddie.aiida.v1.DataAccess2\xd0\x03\n\x0c\x41iidaService\x12N\n\x07\x43onnect\x12\x1e.eddie.aiida.v1.ConnectRequest\x1a\x1f.eddie.aiida.v1.ConnectResponse(\x01\x30\x01\x12]\n\x13\x43onfigureDataAccess\x12*.eddie.aiida.v1.ConfigureDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12W\n\x10RevokeDataAccess\x12\'.eddie.aiida.v1.RevokeDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12Q\n\rGetDataAccess\x12$.eddie.aiida.v1.GetDataAccessRequest\x1a\x1a.eddie.aiida.v1.DataAccess\x12\x65\n\x10ListDataAccesses\x12\'.eddie.aiida.v1.ListDataAccessesRequest\x1a(.eddie.aiida.v1.ListDataAccessesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PONG']._serialized_start=567
   _globals['_PONG']._serialized_end=591
   _globals['_DATAACCESS']._serialized_start=594
-  _globals['_DATAACCESS']._serialized_end=1012
+  _globals['_DATAACCESS']._serialized_end=1034
   _globals['_DATAACCESS_STATE']._serialized_start=881
-  _globals['_DATAACCESS_STATE']._serialized_end=1012
-  _globals['_DATAACCESSSTATUS']._serialized_start=1014
-  _globals['_DATAACCESSSTATUS']._serialized_end=1120
-  _globals['_CONFIGUREDATAACCESSREQUEST']._serialized_start=1122
-  _globals['_CONFIGUREDATAACCESSREQUEST']._serialized_end=1199
-  _globals['_REVOKEDATAACCESSREQUEST']._serialized_start=1201
-  _globals['_REVOKEDATAACCESSREQUEST']._serialized_end=1265
-  _globals['_GETDATAACCESSREQUEST']._serialized_start=1267
-  _globals['_GETDATAACCESSREQUEST']._serialized_end=1312
-  _globals['_LISTDATAACCESSESREQUEST']._serialized_start=1314
-  _globals['_LISTDATAACCESSESREQUEST']._serialized_end=1339
-  _globals['_LISTDATAACCESSESRESPONSE']._serialized_start=1341
-  _globals['_LISTDATAACCESSESRESPONSE']._serialized_end=1418
-  _globals['_AIIDASERVICE']._serialized_start=1421
-  _globals['_AIIDASERVICE']._serialized_end=1885
+  _globals['_DATAACCESS_STATE']._serialized_end=1034
+  _globals['_DATAACCESSSTATUS']._serialized_start=1036
+  _globals['_DATAACCESSSTATUS']._serialized_end=1142
+  _globals['_CONFIGUREDATAACCESSREQUEST']._serialized_start=1144
+  _globals['_CONFIGUREDATAACCESSREQUEST']._serialized_end=1221
+  _globals['_REVOKEDATAACCESSREQUEST']._serialized_start=1223
+  _globals['_REVOKEDATAACCESSREQUEST']._serialized_end=1287
+  _globals['_GETDATAACCESSREQUEST']._serialized_start=1289
+  _globals['_GETDATAACCESSREQUEST']._serialized_end=1334
+  _globals['_LISTDATAACCESSESREQUEST']._serialized_start=1336
+  _globals['_LISTDATAACCESSESREQUEST']._serialized_end=1361
+  _globals['_LISTDATAACCESSESRESPONSE']._serialized_start=1363
+  _globals['_LISTDATAACCESSESRESPONSE']._serialized_end=1440
+  _globals['_AIIDASERVICE']._serialized_start=1443
+  _globals['_AIIDASERVICE']._serialized_end=1907
 # @@protoc_insertion_point(module_scope)

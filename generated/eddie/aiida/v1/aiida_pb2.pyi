@@ -221,6 +221,10 @@ class DataAccess(_message.Message):
         """The time window ended."""
         STATE_FAILED: DataAccess._State.ValueType  # 5
         """The AIIDA failed permanently (e.g. the sink token was rejected)."""
+        STATE_TERMINATED: DataAccess._State.ValueType  # 6
+        """Ended by the eligible party at the AIIDA (an MQTT `TERMINATE` command on
+        `aiida/v1/{permission_id}/command/+`); no more readings.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """State of the data access."""
@@ -237,6 +241,10 @@ class DataAccess(_message.Message):
     """The time window ended."""
     STATE_FAILED: DataAccess.State.ValueType  # 5
     """The AIIDA failed permanently (e.g. the sink token was rejected)."""
+    STATE_TERMINATED: DataAccess.State.ValueType  # 6
+    """Ended by the eligible party at the AIIDA (an MQTT `TERMINATE` command on
+    `aiida/v1/{permission_id}/command/+`); no more readings.
+    """
 
     PERMISSION_ID_FIELD_NUMBER: _builtins.int
     DATA_NEED_FIELD_NUMBER: _builtins.int
@@ -249,7 +257,9 @@ class DataAccess(_message.Message):
     permission_id: _builtins.str
     """The marketplace permission id (without the `permissions/` prefix)."""
     sink_uri: _builtins.str
-    """`grpc://host:port` (or `grpcs://`) of the EP's eddie.framework.v1.DataSinkService."""
+    """`grpc://host:port` (or `grpcs://`) of the EP's eddie.framework.v1.DataSinkService,
+    or `mqtt://host:port` (or `mqtts://`) of the EP's MQTT broker (EDDIE's AIIDA topics).
+    """
     sink_token: _builtins.str
     """Input only. Marketplace-signed token valid for this permission only; sent
     as the bearer token to the sink. Never returned.
@@ -257,7 +267,7 @@ class DataAccess(_message.Message):
     state: Global___DataAccess.State.ValueType
     """Output only. Current state."""
     state_reason: _builtins.str
-    """Output only. Why (for UNFULFILLABLE, REVOKED, FULFILLED, FAILED)."""
+    """Output only. Why (for UNFULFILLABLE, REVOKED, FULFILLED, FAILED, TERMINATED)."""
     @_builtins.property
     def data_need(self) -> _energy_pb2.DataNeed:
         """What to send: tags, granularity."""

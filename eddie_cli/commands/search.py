@@ -1,0 +1,174 @@
+"""Workflow 5 for eligible parties: `eddie search NAME [--timeout SECONDS]`.
+
+The marketplace streams the matches in batches as the AIIDAs answer, then one summary. On a
+terminal a live bar shows the matches counted against the search's time budget, then the
+answers against the instances queried once the summary says how many there were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import click
+import grpc
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from eddie.marketplace.v1 import data_request_pb2
+from eddie_cli import output
+from eddie_cli.app import Options, cli, common_options, run
+from eddie_cli.connection import SignedIn, signed_in
+from eddie_cli.describe import DATA_REQUESTS, resource_name
+from eddie_cli.errors import from_rpc_error
+from eddie_client import duration
+
+SERVER_DEFAULT_TIMEOUT = 3.0  # the marketplace's default --search-timeout, for the bar only
+
+
+class SearchProgress:
+    """The live bar: matches so far while the answers come in; answered / queried at the end."""
+
+    def __init__(self, enabled: bool, timeout: float) -> None:
+        self.timeout = timeout
+        self.progress = Progress(
+            TextColumn("[bold]searching[/]"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=output.stderr,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("search", total=timeout, status="waiting for answers")
+        self.started = time.monotonic()
+        self.enabled = enabled
+        self.count = 0
+        self.ticker: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SearchProgress:
+        if self.enabled:
+            self.progress.start()
+            self.ticker = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ticker
+        self.progress.stop()
+
+    async def _tick(self) -> None:
+        while True:
+            self._show_elapsed()
+            await asyncio.sleep(0.1)
+
+    def _show_elapsed(self) -> None:
+        elapsed = min(time.monotonic() - self.started, self.timeout)
+        self.progress.update(self.task, completed=elapsed, status=f"{self.count} matched so far")
+
+    def matched(self, count: int) -> None:
+        self.count = count
+        self._show_elapsed()
+
+    def finished(self, summary: data_request_pb2.SearchSummary) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+        answered = summary.matched + summary.not_matched
+        self.progress.update(
+            self.task,
+            total=max(summary.queried, 1),
+            completed=answered,
+            status=f"{answered}/{summary.queried} answered, {summary.matched} matched",
+        )
+
+
+async def stream_search(
+    me: SignedIn, request: data_request_pb2.SearchInstancesRequest
+) -> AsyncIterator[data_request_pb2.SearchInstancesResponse]:
+    """The search's messages; a failure becomes a CliError."""
+    metadata = await me.fresh_metadata()
+    call = me.connection.data_requests.SearchInstances(request, metadata=metadata)
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as error:
+        raise from_rpc_error(error, me.connection.address) from None
+    finally:
+        call.cancel()
+
+
+def summary_rows(summary: data_request_pb2.SearchSummary) -> list[tuple[str, str]]:
+    return [
+        ("search", summary.search),
+        ("queried", str(summary.queried)),
+        ("matched", str(summary.matched)),
+        ("not matched", str(summary.not_matched)),
+        ("unreachable", str(summary.unreachable)),
+        ("timed out", str(summary.timed_out)),
+        ("elapsed", f"{summary.elapsed.ToMilliseconds()} ms"),
+    ]
+
+
+def show_result(matches: list[str], summary: data_request_pb2.SearchSummary) -> None:
+    if summary.withheld:
+        output.say(
+            f"[bold yellow]Withheld:[/] this search matched {summary.matched} instance(s), fewer than the "
+            "marketplace's minimum match set, so no instance is named and none can be asked for access. "
+            "Broaden the data request to reach more households."
+        )
+    else:
+        output.print_table(
+            f"Matches ({len(matches)})",
+            ["instance"],
+            ([instance_id] for instance_id in matches),
+            empty="No AIIDA matched.",
+        )
+    output.print_fields(summary_rows(summary))
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds to wait for the AIIDAs' answers (default: the marketplace's, 3 s unless configured)",
+)
+@common_options
+@click.pass_obj
+def search(options: Options, name: str, timeout: float | None) -> None:
+    """Search the AIIDAs that match data request NAME (eligible parties, own requests).
+
+    Each AIIDA answers match or no match, nothing else. Shows a live progress bar on a
+    terminal, then the matched instances and the summary. A search matching fewer households
+    than the marketplace's minimum match set is withheld: it names no instance.
+    """
+
+    async def work() -> None:
+        async with options.connect() as connection:
+            me = signed_in(connection)
+            request = data_request_pb2.SearchInstancesRequest(data_request=resource_name(DATA_REQUESTS, name))
+            if timeout is not None:
+                request.timeout.CopyFrom(duration(timeout))
+            live = not options.json and output.stderr.is_terminal
+            matches: list[str] = []
+            summary = data_request_pb2.SearchSummary()
+            async with SearchProgress(live, timeout or SERVER_DEFAULT_TIMEOUT) as progress:
+                async for response in stream_search(me, request):
+                    if response.HasField("matches"):
+                        matches.extend(response.matches.instance_ids)
+                        progress.matched(len(matches))
+                    elif response.HasField("summary"):
+                        summary = response.summary
+                        progress.finished(summary)
+            if options.json:
+                output.print_json(
+                    data_request_pb2.Search(
+                        name=summary.search, matched_instance_ids=matches, summary=summary
+                    )
+                )
+            else:
+                show_result(matches, summary)
+
+    run(work())
