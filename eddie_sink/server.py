@@ -24,6 +24,8 @@ from eddie_common.serving import (
 )
 from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
+from eddie_sink.ends import PermissionEnds
+from eddie_sink.feed import EndFeed
 from eddie_sink.keys import MarketplaceKeys
 from eddie_sink.listing import ReadingPageTokens
 from eddie_sink.metrics import SinkMetrics
@@ -48,6 +50,8 @@ class SinkApp:
     writer: ReadingWriter
     keys: MarketplaceKeys
     port: int
+    ends: PermissionEnds
+    feed: EndFeed
     mqtt: MqttIngest | None = None
     metrics: SinkMetrics | None = None  # with --metrics-listen
 
@@ -81,6 +85,8 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
         config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
     )
     metrics = SinkMetrics() if config.metrics_listen is not None else None
+    ends = await PermissionEnds.load(store)
+    feed = EndFeed(config.marketplace, marketplace_credentials(config), ends)
     authenticate: Authenticator = SinkAuthenticator(keys)
     if metrics is not None:
         metrics.watch(writer)
@@ -90,7 +96,7 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
         interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor], options=SERVER_OPTIONS
     )
     data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(
-        DataSinkServicer(store, writer, page_tokens, metrics.on_refused if metrics else None), server
+        DataSinkServicer(store, writer, page_tokens, ends, metrics.on_refused if metrics else None), server
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
@@ -98,11 +104,13 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
         if metrics is not None and config.metrics_listen is not None:
             await metrics.endpoint.start(config.metrics_listen)
     except Exception:
+        await feed.close()
         await keys.close()
         await store.close()
         raise
     writer.start()
     keys.start()
+    feed.start()
     mqtt = None
     if config.mqtt_url:
         client_id = "eddie-sink-" + (await store.secret("mqtt_client_id", 6)).hex()
@@ -113,17 +121,18 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
             writer,
             client_id=client_id,
             session_expiry=config.mqtt_session_expiry,
+            ends=ends,
         )
         mqtt.start()
     await server.start()
-    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, keys.close, store.close]
+    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, feed.close, keys.close, store.close]
     if mqtt is not None:
         on_stop.insert(0, mqtt.close)  # no new MQTT readings once the writer commits its last batch
     if metrics is not None:
         on_stop.append(metrics.endpoint.stop)
     lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=on_stop)
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port, mqtt=mqtt, metrics=metrics), port
+    return SinkApp(lifecycle, store, writer, keys, port, ends, feed, mqtt=mqtt, metrics=metrics), port
 
 
 async def run(config: SinkConfig) -> None:

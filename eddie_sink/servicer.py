@@ -9,6 +9,7 @@ from typing import Any
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.logging import log_event
 from eddie_sink.auth import current_account, current_publisher
+from eddie_sink.ends import PermissionEnds
 from eddie_sink.listing import ReadingPageTokens, list_readings
 from eddie_sink.readings import accept_reading
 from eddie_sink.store import ReadingStore
@@ -25,20 +26,25 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
         store: ReadingStore,
         writer: ReadingWriter,
         page_tokens: ReadingPageTokens,
+        ends: PermissionEnds,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._on_refused = on_refused
         self._store = store
         self._writer = writer
         self._page_tokens = page_tokens
+        self._ends = ends
 
     async def Publish(  # type: ignore[override]
         self, request_iterator: AsyncIterator[data_sink_pb2.PublishRequest], context: Any
     ) -> data_sink_pb2.PublishResponse:
         publisher = current_publisher()
+        ends = self._ends
+        ends.ensure_live(publisher.permission_id)
         await self._store.record_permission(
             publisher.permission_id, publisher.eligible_party, publisher.instance_id
         )
+        await ends.follow(publisher)
         log_event(
             log,
             "reading_stream_opened",
@@ -54,6 +60,7 @@ class DataSinkServicer(data_sink_pb2_grpc.DataSinkServiceServicer):
         try:
             async for request in request_iterator:
                 reading = accept_reading(request, publisher.permission_id)
+                ends.ensure_live(publisher.permission_id)
                 receipts.add(await self._writer.submit(reading))
                 accepted += 1
             await receipts.wait_all()

@@ -112,6 +112,12 @@ class ConnectionManager:
         elif link.address != address or not link.connected:
             link.readdress(address)
 
+    async def drop(self, instance_id: str) -> None:
+        """The instance is no longer claimed: its stream ends and is not reopened."""
+        link = self.links.pop(instance_id, None)
+        if link is not None:
+            await link.stop()
+
     def is_connected(self, instance_id: str) -> bool:
         link = self.links.get(instance_id)
         return link is not None and link.connected
