@@ -106,6 +106,12 @@ class Config:
         metavar="SECONDS",
         check=non_negative,
     )
+    metrics_listen: str | None = flag(
+        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
+        default=None,
+        metavar="HOST:PORT",
+        check=host_port,
+    )
     # Not flags: retry pacing of registration and of sink connections (tests shorten them).
     retry_initial_delay: float = 0.2
     retry_max_delay: float = 5.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiida_stub.accesses import stream_plan, validate_data_access
@@ -20,7 +20,7 @@ from aiida_stub.meter import meter_for
 from aiida_stub.mqtt import MqttAccessStreamer
 from aiida_stub.profile import Profile
 from aiida_stub.state import AccessRecord, InstanceRecord, StateStore, StateValue
-from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels
+from aiida_stub.streamer import AccessStreamer, SimClock, SinkChannels, StreamStats
 from aiida_stub.trust import MarketplaceTrust
 from eddie.aiida.v1 import aiida_pb2
 from eddie_common.errors import InvalidArgument, NotFound
@@ -49,6 +49,7 @@ class Runtime:
     channels: SinkChannels
     clock: SimClock
     backoff: Backoff
+    stats: StreamStats = field(default_factory=StreamStats)
 
 
 class AiidaInstance:
@@ -181,6 +182,7 @@ class AiidaInstance:
             on_progress=rt.store.mark_dirty,
             on_finished=lambda state, reason: self._finish(access, state, reason),
             backoff=rt.backoff,
+            stats=rt.stats,
         )
         self._streamers[access.permission_id] = streamer
         streamer.start()

@@ -181,6 +181,7 @@ class MqttAccessStreamer(AccessStreamer):
                 break
             acked, acked_readings = acked + 1, acked_readings + count
         if acked:
+            self._stats.published += acked_readings
             self.access.cursor_us = records[acked - 1][1]
             for _ in range(acked_readings):
                 self._backlog.popleft()

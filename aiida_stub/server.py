@@ -22,6 +22,7 @@ from aiida_stub.auth import InstanceAuthenticator
 from aiida_stub.config import Config
 from aiida_stub.fleet import FLEET_CSV, fleet_records, round_robin, write_fleet_csv
 from aiida_stub.instance import AiidaInstance, Runtime
+from aiida_stub.metrics import AiidaMetrics
 from aiida_stub.profile import Profile, load_profiles, shipped_profiles_dir
 from aiida_stub.registration import RegistrationRejected, marketplace_channel, register_all
 from aiida_stub.servicer import AiidaServiceServicer
@@ -32,6 +33,7 @@ from eddie.marketplace.v1 import instance_pb2_grpc
 from eddie_common.cli import split_host_port
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.logging import log_event
+from eddie_common.metrics import announce_metrics
 from eddie_common.retry import Backoff
 from eddie_common.serving import (
     SERVER_OPTIONS,
@@ -62,6 +64,7 @@ class AiidaApp:
     advertise: str
     marketplace: grpc.aio.Channel
     registration: asyncio.Task[None] | None = field(default=None)
+    metrics: AiidaMetrics | None = field(default=None)  # with --metrics-listen
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -69,6 +72,9 @@ class AiidaApp:
 
     async def start(self) -> None:
         """Serves, resumes the streams of active accesses, and registers in the background."""
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            await self.metrics.endpoint.start(self.config.metrics_listen)
+            self.lifecycle.on_stop.append(self.metrics.endpoint.stop)
         await self.server.start()
         for instance in self.instances.values():
             instance.resume_streaming()
@@ -158,16 +164,14 @@ async def create_server(config: Config) -> tuple[AiidaApp, int]:
         r.instance_id: AiidaInstance(r, p, runtime)
         for r, p in zip(records, round_robin(profiles, len(records)), strict=True)
     }
+    metrics = AiidaMetrics(runtime.stats, instances) if config.metrics_listen is not None else None
+    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=InstanceAuthenticator(instances))
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=InstanceAuthenticator(instances))],
-        options=SERVER_OPTIONS,
+        interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor], options=SERVER_OPTIONS
     )
     aiida_pb2_grpc.add_AiidaServiceServicer_to_server(AiidaServiceServicer(), server)
     health_servicer: health.aio.HealthServicer = add_health_and_reflection(server, [SERVICE_NAME])
-    try:
-        port = bind(server, config.listen, _tls(config))
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+    port = bind(server, config.listen, _tls(config))
     ca = config.marketplace_ca.read_bytes() if config.marketplace_ca else None
     app = AiidaApp(
         config,
@@ -177,6 +181,7 @@ async def create_server(config: Config) -> tuple[AiidaApp, int]:
         instances,
         _advertise(config, port),
         marketplace_channel(config.marketplace, ca),
+        metrics=metrics,
     )
     app.lifecycle.on_stop.append(app._shutdown)
     log_event(
@@ -222,6 +227,8 @@ async def run(config: Config) -> int:
     await app.start()
     announce_pairing(app)
     host, _ = split_host_port(config.listen)
+    if app.metrics is not None and app.metrics.endpoint.port is not None:
+        announce_metrics(split_host_port(str(config.metrics_listen))[0], app.metrics.endpoint.port)
     serving = asyncio.create_task(run_until_signal(app.lifecycle, host, port, config.grace_period, PROGRAM))
     registration = app.registration
     assert registration is not None

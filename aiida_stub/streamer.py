@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -115,6 +115,15 @@ def _to_proto(permission_id: str, reading: MeterReading) -> data_sink_pb2.Publis
     )
 
 
+@dataclass
+class StreamStats:
+    """What the streamers of one process delivered (read by the metrics at scrape time)."""
+
+    published: int = 0  # readings acknowledged by sinks
+    dropped: int = 0  # readings lost to a full backlog
+    failures: Counter[str] = field(default_factory=Counter)  # failed deliveries by gRPC status
+
+
 class AccessStreamer:
     """The task that delivers one access's readings until its window ends, it fails, or it is stopped."""
 
@@ -129,8 +138,10 @@ class AccessStreamer:
         on_progress: Callable[[], None],
         on_finished: Callable[[StateValue, str], None],
         backoff: Backoff,
+        stats: StreamStats | None = None,
     ) -> None:
         self.access = access
+        self._stats = StreamStats() if stats is None else stats
         self.plan = plan
         self._meter = meter
         self._channels = channels
@@ -193,6 +204,7 @@ class AccessStreamer:
                 await self._deliver()
             except SinkFailed as failure:
                 await self._reset_transport()
+                self._stats.failures[failure.code.name] += 1
                 self._failures += 1
                 self._auth_failures = self._auth_failures + 1 if failure.code in _PERMANENT else 0
                 if self._auth_failures >= AUTH_FAILURES_ALLOWED:
@@ -275,6 +287,7 @@ class AccessStreamer:
                 limit=BACKLOG_LIMIT,
             )
         self._dropped += count
+        self._stats.dropped += count
 
     async def _write_pending(self) -> None:
         call = self._call
@@ -301,6 +314,7 @@ class AccessStreamer:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             raise await self._failure(call) from None
         acked = self._written
+        self._stats.published += acked
         last = self._backlog[acked - 1] if acked else None
         for _ in range(acked):
             self._backlog.popleft()

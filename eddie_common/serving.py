@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from eddie_common.failures import UsageError
 from eddie_common.logging import log_event
 from eddie_common.reflection import enable_reflection
 
@@ -79,12 +80,17 @@ async def set_serving(
 
 def bind(server: grpc.aio.Server, listen: str, tls: TlsFiles | None) -> int:
     """Binds `listen` (port 0 picks a free one) and returns the bound port."""
-    if tls is not None:
-        port = server.add_secure_port(listen, tls.server_credentials())
-    else:
-        port = server.add_insecure_port(listen)
+    try:
+        if tls is not None:
+            port = server.add_secure_port(listen, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc's "Failed to bind to address ..."
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise UsageError(
+            f"cannot listen on {listen}", "is the port in use? choose --listen HOST:0 for a free port"
+        )
     return port
 
 

@@ -24,6 +24,9 @@ class Publisher:
     permission_id: str
     eligible_party: str
     instance_id: str
+    sink_token: str = ""
+    # The end of the permission's data window (the token's `permission_end` claim), in ns; None: unknown.
+    end_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,18 @@ class SinkAuthenticator:
         if not self.keys.ready:
             await self.keys.wait_ready(KEYS_WAIT_SECONDS)
         if method == PUBLISH_METHOD:
-            return publisher_of(await self.keys.verify(token, AUDIENCE_SINK))
+            return publisher_of(await self.keys.verify(token, AUDIENCE_SINK), token)
         if method == LIST_READINGS_METHOD:
             return account_of(await self.keys.verify(token, AUDIENCE_MARKETPLACE))
         raise Unauthenticated("method not available", reason="TOKEN_INVALID")
 
 
-def publisher_of(claims: dict[str, Any]) -> Publisher:
-    """The publisher of a verified sink token; its subject must name its permission."""
+def publisher_of(claims: dict[str, Any], token: str = "") -> Publisher:
+    """The publisher of a verified sink token (`token` itself); its subject must name its permission."""
     permission_id = claims.get("permission_id")
     eligible_party = claims.get("eligible_party")
     instance_id = claims.get("instance_id", "")
+    end = claims.get("permission_end")
     valid = (
         isinstance(permission_id, str)
         and permission_id
@@ -65,10 +69,12 @@ def publisher_of(claims: dict[str, Any]) -> Publisher:
         and isinstance(eligible_party, str)
         and eligible_party.startswith("accounts/")
         and isinstance(instance_id, str)
+        and (end is None or (isinstance(end, int) and not isinstance(end, bool)))
     )
     if not valid:
         raise Unauthenticated("invalid sink token", reason="TOKEN_INVALID")
-    return Publisher(str(permission_id), str(eligible_party), str(instance_id))
+    end_ns = None if end is None else int(end) * 1_000_000_000
+    return Publisher(str(permission_id), str(eligible_party), str(instance_id), token, end_ns)
 
 
 def account_of(claims: dict[str, Any]) -> Account:

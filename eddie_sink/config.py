@@ -52,6 +52,12 @@ class SinkConfig:
     )
     # Not a flag: how long the broker keeps the sink's MQTT session (queueing its messages) while away.
     mqtt_session_expiry: int = 7 * 86400
+    metrics_listen: str | None = flag(
+        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
+        default=None,
+        metavar="HOST:PORT",
+        check=host_port,
+    )
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 

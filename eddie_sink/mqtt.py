@@ -46,6 +46,7 @@ from eddie_common.mqtt import (
 from eddie_common.retry import Backoff, retry_log_level
 from eddie_common.tokens import AUDIENCE_SINK
 from eddie_sink.auth import KEYS_WAIT_SECONDS, Publisher, publisher_of
+from eddie_sink.ends import PermissionEnds
 from eddie_sink.keys import MarketplaceKeys
 from eddie_sink.readings import StoredReading, accept_reading
 from eddie_sink.store import ReadingStore
@@ -128,8 +129,10 @@ class MqttIngest:
         ca_pem: bytes | None = None,
         client_id: str | None = None,
         session_expiry: int = 7 * 86400,
+        ends: PermissionEnds | None = None,
     ) -> None:
         self.address = address
+        self._ends = ends
         self._keys = keys
         self._store = store
         self._writer = writer
@@ -217,7 +220,7 @@ class MqttIngest:
         if not self._keys.ready:
             await self._keys.wait_ready(KEYS_WAIT_SECONDS)
         try:
-            publisher = publisher_of(await self._keys.verify(token, AUDIENCE_SINK))
+            publisher = publisher_of(await self._keys.verify(token, AUDIENCE_SINK), token)
         except DomainError as exc:
             raise Dropped(exc.reason, permission_id) from None
         if publisher.permission_id != permission_id:
@@ -231,6 +234,12 @@ class MqttIngest:
         readings pass DataSinkServicer.Publish); a "permission ended" gate belongs
         at the top of this function.
         """
+        if self._ends is not None:  # the sink honours every end (eddie_sink.ends), as Publish does
+            await self._ends.follow(publisher)
+            try:
+                self._ends.ensure_live(publisher.permission_id)
+            except DomainError as exc:
+                raise Dropped(exc.reason, publisher.permission_id) from None
         if publisher.permission_id not in self._known:
             await self._store.record_permission(
                 publisher.permission_id, publisher.eligible_party, publisher.instance_id

@@ -10,8 +10,9 @@ import grpc
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
 from eddie_common.cli import split_host_port
-from eddie_common.interceptors import ServiceInterceptor
+from eddie_common.interceptors import Authenticator, ServiceInterceptor
 from eddie_common.logging import log_event
+from eddie_common.metrics import announce_metrics
 from eddie_common.mqtt import parse_broker_uri
 from eddie_common.serving import (
     SERVER_OPTIONS,
@@ -23,8 +24,11 @@ from eddie_common.serving import (
 )
 from eddie_sink.auth import SinkAuthenticator
 from eddie_sink.config import SinkConfig
+from eddie_sink.ends import PermissionEnds
+from eddie_sink.feed import EndFeed
 from eddie_sink.keys import MarketplaceKeys
 from eddie_sink.listing import ReadingPageTokens
+from eddie_sink.metrics import SinkMetrics
 from eddie_sink.mqtt import MqttIngest
 from eddie_sink.servicer import DataSinkServicer
 from eddie_sink.store import ReadingStore
@@ -46,7 +50,10 @@ class SinkApp:
     writer: ReadingWriter
     keys: MarketplaceKeys
     port: int
+    ends: PermissionEnds
+    feed: EndFeed
     mqtt: MqttIngest | None = None
+    metrics: SinkMetrics | None = None  # with --metrics-listen
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -77,20 +84,33 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     keys = MarketplaceKeys(
         config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
     )
-    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=SinkAuthenticator(keys))
-    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    metrics = SinkMetrics() if config.metrics_listen is not None else None
+    ends = await PermissionEnds.load(store)
+    feed = EndFeed(config.marketplace, marketplace_credentials(config), ends)
+    authenticate: Authenticator = SinkAuthenticator(keys)
+    if metrics is not None:
+        metrics.watch(writer)
+        authenticate = metrics.counting_refusals(authenticate)
+    interceptor = ServiceInterceptor(domain=ERROR_DOMAIN, authenticate=authenticate)
+    server = grpc.aio.server(
+        interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor], options=SERVER_OPTIONS
+    )
     data_sink_pb2_grpc.add_DataSinkServiceServicer_to_server(
-        DataSinkServicer(store, writer, page_tokens), server
+        DataSinkServicer(store, writer, page_tokens, ends, metrics.on_refused if metrics else None), server
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
         port = bind(server, config.listen, tls_files(config))
+        if metrics is not None and config.metrics_listen is not None:
+            await metrics.endpoint.start(config.metrics_listen)
     except Exception:
+        await feed.close()
         await keys.close()
         await store.close()
         raise
     writer.start()
     keys.start()
+    feed.start()
     mqtt = None
     if config.mqtt_url:
         client_id = "eddie-sink-" + (await store.secret("mqtt_client_id", 6)).hex()
@@ -101,19 +121,24 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
             writer,
             client_id=client_id,
             session_expiry=config.mqtt_session_expiry,
+            ends=ends,
         )
         mqtt.start()
     await server.start()
-    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, keys.close, store.close]
+    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, feed.close, keys.close, store.close]
     if mqtt is not None:
         on_stop.insert(0, mqtt.close)  # no new MQTT readings once the writer commits its last batch
+    if metrics is not None:
+        on_stop.append(metrics.endpoint.stop)
     lifecycle = Lifecycle(server, health, [SERVICE_NAME], on_stop=on_stop)
     log_event(log, "sink_started", port=port, data_dir=config.data_dir, marketplace=config.marketplace)
-    return SinkApp(lifecycle, store, writer, keys, port, mqtt), port
+    return SinkApp(lifecycle, store, writer, keys, port, ends, feed, mqtt=mqtt, metrics=metrics), port
 
 
 async def run(config: SinkConfig) -> None:
     """Serves until SIGINT/SIGTERM."""
     app, port = await create_server(config)
     host, _ = split_host_port(config.listen)
+    if app.metrics is not None and app.metrics.endpoint.port is not None:
+        announce_metrics(split_host_port(str(config.metrics_listen))[0], app.metrics.endpoint.port)
     await run_until_signal(app.lifecycle, host, port, config.grace_period, PROGRAM)

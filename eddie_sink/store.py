@@ -37,6 +37,16 @@ CREATE TABLE IF NOT EXISTS permissions (
     instance_id TEXT NOT NULL,
     first_seen INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS permission_ends (
+    permission_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    ended_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS permission_watches (
+    permission_id TEXT PRIMARY KEY,
+    sink_token TEXT NOT NULL,
+    end_ns INTEGER
+);
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -212,6 +222,37 @@ class ReadingStore:
         async with self._reader.execute(sql, params) as cursor:
             rows = await cursor.fetchall()
         return [StoredReading(*row) for row in rows]
+
+    async def record_end(self, permission_id: str, state: str) -> None:
+        """Remembers for good that the permission has ended (the sink refuses its readings)."""
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR IGNORE INTO permission_ends (permission_id, state, ended_at) VALUES (?, ?, ?)",
+                (permission_id, state, time.time_ns()),
+            )
+            await self._db.execute("DELETE FROM permission_watches WHERE permission_id = ?", (permission_id,))
+
+    async def ended_permissions(self) -> list[str]:
+        async with self._lock, self._db.execute("SELECT permission_id FROM permission_ends") as cursor:
+            return [str(row[0]) for row in await cursor.fetchall()]
+
+    async def record_watch(self, permission_id: str, sink_token: str, end_ns: int | None) -> None:
+        """Remembers how to follow the permission's end again after a restart."""
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO permission_watches (permission_id, sink_token, end_ns) "
+                "VALUES (?, ?, ?)",
+                (permission_id, sink_token, end_ns),
+            )
+
+    async def watches(self) -> list[tuple[str, str, int | None]]:
+        """(permission id, sink token, end in ns or None) of every permission followed and not ended."""
+        async with (
+            self._lock,
+            self._db.execute("SELECT permission_id, sink_token, end_ns FROM permission_watches") as cursor,
+        ):
+            rows = await cursor.fetchall()
+        return [(str(r[0]), str(r[1]), None if r[2] is None else int(r[2])) for r in rows]
 
     async def secret(self, name: str, size: int = 32) -> bytes:
         """A random secret created on first use and kept in the database."""

@@ -33,6 +33,9 @@ class ReadingWriter:
         self._room = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        # Read by the metrics: readings committed, and how many of them were new (not duplicates).
+        self.committed_readings = 0
+        self.stored_readings = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -79,6 +82,8 @@ class ReadingWriter:
             )
             committed.set_exception(exc)
             return
+        self.committed_readings += len(batch)
+        self.stored_readings += stored
         committed.set_result(None)
         log_event(log, "readings_stored", logging.DEBUG, received=len(batch), stored=stored)
 

@@ -26,6 +26,8 @@ PUBLIC_METHODS = frozenset(
         "/eddie.marketplace.v1.IdentityService/RefreshToken",
         "/eddie.marketplace.v1.IdentityService/ListSigningKeys",
         "/eddie.marketplace.v1.InstanceService/RegisterInstance",
+        # Each subscription is proven by a permission's sink token (services.sink_feed).
+        "/eddie.marketplace.v1.SinkFeedService/WatchPermissionEnds",
     }
 )
 
@@ -95,11 +97,19 @@ class AccessTokenAuthenticator:
         # Tokens of an external OpenID Connect provider (--oidc-issuer), routed by their `iss`.
         self.external = external
         self._accounts: dict[str, tuple[float, int | None]] = {}
+        self._denied: set[str] = set()  # deleted in this process: refused without the cache's window
 
     def forget(self, account_id: str) -> None:
         self._accounts.pop(account_id, None)
 
+    def deny(self, account_id: str) -> None:
+        """The account was deleted: its tokens are refused from now on."""
+        self._denied.add(account_id)
+        self._accounts[account_id] = (time.monotonic(), None)
+
     async def _account_role(self, account_id: str) -> int | None:
+        if account_id in self._denied:
+            return None
         now = time.monotonic()
         cached = self._accounts.get(account_id)
         if cached and now - cached[0] < self._CACHE_SECONDS:

@@ -130,7 +130,8 @@ class Config:
         default=False,
     )
     login_attempts_per_minute: float = flag(
-        "failed login attempts allowed per minute per e-mail and per peer",
+        "failed login attempts allowed per minute per peer; an e-mail with several recent "
+        "failures is slowed down (up to 1 s per attempt), never locked",
         name="login-rate",
         default=10.0,
         metavar="N",
@@ -141,6 +142,13 @@ class Config:
         name="claim-rate",
         default=5.0,
         metavar="N",
+        check=positive,
+    )
+    # How long a request_id is remembered (AIP-155); older keys are cleaned up and may be reused.
+    idempotency_ttl: float = flag(
+        "seconds a request_id is remembered; a retry after that creates anew",
+        default=86400.0,
+        metavar="SECONDS",
         check=positive,
     )
     max_streams_per_account: int = flag(
@@ -202,6 +210,12 @@ class Config:
         "claim (dotted path, e.g. realm_access.roles) naming the role: customer or eligible_party",
         default="eddie_role",
         metavar="CLAIM",
+    )
+    metrics_listen: str | None = flag(
+        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
+        default=None,
+        metavar="HOST:PORT",
+        check=host_port,
     )
     # Cluster mode (see marketplace_server.cluster): replicas on one PostgreSQL, talking over NATS.
     nats_url: str | None = flag(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import (
@@ -21,11 +22,13 @@ from eddie.marketplace.v1 import (
     identity_pb2_grpc,
     instance_pb2,
     instance_pb2_grpc,
+    sink_feed_pb2_grpc,
 )
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.page_tokens import PageTokenCodec
 from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
-from eddie_common.tokens import SigningKey, TokenIssuer
+from eddie_common.tokens import AUDIENCE_SINK, SigningKey, TokenIssuer, TokenVerifier
+from marketplace_server import idempotency
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
@@ -36,6 +39,8 @@ from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
 from marketplace_server.keyring import load_key_ring
+from marketplace_server.login_throttle import LoginThrottle
+from marketplace_server.metrics import MarketplaceMetrics
 from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
 from marketplace_server.ratelimit import RateLimiter
 from marketplace_server.rpc.access import AccessServicer
@@ -43,16 +48,19 @@ from marketplace_server.rpc.consent import ConsentServicer
 from marketplace_server.rpc.data_requests import DataRequestServicer
 from marketplace_server.rpc.identity import IdentityServicer
 from marketplace_server.rpc.instances import InstanceServicer
+from marketplace_server.rpc.sink_feed import SinkFeedServicer
 from marketplace_server.services.access import AccessService
 from marketplace_server.services.activities import ActivityFeed
 from marketplace_server.services.consent import ConsentService
 from marketplace_server.services.data_requests import DataRequestService
+from marketplace_server.services.deletion import AccountDeletion, revoke_receipts
 from marketplace_server.services.events import EventHub
 from marketplace_server.services.identity import IdentityService
 from marketplace_server.services.instances import InstanceService
 from marketplace_server.services.permissions import PermissionLedger
 from marketplace_server.services.receipts import ReceiptService, ReceiptSigner
 from marketplace_server.services.search import SearchService
+from marketplace_server.services.sink_feed import PermissionEndFeed
 from marketplace_server.services.statuses import StatusApplier
 from marketplace_server.services.timeouts import DecisionTimeouts
 from marketplace_server.services.watch import PermissionWatch
@@ -65,6 +73,7 @@ SERVICE_NAMES = [
     "eddie.marketplace.v1.DataRequestService",
     "eddie.marketplace.v1.AccessService",
     "eddie.marketplace.v1.ConsentService",
+    "eddie.marketplace.v1.SinkFeedService",
 ]
 
 
@@ -80,6 +89,7 @@ class PermissionServices:
     access: AccessService
     consent: ConsentService
     receipts: ReceiptService
+    sink_feed: PermissionEndFeed
 
 
 @dataclass
@@ -108,6 +118,10 @@ class Marketplace:
     access: AccessService
     consent: ConsentService
     receipts: ReceiptService
+    deletion: AccountDeletion
+    sink_feed: PermissionEndFeed
+    metrics: MarketplaceMetrics | None = None  # with --metrics-listen
+    idempotency_janitor: idempotency.KeyJanitor | None = None
     cluster: ClusterNode | None = None  # with --nats-url
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -117,6 +131,9 @@ class Marketplace:
             await self.events.start()
         if self.cluster is not None:  # its buckets first: the manager then links only their instances
             await self.cluster.start()
+        if self.metrics is not None and self.config.metrics_listen is not None:
+            await self.metrics.endpoint.start(self.config.metrics_listen)
+            self.lifecycle.on_stop.append(self.metrics.endpoint.stop)
         await self.server.start()
         for start in self.background:
             self._tasks.append(asyncio.create_task(start()))
@@ -160,8 +177,9 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         public_methods=PUBLIC_METHODS,
         translate=translate_infrastructure_error,
     )
+    metrics = MarketplaceMetrics() if config.metrics_listen is not None else None
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=[metrics.interceptor, interceptor] if metrics else [interceptor],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
@@ -171,10 +189,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         issuer,
         access_ttl=config.access_token_ttl,
         refresh_ttl=config.refresh_token_ttl,
-        login_limiter=RateLimiter(config.login_attempts_per_minute),
-    )
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, ring.keys, config.issuer), server
+        login_throttle=LoginThrottle(config.login_attempts_per_minute),
     )
     pages = PageTokenCodec.from_signing_key(signing_key)
     # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
@@ -194,7 +209,15 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
         DataRequestServicer(data_requests, search), server
     )
-    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages, node)
+    public_keys = {k.key_id: k.public_key for k in ring.keys}
+    permissions = _add_permission_services(
+        server, config, sessions, manager, issuer, pages, public_keys, node
+    )
+    deletion = AccountDeletion(permissions.permissions, authenticator, manager, permissions.events)
+    deletion.on_revoked_by_deletion.append(revoke_receipts(permissions.receipts.signer))
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(identity, ring.keys, config.issuer, deletion), server
+    )
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
@@ -207,6 +230,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         issuer,
         lifecycle,
         identity=identity,
+        deletion=deletion,
         authenticator=authenticator,
         manager=manager,
         instances=instances,
@@ -221,10 +245,20 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         access=permissions.access,
         consent=permissions.consent,
         receipts=permissions.receipts,
+        sink_feed=permissions.sink_feed,
+        metrics=metrics,
         cluster=node,
     )
+    if metrics is not None:
+        metrics.watch(manager, permissions.events, sessions)
+        search.observers.append(metrics.on_search)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
+    idempotency.RETENTION.seconds = config.idempotency_ttl
+    janitor = idempotency.KeyJanitor(sessions)
+    app.idempotency_janitor = janitor
+    app.background.append(janitor.run)
+    app.lifecycle.on_stop.append(janitor.stop)
     app.background.extend(worker.run for worker in workers)
     app.lifecycle.on_stop.extend(worker.stop for worker in workers)
     if node is not None:  # hands its buckets over at once, before the workers stop
@@ -274,6 +308,7 @@ def _add_permission_services(
     manager: ConnectionManager,
     issuer: TokenIssuer,
     pages: PageTokenCodec,
+    public_keys: dict[str, ec.EllipticCurvePublicKey],
     node: ClusterNode | None,
 ) -> PermissionServices:
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
@@ -300,4 +335,9 @@ def _add_permission_services(
     consent_pb2_grpc.add_ConsentServiceServicer_to_server(
         ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
     )
-    return PermissionServices(hub, ledger, timeouts, statuses, outbox, access, consent, receipts)
+    # Sink tokens signed before a key rotation stay valid proofs: every key of the ring verifies.
+    sink_verifier = TokenVerifier(public_keys, issuer=config.issuer, audience=AUDIENCE_SINK)
+    feed = PermissionEndFeed(sessions, sink_verifier)
+    hub.listeners.append(feed.on_events)
+    sink_feed_pb2_grpc.add_SinkFeedServiceServicer_to_server(SinkFeedServicer(feed), server)
+    return PermissionServices(hub, ledger, timeouts, statuses, outbox, access, consent, receipts, feed)

@@ -62,6 +62,7 @@ class InstanceLink:
     __slots__ = (
         "_backlog",
         "_call",
+        "_flooded",
         "_ping_seq",
         "_stopped",
         "_supervisor",
@@ -72,6 +73,7 @@ class InstanceLink:
         "_writing",
         "address",
         "connected",
+        "failed_attempts",
         "instance_id",
         "last_seen",
         "manager",
@@ -93,6 +95,8 @@ class InstanceLink:
         self._unsolicited = 0
         self._unsolicited_window = 0.0
         self._stopped = False
+        self._flooded = False
+        self.failed_attempts = 0  # connections in a row that failed or were cut: the backoff's exponent
         self._wake: asyncio.Future[None] | None = None
 
     # --- lifecycle ---
@@ -172,7 +176,6 @@ class InstanceLink:
     # --- the connection loop ---
 
     async def _supervise(self) -> None:
-        attempt = 0
         while not self._stopped:
             opened = False
             try:
@@ -190,8 +193,11 @@ class InstanceLink:
                 )
             finally:
                 await self._on_disconnected()
-            attempt = 0 if opened else attempt + 1
-            await self._back_off(self.manager.reconnect_backoff.delay(attempt + 1))
+            # A stream this link dropped for flooding does not count as a good connection: its
+            # backoff keeps growing instead of restarting from the shortest delay.
+            self.failed_attempts = 0 if opened and not self._flooded else self.failed_attempts + 1
+            self._flooded = False
+            await self._back_off(self.manager.reconnect_backoff.delay(self.failed_attempts + 1))
 
     async def _back_off(self, delay: float) -> None:
         """Waits `delay` seconds, or less if the instance re-registers meanwhile."""
@@ -260,6 +266,7 @@ class InstanceLink:
         self._unsolicited += 1
         if self._unsolicited > MAX_UNSOLICITED_PER_MINUTE and self._call is not None:
             log_event(log, "aiida_stream_dropped", logging.WARNING, instance=self.instance_id, why="flooding")
+            self._flooded = True
             self._call.cancel()
 
     def ping(self) -> None:

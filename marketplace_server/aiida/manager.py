@@ -127,7 +127,7 @@ class ConnectionManager:
         elif link.address != address or not link.connected:
             link.readdress(address)
 
-    async def drop(self, instance_ids: Iterable[str]) -> None:
+    async def release(self, instance_ids: Iterable[str]) -> None:
         """Stops the streams of instances this replica no longer owns (a lost bucket)."""
         links = [link for i in instance_ids if (link := self.links.pop(i, None)) is not None]
         for link in links:
@@ -136,6 +136,12 @@ class ConnectionManager:
         await asyncio.gather(*(link.stop() for link in links), return_exceptions=True)
         if links:
             self.heap.changed()
+
+    async def drop(self, instance_id: str) -> None:
+        """The instance is no longer claimed: its stream ends and is not reopened."""
+        link = self.links.pop(instance_id, None)
+        if link is not None:
+            await link.stop()
 
     def is_connected(self, instance_id: str) -> bool:
         link = self.links.get(instance_id)

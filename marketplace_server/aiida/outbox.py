@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
@@ -310,6 +311,8 @@ class OutboxWorker:
             permission_id=pid,
             eligible_party=payload.eligible_party,
             instance_id=delivery.instance_id,
+            # The end of the data window: the sink refuses readings that arrive after it.
+            permission_end=math.ceil(payload.end_time.timestamp()),
         )
         return aiida_pb2.ConfigureDataAccessRequest(
             data_access=aiida_pb2.DataAccess(

@@ -168,7 +168,7 @@ class ClusterNode:
             return
         buckets = self.leases.buckets
         gone = [i for i in self.manager.links if bucket_of(i, buckets) in lost and not self.owns(i)]
-        await self.manager.drop(gone)
+        await self.manager.release(gone)
         log_event(
             log, "cluster_streams_dropped", replica=self.replica_id, buckets=len(lost), instances=len(gone)
         )
@@ -185,7 +185,8 @@ class ClusterNode:
                 log_event(log, "cluster_resync_failed", logging.WARNING, error=repr(exc)[:200])
 
     async def resync(self) -> None:
-        """Links every claimed instance of the buckets owned now; drops streams of others."""
+        """Links every claimed instance of the buckets owned now; drops the other streams (another
+        replica's, or of an instance no longer claimed, e.g. its owner deleted her account elsewhere)."""
         async with self.sessions() as session:
             rows = (
                 await session.execute(
@@ -200,9 +201,10 @@ class ClusterNode:
             if self.owns(instance_id) and instance_id not in self.manager.links:
                 self.manager.link(instance_id, address)
                 linked += 1
-        stray = [i for i in self.manager.links if not self.owns(i)]
+        claimed = {instance_id for instance_id, _ in rows}  # deleted accounts' instances too
+        stray = [i for i in self.manager.links if not self.owns(i) or i not in claimed]
         if stray:
-            await self.manager.drop(stray)
+            await self.manager.release(stray)
         if linked or stray:
             log_event(log, "cluster_resynced", replica=self.replica_id, linked=linked, dropped=len(stray))
 

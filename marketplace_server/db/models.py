@@ -70,6 +70,8 @@ class AccountRow(Base):
     password_hash: Mapped[str] = mapped_column(String(200))
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set by DeleteAccount: the row stays (its id is the pseudonym consent receipts name), erased.
+    delete_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class ExternalIdentityRow(Base):
@@ -147,7 +149,7 @@ class IdempotencyKeyRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     result: Mapped[str] = mapped_column(Text)
-    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
 
 
 class SearchRow(Base):

@@ -5,21 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc
 from eddie_common.tokens import ALGORITHM, SigningKey
 from marketplace_server.auth import principal
 from marketplace_server.ratelimit import peer_host
+from marketplace_server.services.deletion import AccountDeletion
 from marketplace_server.services.identity import IdentityService
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, service: IdentityService, keys: list[SigningKey], issuer: str) -> None:
+    def __init__(
+        self, service: IdentityService, keys: list[SigningKey], issuer: str, deletion: AccountDeletion
+    ) -> None:
         self.service = service
         self.keys = keys
         self.issuer = issuer
+        self.deletion = deletion
 
     async def CreateAccount(
         self, request: identity_pb2.CreateAccountRequest, context: Context
@@ -51,3 +56,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             ],
             issuer=self.issuer,
         )
+
+    async def DeleteAccount(
+        self, request: identity_pb2.DeleteAccountRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.deletion.delete(request.name)
+        return empty_pb2.Empty()

@@ -47,7 +47,7 @@ from marketplace_server.services.permissions import (
     not_found,
     required_reason,
 )
-from marketplace_server.services.timeouts import DecisionTimeouts, is_overdue
+from marketplace_server.services.timeouts import DecisionTimeouts, is_due, is_overdue, settle
 
 __all__ = ["AccessService"]
 
@@ -57,6 +57,7 @@ METHOD_REQUEST = "RequestAccess"
 METHOD_LIST = "ListPermissions"
 SEQ_COUNTER = "permissions"
 MAX_INSTANCES = 1000
+LIVE_STATES = (PENDING, *ACTIVE_STATES)
 MAX_SINK_URI = 300
 _SINK_URI = re.compile(r"(?:grpc|mqtt)s?://(.+)", re.ASCII)  # DataSinkService or an MQTT broker
 
@@ -124,6 +125,32 @@ async def _owners_of_matched(session: AsyncSession, data_request_id: str, ids: l
     return {i: str(owners[i]) for i in ids}
 
 
+async def _live_permissions(
+    tx: PermissionTx, data_request_id: str, ids: list[str]
+) -> dict[str, PermissionRow]:
+    """The live (PENDING, ACCEPTED or ACTIVE) permission of each instance for the data request, by instance.
+
+    API.md: such an instance gets that permission back, not a second one. A pending permission past its
+    decision deadline, or an approved one past its end time, is not live: it is timed out or fulfilled
+    here, in the same transaction.
+    """
+    live: dict[str, PermissionRow] = {}
+    for chunk in chunked(ids):
+        rows = await tx.session.scalars(
+            select(PermissionRow).where(
+                PermissionRow.data_request_id == data_request_id,
+                PermissionRow.instance_id.in_(chunk),
+                PermissionRow.state.in_(LIVE_STATES),
+            )
+        )
+        for row in rows:
+            if is_due(row):
+                await settle(tx, row.id, first=row)
+            elif row.instance_id not in live or row.seq > live[row.instance_id].seq:
+                live[row.instance_id] = row
+    return live
+
+
 class AccessService:
     """RequestAccess, GetPermission, ListPermissions and TerminatePermission."""
 
@@ -174,7 +201,6 @@ class AccessService:
         self, caller: str, data_request_id: str, request: access_pb2.RequestAccessRequest, fingerprint: str
     ) -> list[PermissionRow]:
         ids = list(request.instance_ids)
-        permission_ids = [new_id() for _ in ids]
         async with self.ledger.transaction() as tx:
             session = tx.session
             if request.request_id:
@@ -186,29 +212,28 @@ class AccessService:
             data_request, owner_name = await load_data_request(session, data_request_id)
             ensure_owned_open(data_request, caller, "request access")
             owners = await _owners_of_matched(session, data_request_id, ids)
+            live = await _live_permissions(tx, data_request_id, ids)
+            fresh = [(new_id(), i) for i in ids if i not in live]
+            created = {i: pid for pid, i in fresh}
+            permission_ids = [live[i].id if i in live else created[i] for i in ids]
             if request.request_id:
                 await idempotency.remember(
                     session, caller, METHOD_REQUEST, request.request_id, fingerprint, " ".join(permission_ids)
                 )
-            rows = await self._insert(
-                tx,
-                caller,
-                data_request_id,
-                request.sink_uri,
-                list(zip(permission_ids, ids, strict=True)),
-                owners,
-            )
+            new_rows = await self._insert(tx, caller, data_request_id, request.sink_uri, fresh, owners)
             data_request_proto = data_request_to_proto(data_request, owner_name)
-            for row in rows:
+            for row in new_rows:
                 tx.created(row, data_request_proto)
+        by_instance = {**live, **{r.instance_id: r for r in new_rows}}
         log_event(
             log,
             "access_requested",
             data_request=data_request_id,
             eligible_party=caller,
-            permissions=len(rows),
+            permissions=len(new_rows),
+            already_live=len(live),
         )
-        return rows
+        return [by_instance[i] for i in ids]
 
     async def _insert(
         self,
@@ -219,6 +244,8 @@ class AccessService:
         pairs: list[tuple[str, str]],
         owners: dict[str, str],
     ) -> list[PermissionRow]:
+        if not pairs:
+            return []
         now = utcnow()
         deadline = now + timedelta(seconds=self.decision_timeout)
         first_seq = await reserve(tx.session, SEQ_COUNTER, len(pairs))

@@ -106,9 +106,15 @@ class EventHub:
         self.max_streams_per_account = max_streams_per_account
         self.queue_size = queue_size
         self._subscribers: dict[str, set[Subscriber]] = {}
+        # Called with every published batch, whoever it concerns (e.g. the sinks' feed of ends).
+        self.listeners: list[Callable[[list[Event]], None]] = []
 
     def stream_count(self, account_id: str) -> int:
         return len(self._subscribers.get(account_id, ()))
+
+    def open_streams(self) -> int:
+        """Streams of every account (for the metrics)."""
+        return sum(len(subscribers) for subscribers in self._subscribers.values())
 
     @contextlib.contextmanager
     def subscribe(
@@ -130,7 +136,14 @@ class EventHub:
             if not subscribers:
                 self._subscribers.pop(account_id, None)
 
+    def end_streams(self, account_id: str, error: BaseException) -> None:
+        """Ends every live stream of the account with `error` (e.g. the account was deleted)."""
+        for subscriber in list(self._subscribers.get(account_id, ())):
+            subscriber.fail(error)
+
     def publish(self, events: list[Event]) -> None:
+        for listener in self.listeners:
+            listener(events)
         for event in events:
             if isinstance(event, AccessRequested):
                 self._deliver(event.customer_id, event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -18,7 +19,7 @@ from marketplace_server.auth import role_name
 from marketplace_server.clock import to_timestamp, utcnow
 from marketplace_server.db.models import AccountRow, RefreshTokenRow
 from marketplace_server.errors import AlreadyExists, Unauthenticated, Validator
-from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.login_throttle import LoginThrottle
 from marketplace_server.resources import account_name, account_to_proto
 from marketplace_server.security import hash_password, new_id, sha256_hex, verify_password
 from marketplace_server.text import single_line
@@ -65,13 +66,13 @@ class IdentityService:
         *,
         access_ttl: float,
         refresh_ttl: float,
-        login_limiter: RateLimiter,
+        login_throttle: LoginThrottle,
     ) -> None:
         self.sessions = sessions
         self.issuer = issuer
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
-        self.login_limiter = login_limiter
+        self.login_throttle = login_throttle
 
     async def create_account(self, request: identity_pb2.CreateAccountRequest) -> identity_pb2.Account:
         validate_new_account(request)
@@ -108,8 +109,10 @@ class IdentityService:
 
     async def login(self, email: str, password: str, peer: str) -> identity_pb2.Token:
         normalized = email.strip().lower()[:254]
-        limits = (f"email:{normalized}", f"peer:{peer}")
-        self.login_limiter.ensure_allowed(*limits, what="login attempts")
+        throttle = self.login_throttle
+        throttle.ensure_allowed(peer)
+        if (delay := throttle.delay(normalized)) > 0:
+            await asyncio.sleep(delay)
         row: AccountRow | None = None
         if "\x00" not in normalized:  # no account has one, and PostgreSQL refuses NUL in text
             async with self.sessions() as session:
@@ -118,9 +121,10 @@ class IdentityService:
                 )
         ok = await verify_password(row.password_hash if row else None, password[:1024])
         if row is None or not ok or row.disabled:
-            self.login_limiter.record_failure(*limits)
+            throttle.record_failure(peer, normalized)
             log_event(log, "login_failed", logging.WARNING, peer=peer)
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
+        throttle.record_success(normalized)
         async with self.sessions.begin() as session:
             tokens = self._issue(session, row, family_id=new_id())
         log_event(log, "login", account=row.id)

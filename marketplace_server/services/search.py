@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol, cast
 
 from sqlalchemy import Table, insert, select
@@ -62,6 +62,8 @@ class SearchService:
         self.config = config
         self.limiter = RateLimiter(config.search_rate_per_minute)
         self.cluster: ClusterSearch | None = None  # set in cluster mode (marketplace_server.cluster.node)
+        # Called with every summary (the metrics); they must not block.
+        self.observers: list[Callable[[data_request_pb2.SearchSummary], None]] = []
 
     def _timeout(self, request: data_request_pb2.SearchInstancesRequest, remaining: float | None) -> float:
         timeout = self.config.search_timeout_default
@@ -136,6 +138,8 @@ class SearchService:
             timed_out=summary.timed_out,
             elapsed_ms=int(summary.elapsed.ToMilliseconds()),
         )
+        for observe in self.observers:
+            observe(summary)
         yield data_request_pb2.SearchInstancesResponse(summary=summary)
 
     async def _local(self, need: energy_pb2.DataNeed, timeout: float) -> Results:

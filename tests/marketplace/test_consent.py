@@ -83,7 +83,7 @@ async def test_connect_sends_pending_requests_then_ready_then_live_events_to_eve
             assert shown.data_request.owner_display_name == "Wien Energie"
             assert shown.data_request.data_need.duration.seconds == 30 * DAY
             assert opening[1].ready.pending_count == 1
-        [second] = await scene.request_access(*ids)
+        [second] = await (await scene.sibling()).request_access(*ids)
         for device in (phone, tablet):
             [live] = await device.until(lambda m: m.HasField("access_request"))
             assert live.access_request.permission.name == second.name
@@ -225,7 +225,8 @@ async def test_the_customer_revokes_and_the_aiida_is_told(
 ) -> None:
     scene, ids = await matched_scene(market, aiida, instances=1)
     customer = scene.customers[ids[0]]
-    [permission, pending] = [(await scene.request_access(*ids))[0] for _ in range(2)]
+    [permission] = await scene.request_access(*ids)
+    [pending] = await (await scene.sibling()).request_access(*ids)
     scene.double.configure_state = DataAccess.STATE_ACTIVE  # like the reference AIIDA
     await scene.decide(permission, approve=True)
     await scene.until_state(permission, Permission.STATE_ACTIVE)
@@ -287,7 +288,8 @@ async def test_an_offline_aiida_is_configured_when_it_comes_back(
     market: RunningMarketplace, aiida: RunningAiida
 ) -> None:
     scene, ids = await matched_scene(market, aiida, instances=1)
-    configured, revoked_early = [(await scene.request_access(*ids))[0] for _ in range(2)]
+    [configured] = await scene.request_access(*ids)
+    [revoked_early] = await (await scene.sibling()).request_access(*ids)
     await aiida.stop()
     await scene.until_linked(ids[0], linked=False)
     await scene.decide(configured, approve=True)

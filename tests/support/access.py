@@ -124,6 +124,23 @@ class Scene:
         )
         return list(response.permissions)
 
+    async def sibling(self) -> Scene:
+        """The same EP and customers under a second data request, searched: an instance with a live
+        permission here can get a second one there (one data request gives one live permission)."""
+        data_request = await self.ep.data_requests.CreateDataRequest(
+            data_request_pb2.CreateDataRequestRequest(
+                data_request=data_request_pb2.DataRequest(
+                    title=f"{self.data_request.title} (2)",
+                    purpose=self.data_request.purpose,
+                    data_need=self.data_request.data_need,
+                )
+            ),
+            metadata=self.ep.metadata,
+        )
+        other = Scene(self.market, self.aiida, self.ep, data_request, self.customers)
+        await other.search()
+        return other
+
     async def decide(self, permission: Any, approve: bool, reason: str = "") -> Any:
         customer = self.customers[permission.instance_id]
         return await customer.consent.DecideAccess(

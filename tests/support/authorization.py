@@ -82,11 +82,14 @@ class Ctx:
     b: Tenant
     refresh_tokens: list[str]  # fresh refresh tokens of customer A, one per RefreshToken call
     counter: itertools.count[int] = field(default_factory=itertools.count)
+    stand_ins: dict[str, Session] = field(default_factory=dict)  # caller -> who plays them (one row)
 
     def tenant(self, label: str) -> Tenant:
         return self.a if label == "A" else self.b
 
     def client(self, caller: str) -> Session:
+        if caller in self.stand_ins:
+            return self.stand_ins[caller]
         clients = {
             ANON: self.world.market.client(),
             CUSTOMER_A: self.a.customer,
@@ -143,8 +146,20 @@ async def _request_access(t: Tenant, request_id: str = "") -> list[str]:
     return [p.name for p in response.permissions]
 
 
-async def new_pending(t: Tenant) -> str:
-    return (await _request_access(t))[0]
+async def new_pending(t: Tenant, fresh: bool = True) -> str:
+    """A new pending permission on the tenant's instance. One data request gives an instance one live
+    permission (API.md, RequestAccess), so each but the first is asked under a data request of its own."""
+    if not fresh:
+        return (await _request_access(t))[0]
+    data_request = await _create_data_request(t.ep)
+    await _search(t.ep, data_request)
+    response = await t.ep.access.RequestAccess(
+        access_pb2.RequestAccessRequest(
+            data_request=data_request, instance_ids=[t.instance_id], sink_uri=SINK_URI
+        ),
+        metadata=t.ep.metadata,
+    )
+    return str(response.permissions[0].name)
 
 
 async def _accepted(t: Tenant) -> str:
@@ -159,7 +174,7 @@ async def build_tenant(customer: Session, ep: Session, instance_id: str) -> Tena
     t = Tenant(customer, ep, instance_id)
     t.data_request = await _create_data_request(ep)
     t.search = await _search(ep, t.data_request)
-    t.pending = await new_pending(t)
+    t.pending = await new_pending(t, fresh=False)
     t.accepted = await _accepted(t)
     t.close_me = await _create_data_request(ep)
     t.decide_me = await new_pending(t)
@@ -226,6 +241,9 @@ class Row:
     # The same request naming an object that does not exist: every caller the row refuses must
     # get exactly the same answer for it as for the real target.
     ghost: Build | None = None
+    # Each signed-in caller is played by a fresh account of the same role (for calls that would
+    # consume the caller itself, such as DeleteAccount).
+    stand_ins: bool = False
 
 
 @dataclass

@@ -165,7 +165,37 @@ def identity_rows() -> dict[str, list[Row]]:
                 everyone(Ok(has_keys)),
             ),
         ],
+        # Deletion would end the world's tenants: each caller is a fresh stand-in of the same role.
+        "IdentityService.DeleteAccount": [
+            Row(
+                "customer A's account",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name=ctx.a.customer_name),
+                signed_in(NOT_OWNER),
+                ghost=lambda ctx, caller: identity_pb2.DeleteAccountRequest(name="accounts/nosuchaccount0"),
+                snapshot=_account_of_a,
+                stand_ins=True,
+            ),
+            Row(
+                "a malformed name",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name="users/someone"),
+                signed_in(Err(Code.INVALID_ARGUMENT, "INVALID_ARGUMENT")),
+                stand_ins=True,
+            ),
+            Row(
+                "the caller's own account",
+                lambda ctx, caller: identity_pb2.DeleteAccountRequest(name=ctx.account(caller)),
+                signed_in(Ok()),
+                stand_ins=True,
+            ),
+        ],
     }
+
+
+async def _account_of_a(ctx: Ctx) -> object:
+    found = await ctx.a.customer.identity.GetCurrentAccount(
+        identity_pb2.GetCurrentAccountRequest(), metadata=ctx.a.customer.metadata
+    )
+    return found.SerializeToString(deterministic=True)
 
 
 def _register(instance_id: str, secret: str = SECRET, address: str = "") -> Callable[[Ctx, str], Message]:

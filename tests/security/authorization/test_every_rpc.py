@@ -7,7 +7,20 @@ from __future__ import annotations
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 
-from tests.support.authorization import CALLERS, Ctx, Expect, Ok, Row, invoke, judge, signature
+from eddie.marketplace.v1 import identity_pb2
+from tests.support.authorization import (
+    ANON,
+    CALLERS,
+    CUSTOMER_A,
+    CUSTOMER_B,
+    Ctx,
+    Expect,
+    Ok,
+    Row,
+    invoke,
+    judge,
+    signature,
+)
 from tests.support.authorization_matrix import MATRIX
 from tests.support.calls import RPCS
 
@@ -48,6 +61,21 @@ async def test_authorization(ctx: Ctx, method: MethodDescriptor, attr: str) -> N
 
 
 async def _run_row(ctx: Ctx, rpc: str, method: MethodDescriptor, attr: str, row: Row) -> list[str]:
+    if not row.stand_ins:
+        return await _run_row_as_callers(ctx, rpc, method, attr, row)
+    roles = {CUSTOMER_A: identity_pb2.ROLE_CUSTOMER, CUSTOMER_B: identity_pb2.ROLE_CUSTOMER}
+    ctx.stand_ins = {
+        caller: await ctx.world.market.signup(roles.get(caller, identity_pb2.ROLE_ELIGIBLE_PARTY))
+        for caller in CALLERS
+        if caller != ANON
+    }
+    try:
+        return await _run_row_as_callers(ctx, rpc, method, attr, row)
+    finally:
+        ctx.stand_ins = {}
+
+
+async def _run_row_as_callers(ctx: Ctx, rpc: str, method: MethodDescriptor, attr: str, row: Row) -> list[str]:
     problems: list[str] = []
     refused = [c for c in CALLERS if not _allows(row.expect[c])]
     allowed = [c for c in CALLERS if _allows(row.expect[c])]

@@ -111,6 +111,9 @@ async def test_a_flooding_aiida_loses_its_own_stream_and_nobody_else_does(arena:
     # The link is kept (it reconnects: the instance may recover), but within the minute a stream
     # of the flooder is cut again at its first stray message, so a new flood costs next to nothing.
     await arena.honest.until(lambda: arena.honest.opened["flood-box"] >= 3, 5, "the flooder reconnected")
+    # Its reconnect backoff keeps growing: a stream cut for flooding is no good connection.
+    if arena.app is not None:
+        assert arena.app.manager.links["flood-box"].failed_attempts >= 2
     later = [s for s in arena.honest.history["flood-box"][1:] if s.ended.is_set()]
     assert later and all(s.sent < 200 for s in later), [s.sent for s in later]
     arena.assert_honest_untouched()

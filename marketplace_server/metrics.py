@@ -1,0 +1,106 @@
+"""The marketplace's Prometheus metrics (`--metrics-listen`), read from its state at scrape time.
+
+Nothing here is on a hot path: connected instances and open consent streams are counted when
+Prometheus scrapes, the outbox and the permissions by state are two small queries right before
+the scrape, and a search adds one histogram observation when it ends.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import false, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from eddie.marketplace.v1 import access_pb2, data_request_pb2
+from eddie_common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
+from marketplace_server.aiida.manager import ConnectionManager
+from marketplace_server.db.models import OutboxRow, PermissionRow
+from marketplace_server.services.events import EventHub
+
+SEARCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
+ANSWER_KINDS = ("matched", "not_matched", "unreachable", "timed_out")
+PERMISSION_STATES = {
+    value: name.removeprefix("STATE_").lower()
+    for name, value in access_pb2.Permission.State.items()
+    if value != access_pb2.Permission.STATE_UNSPECIFIED
+}
+
+
+class MarketplaceMetrics:
+    """The registry, the gRPC interceptor and the marketplace's own families."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpc = RpcMetrics(self.registry)
+        self.interceptor = MetricsInterceptor(self.rpc)
+        r = self.registry
+        self.connected = Gauge(
+            "marketplace_connected_instances", "AIIDAs with a live Connect stream", registry=r
+        )
+        self.consent_streams = Gauge(
+            "marketplace_consent_streams_open", "open consent and permission-watch streams", registry=r
+        )
+        self.search_seconds = Histogram(
+            "marketplace_search_seconds", "duration of searches, from the call to the summary",
+            buckets=SEARCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.search_answers = Counter(
+            "marketplace_search_answers", "AIIDA answers to searches, by kind", ["kind"], registry=r
+        )
+        self.searches_withheld = Counter(
+            "marketplace_searches_withheld", "searches whose matches were withheld (below --min-match-set)",
+            registry=r,
+        )  # fmt: skip
+        self.outbox_pending = Gauge(
+            "marketplace_outbox_pending", "deliveries to AIIDAs not acknowledged yet", registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "marketplace_outbox_oldest_age_seconds", "age of the oldest unacknowledged delivery", registry=r
+        )
+        self.permissions = Gauge("marketplace_permissions", "permissions by state", ["state"], registry=r)
+        self._answers = {kind: self.search_answers.labels(kind) for kind in ANSWER_KINDS}
+        self.endpoint = MetricsEndpoint(self.registry)
+
+    def watch(
+        self, manager: ConnectionManager, hub: EventHub, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """Reads the live parts at scrape time and the database right before it."""
+        self.connected.set_function(lambda: sum(1 for link in manager.links.values() if link.connected))
+        self.consent_streams.set_function(hub.open_streams)
+
+        async def refresh() -> None:
+            await self._refresh(sessions)
+
+        self.endpoint.refreshers.append(refresh)
+
+    def on_search(self, summary: data_request_pb2.SearchSummary) -> None:
+        self.search_seconds.observe(summary.elapsed.ToNanoseconds() / 1e9)
+        if summary.withheld:
+            self.searches_withheld.inc()
+        for kind in ANSWER_KINDS:
+            count = getattr(summary, kind)
+            if count:
+                self._answers[kind].inc(count)
+
+    async def _refresh(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        async with sessions() as session:
+            pending, oldest = (
+                await session.execute(
+                    select(func.count(), func.min(OutboxRow.create_time)).where(OutboxRow.done == false())
+                )
+            ).one()
+            states = dict(
+                (
+                    await session.execute(
+                        select(PermissionRow.state, func.count()).group_by(PermissionRow.state)
+                    )
+                )
+                .tuples()
+                .all()
+            )
+        self.outbox_pending.set(pending)
+        self.outbox_oldest.set((datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0)
+        for value, name in PERMISSION_STATES.items():
+            self.permissions.labels(name).set(states.get(value, 0))
