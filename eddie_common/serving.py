@@ -102,10 +102,18 @@ class Lifecycle:
     health: health.aio.HealthServicer
     service_names: Sequence[str]
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run before the drain: end long-lived streams (feeds, watches) that would hold the whole grace.
+    before_stop: list[Callable[[], None]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then drains in-flight RPCs for up to `grace` seconds."""
         await set_serving(self.health, self.service_names, False)
+        for end in self.before_stop:
+            try:
+                end()
+            except Exception as exc:
+                hook = getattr(end, "__qualname__", "?")
+                log_event(log, "stop_hook_failed", logging.WARNING, hook=hook, error=repr(exc))
         await self.server.stop(grace)
         for hook in self.on_stop:
             try:

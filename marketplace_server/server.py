@@ -221,6 +221,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
+    lifecycle.before_stop.append(permissions.sink_feed.close)
     app = Marketplace(
         config,
         server,

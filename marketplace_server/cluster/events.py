@@ -128,6 +128,11 @@ class ClusterEventHub(EventHub):
         if origin == self.replica_id:
             return  # delivered locally already
         account_id = str(message.subject).rsplit(".", 1)[-1]
+        if account_id == _accounts_of(event)[0]:
+            # Once per event (it is published once per account concerned): the hub's listeners, such
+            # as the sinks' feed of permission ends, hear of changes made at other replicas too.
+            for listener in self.listeners:
+                listener([event])
         if account_id in self._subscribers:
             self.received += 1
             self._deliver(account_id, event)

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import sink_feed_pb2
-from eddie_common.errors import DomainError, ResourceExhausted, Unauthenticated
+from eddie_common.errors import DomainError, ResourceExhausted, Unauthenticated, Unavailable
 from eddie_common.logging import log_event
 from eddie_common.tokens import TokenVerifier
 from marketplace_server.clock import to_timestamp
@@ -68,6 +68,13 @@ class PermissionEndFeed:
         self.sessions = sessions
         self.verifier = verifier
         self._watches: dict[str, set[_Watch]] = {}  # permission id -> feeds following it
+        self._open: set[_Watch] = set()
+
+    def close(self) -> None:
+        """Ends every open feed (the marketplace is stopping; sinks reconnect and re-subscribe)."""
+        ending = Unavailable("the marketplace is shutting down; reconnect", reason="SHUTTING_DOWN")
+        for watch in {w for watches in self._watches.values() for w in watches} | self._open:
+            watch.push(ending)
 
     def on_events(self, events: list[Event]) -> None:
         """The hub's listener: pushes every permission that just became terminal to its followers."""
@@ -91,6 +98,7 @@ class PermissionEndFeed:
         self, requests: AsyncIterator[sink_feed_pb2.WatchPermissionEndsRequest]
     ) -> AsyncIterator[Response]:
         feed = _Watch()
+        self._open.add(feed)
         reader = asyncio.create_task(self._read(requests, feed))
         try:
             while True:
@@ -100,6 +108,7 @@ class PermissionEndFeed:
                 yield item
         finally:
             reader.cancel()
+            self._open.discard(feed)
             for permission_id in feed.permission_ids:
                 watches = self._watches.get(permission_id)
                 if watches is not None:

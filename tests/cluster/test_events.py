@@ -100,3 +100,19 @@ def test_events_round_trip_through_their_encoding() -> None:
         assert (origin, event) == ("r1", original)
     with pytest.raises(ValueError, match="malformed"):
         decode_event(b'{"kind": "other"}')
+
+
+async def test_the_hubs_listeners_hear_of_changes_made_at_other_replicas_once(
+    replicas: list[ClusterEventHub],
+) -> None:
+    a, b, _ = replicas
+    heard: list[object] = []
+    b.listeners.append(heard.extend)
+    a.publish([changed()])  # published to the customer's and the EP's subjects
+    await a.flush()
+    for _ in range(50):
+        if heard:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    assert len(heard) == 1 and isinstance(heard[0], PermissionChanged)
