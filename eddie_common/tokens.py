@@ -27,6 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.types import Options
 
 from eddie_common.errors import Unauthenticated
 
@@ -158,29 +159,52 @@ class TokenVerifier:
         key = self.public_keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway,
-                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"], "strict_aud": True},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthenticated("token not meant for this service", reason="TOKEN_WRONG_AUDIENCE") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthenticated("token from another issuer", reason="TOKEN_WRONG_ISSUER") from None
-        except jwt.PyJWTError:
-            raise Unauthenticated("invalid token", reason="TOKEN_INVALID") from None
+        claims = decode_claims(
+            token,
+            key,
+            ALGORITHM,
+            audience=self.audience,
+            issuer=self.issuer,
+            leeway=self.leeway,
+            options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"], "strict_aud": True},
+        )
         if not isinstance(claims.get("sub"), str):
             raise Unauthenticated("invalid token", reason="TOKEN_INVALID")
         return claims
+
+
+def decode_claims(
+    token: str,
+    key: Any,
+    algorithm: str,
+    *,
+    audience: str,
+    issuer: str,
+    leeway: float,
+    options: Options,
+) -> dict[str, Any]:
+    """Checks the signature and the registered claims; PyJWT's errors become Unauthenticated reasons."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            options=options,
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID") from None
+    except jwt.InvalidAudienceError:
+        raise Unauthenticated("token not meant for this service", reason="TOKEN_WRONG_AUDIENCE") from None
+    except jwt.InvalidIssuerError:
+        raise Unauthenticated("token from another issuer", reason="TOKEN_WRONG_ISSUER") from None
+    except jwt.PyJWTError:
+        raise Unauthenticated("invalid token", reason="TOKEN_INVALID") from None
+    return claims
 
 
 def bearer_token(metadata: Any) -> str | None:

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.marketplace.v1 import identity_pb2
 from eddie_common.errors import PermissionDenied, Unauthenticated
 from eddie_common.logging import log_event
-from eddie_common.tokens import LEEWAY_SECONDS, MAX_TOKEN_LENGTH
+from eddie_common.tokens import LEEWAY_SECONDS, MAX_TOKEN_LENGTH, decode_claims
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import AccountRow, ExternalIdentityRow
 from marketplace_server.security import new_id
@@ -263,26 +263,15 @@ class OidcAuthenticator:
             raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
         if key.algorithm_name != alg:
             raise Unauthenticated("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key.key,
-                algorithms=[alg],
-                audience=self.settings.audience,
-                issuer=self.settings.issuer,
-                leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
-        except jwt.ImmatureSignatureError:
-            raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID") from None
-        except jwt.InvalidAudienceError:
-            raise Unauthenticated("token not meant for this service", reason="TOKEN_WRONG_AUDIENCE") from None
-        except jwt.InvalidIssuerError:
-            raise Unauthenticated("token from another issuer", reason="TOKEN_WRONG_ISSUER") from None
-        except jwt.PyJWTError:
-            raise Unauthenticated("invalid token", reason="TOKEN_INVALID") from None
+        claims = decode_claims(
+            token,
+            key.key,
+            alg,
+            audience=self.settings.audience,
+            issuer=self.settings.issuer,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+        )
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > 255:
             raise Unauthenticated("invalid token subject", reason="TOKEN_INVALID")
