@@ -7,6 +7,10 @@ publishes them on `{prefix}.events.{account_id}` for each account concerned;
 every replica follows `{prefix}.events.>` and delivers what other replicas
 published to the streams it holds. The database stays the truth: a stream that
 (re)connects starts from a snapshot read after it subscribed.
+
+A deleted account is announced on `{prefix}.accounts.deleted` (after the commit, before
+DeleteAccount returns): every other replica refuses its access tokens from then on and
+ends its streams, without waiting for its authentication cache's window.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
@@ -32,6 +37,8 @@ class Messaging(Protocol):
     async def publish(self, subject: str, payload: bytes = b"") -> None: ...
 
     async def subscribe(self, subject: str, cb: Any = None) -> Any: ...
+
+    async def flush(self, timeout: int = ...) -> None: ...
 
 
 def _b64(data: bytes) -> str:
@@ -99,9 +106,32 @@ class ClusterEventHub(EventHub):
         self.replica_id = replica_id
         self._sending: set[asyncio.Task[None]] = set()
         self.received = 0
+        # Called with the id of an account deleted at another replica.
+        self.deletion_listeners: list[Callable[[str], None]] = []
 
     async def start(self) -> None:
         await self.messaging.subscribe(f"{self.prefix}.events.>", cb=self._on_message)
+        await self.messaging.subscribe(f"{self.prefix}.accounts.deleted", cb=self._on_deleted)
+
+    async def announce_deleted(self, account_id: str) -> None:
+        """Tells the other replicas (handed to the NATS server before this returns)."""
+        body = {"origin": self.replica_id, "id": account_id}
+        await self.messaging.publish(
+            f"{self.prefix}.accounts.deleted", json.dumps(body, separators=(",", ":")).encode()
+        )
+        await self.messaging.flush(timeout=2)
+
+    async def _on_deleted(self, message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            origin, account_id = str(body["origin"]), str(body["id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log_event(log, "cluster_message_dropped", logging.WARNING, error=repr(exc)[:200])
+            return
+        if origin == self.replica_id:
+            return
+        for listener in self.deletion_listeners:
+            listener(account_id)
 
     def publish(self, events: list[Event]) -> None:
         super().publish(events)

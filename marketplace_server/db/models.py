@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -272,6 +273,41 @@ class ReplicaRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class SigningKeyRow(Base):
+    """A key of the marketplace's signing key ring, shared by every process on the database.
+
+    PostgreSQL deployments (one process or a cluster) keep the ring here instead of in
+    --data-dir: the newest row is the current key, the oldest the device key AIIDAs pin
+    (marketplace_server.keyring). The private key is PKCS#8 PEM: protect the table like a
+    key file (database roles, encrypted backups).
+    """
+
+    __tablename__ = "signing_keys"
+
+    # Insertion order: the highest id is the current key, the lowest the device key.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(64), unique=True)
+    private_key_pem: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    retire_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class RateLimitRow(Base):
+    """Cluster mode: one rate-limit bucket (marketplace_server.ratelimit), shared by the replicas.
+
+    `level` is a token bucket's tokens (or a failure score that decays); `idle_at` is when the
+    row equals no row at all (a full bucket, a score decayed to 0), after which it is deleted.
+    """
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of (limit, key)
+    level: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    idle_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    allowed: Mapped[bool] = mapped_column(Boolean, default=True)  # the last take's answer
+
+
 class CounterRow(Base):
     """Named monotonic counters (for `seq` columns), portable across backends."""
 
@@ -294,8 +330,10 @@ __all__ = [
     "OutboxRow",
     "PermissionRow",
     "PermissionTransitionRow",
+    "RateLimitRow",
     "RefreshTokenRow",
     "ReplicaRow",
     "SearchMatchRow",
     "SearchRow",
+    "SigningKeyRow",
 ]

@@ -26,7 +26,7 @@ from marketplace_server.clock import to_duration, to_timestamp, utcnow
 from marketplace_server.config import Config
 from marketplace_server.db.models import DataRequestRow, SearchMatchRow, SearchRow
 from marketplace_server.errors import InvalidArgument, NotFound
-from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.ratelimit import Limiter, RateLimiter
 from marketplace_server.resources import (
     ensure_owned_open,
     load_data_request,
@@ -60,7 +60,8 @@ class SearchService:
         self.sessions = sessions
         self.manager = manager
         self.config = config
-        self.limiter = RateLimiter(config.search_rate_per_minute)
+        # Searches per account; in cluster mode the server swaps in the database-backed limiter.
+        self.limiter: Limiter = RateLimiter(config.search_rate_per_minute)
         self.cluster: ClusterSearch | None = None  # set in cluster mode (marketplace_server.cluster.node)
         # Called with every summary (the metrics); they must not block.
         self.observers: list[Callable[[data_request_pb2.SearchSummary], None]] = []
@@ -96,7 +97,7 @@ class SearchService:
         data_request_id = parse_data_request_name(request.data_request, "data_request")
         timeout = self._timeout(request, remaining)
         row = await self._load_owned_open(data_request_id)
-        self.limiter.acquire(f"account:{row.owner_id}", what="searches")
+        await self.limiter.acquire(f"account:{row.owner_id}", what="searches")
         need = energy_pb2.DataNeed.FromString(row.data_need)
         floor = MatchFloor(self.config.min_match_set)
         remaining_time = timeout - (time.perf_counter() - started)
