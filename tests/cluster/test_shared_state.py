@@ -94,9 +94,10 @@ async def me(session: Session) -> identity_pb2.Account:
 
 
 async def accepted(session: Session) -> bool:
-    """Whether the replica accepts the session's token (UNAUTHENTICATED: it does not)."""
+    """Whether the replica accepts the session's token (UNAUTHENTICATED: it does not). ListInstances
+    reads no account row itself: only the authentication decides (GetCurrentAccount would read it)."""
     try:
-        await me(session)
+        await session.instances.ListInstances(instance_pb2.ListInstancesRequest(), metadata=session.metadata)
     except grpc.aio.AioRpcError as err:
         if err.code() != UNAUTHENTICATED:
             raise
@@ -214,6 +215,9 @@ async def test_concurrent_first_loads_of_the_ring_create_one_key(tmp_path: Path)
         engines = [create_engine(POSTGRES_URL, schema=schema) for _ in range(5)]
         try:
             await migrate(engines[0])
+            for engine in engines:  # connected beforehand: the five transactions overlap
+                async with engine.connect():
+                    pass
             rings = await asyncio.gather(
                 *(load_database_key_ring(create_sessionmaker(e), tmp_path / "empty") for e in engines)
             )
@@ -342,8 +346,7 @@ async def test_idempotency_refresh_reuse_and_deletion_hold_across_replicas(tmp_p
         # (within their authentication cache's 2 s window, which alone would still accept it).
         leaving = await a.customer()
         on_b, on_c = as_client(b, leaving), as_client(c, leaving)
-        await me(on_b)
-        await me(on_c)
+        assert await accepted(on_b) and await accepted(on_c)  # cached as a live account at B and C
         await leaving.identity.DeleteAccount(
             identity_pb2.DeleteAccountRequest(name=leaving.account.name), metadata=leaving.metadata
         )
