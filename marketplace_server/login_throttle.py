@@ -31,6 +31,7 @@ from marketplace_server.ratelimit import (
     DatabaseRateLimiter,
     Limiter,
     RateLimiter,
+    autocommit,
     elapsed_seconds,
     row_key,
     seconds_from_now,
@@ -90,14 +91,16 @@ class DatabaseFailureScores:
     """In the database (cluster mode): failures at any replica slow the account down at every one."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], decay_per_second: float) -> None:
-        self.sessions = sessions
+        self.engine = autocommit(sessions)
         self.decay = decay_per_second
 
     async def score(self, account: str) -> float:
-        async with self.sessions() as session:
-            value = await session.scalar(
-                select(_decayed(self.decay)).where(RateLimitRow.key == row_key(SCORES, account))
-            )
+        async with self.engine.connect() as connection:
+            value = (
+                await connection.execute(
+                    select(_decayed(self.decay)).where(RateLimitRow.key == row_key(SCORES, account))
+                )
+            ).scalar()
         return float(value or 0.0)
 
     async def bump(self, account: str) -> None:
@@ -114,12 +117,12 @@ class DatabaseFailureScores:
             index_elements=[RateLimitRow.key],
             set_={"level": level, "updated_at": func.now(), "idle_at": seconds_from_now(level / self.decay)},
         )
-        async with self.sessions.begin() as session:
-            await session.execute(statement)
+        async with self.engine.connect() as connection:
+            await connection.execute(statement)
 
     async def reset(self, account: str) -> None:
-        async with self.sessions.begin() as session:
-            await session.execute(delete(RateLimitRow).where(RateLimitRow.key == row_key(SCORES, account)))
+        async with self.engine.connect() as connection:
+            await connection.execute(delete(RateLimitRow).where(RateLimitRow.key == row_key(SCORES, account)))
 
 
 class LoginThrottle:

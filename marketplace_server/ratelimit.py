@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import Float, case, cast, delete, func, update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie_common.errors import ResourceExhausted
 from eddie_common.logging import log_event
@@ -36,6 +36,7 @@ __all__ = [
     "Limiter",
     "RateLimitJanitor",
     "RateLimiter",
+    "autocommit",
     "elapsed_seconds",
     "peer_host",
     "rate_limiter",
@@ -156,8 +157,15 @@ def _refund(key: str, burst: float, rate: float) -> Any:
     )
 
 
+def autocommit(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The sessions' engine without BEGIN / COMMIT round trips: each statement is its own transaction."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 class DatabaseRateLimiter:
-    """The same limit as `RateLimiter`, with its buckets in the database (cluster mode; PostgreSQL)."""
+    """The same limit as `RateLimiter`, with its buckets in the database (cluster mode; PostgreSQL).
+    Each take or refund is one statement, committed on its own (autocommit)."""
 
     def __init__(
         self,
@@ -166,14 +174,15 @@ class DatabaseRateLimiter:
         rate_per_minute: float,
         burst: float | None = None,
     ) -> None:
-        self.sessions = sessions
+        self.engine = autocommit(sessions)
         self.name = name
         self.rate = rate_per_minute / 60.0
         self.burst = burst if burst is not None else max(1.0, rate_per_minute)
 
     async def try_acquire(self, key: str) -> bool:
-        async with self.sessions.begin() as session:
-            return bool(await session.scalar(_take(row_key(self.name, key), self.burst, self.rate)))
+        async with self.engine.connect() as connection:
+            result = await connection.execute(_take(row_key(self.name, key), self.burst, self.rate))
+            return bool(result.scalar())
 
     async def acquire(self, *keys: str, what: str = "requests") -> None:
         taken: list[str] = []
@@ -185,9 +194,9 @@ class DatabaseRateLimiter:
             taken.append(key)
 
     async def refund(self, *keys: str) -> None:
-        async with self.sessions.begin() as session:
+        async with self.engine.connect() as connection:
             for key in keys:
-                await session.execute(_refund(row_key(self.name, key), self.burst, self.rate))
+                await connection.execute(_refund(row_key(self.name, key), self.burst, self.rate))
 
 
 def rate_limiter(
