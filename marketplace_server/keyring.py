@@ -320,10 +320,14 @@ class LiveKeys:
 
     async def _read(self) -> bool:
         assert self.sessions is not None
-        ring = await read_database_key_ring(self.sessions)
+        async with self.sessions() as session:  # the ids first: the keys are parsed only on a change
+            ids = (
+                await session.scalars(select(SigningKeyRow.key_id).order_by(SigningKeyRow.id.desc()))
+            ).all()
         self._read_at = time.monotonic()
-        if [k.key_id for k in ring.keys] == [k.key_id for k in self.ring.keys]:
+        if list(ids) == [k.key_id for k in self.ring.keys]:
             return False
+        ring = await read_database_key_ring(self.sessions)
         self.ring = ring
         for listener in self.listeners:
             listener(ring)

@@ -27,6 +27,7 @@ from eddie_client.client import Session, log_in
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.keyring import load_database_key_ring, load_key_ring, rotate_signing_key
+from marketplace_server.ratelimit import DatabaseRateLimiter, RateLimitJanitor
 from tests.cluster.test_events import nats_reachable
 from tests.cluster.test_replicas import as_client, create_request, replica_config, search, settled
 from tests.support.access import SECRET, data_need
@@ -300,6 +301,32 @@ async def test_sign_in_pairing_code_and_search_limits_hold_across_replicas(tmp_p
         for replica in (a, b):
             await search(as_client(replica, ep), request.name, timeout=1.0)
         await expect_error(search(as_client(c, ep), request.name, timeout=1.0), LIMITED, "RATE_LIMITED")
+
+
+async def test_a_database_bucket_is_taken_atomically_and_its_idle_rows_are_cleaned_up() -> None:
+    """Twenty takes at once from five engines (as from five replicas): exactly the burst is allowed.
+    A bucket that has refilled is deleted by the janitor, so the table does not grow."""
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
+    async with fresh_schema() as schema:
+        engines = [create_engine(POSTGRES_URL, schema=schema) for _ in range(5)]
+        try:
+            await migrate(engines[0])
+            limiters = [DatabaseRateLimiter(create_sessionmaker(e), "t", 0.001, burst=5) for e in engines]
+            taken = await asyncio.gather(*(limiters[i % 5].try_acquire("hot") for i in range(20)))
+            assert sum(taken) == 5
+            await limiters[0].refund("hot")  # one attempt given back: one more, and no more
+            assert await limiters[1].try_acquire("hot") and not await limiters[2].try_acquire("hot")
+
+            fast = DatabaseRateLimiter(create_sessionmaker(engines[0]), "fast", 6000.0)  # 100 per second
+            await fast.acquire("a", "b")
+            janitor = RateLimitJanitor(create_sessionmaker(engines[0]))
+            await asyncio.sleep(0.1)  # both rows have refilled (1/100 s each)
+            assert await janitor.delete_idle() == 2
+            assert int(await postgres_execute(f"SELECT count(*) FROM {schema}.rate_limits")) == 1  # "hot"
+        finally:
+            for engine in engines:
+                await engine.dispose()
 
 
 # --- idempotency, refresh tokens and deletion across replicas ---
