@@ -164,7 +164,10 @@ async def _lock_ring(session: AsyncSession) -> None:
     """One process at a time creates, imports or rotates (until the transaction ends)."""
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext('eddie-signing-keys:' || current_schema()))")
+            text(
+                "SELECT pg_advisory_xact_lock(hashtext('eddie-signing-keys:' || "
+                "coalesce(current_schema(), '')))"
+            )
         )
 
 

@@ -77,7 +77,10 @@ async def migrate(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             await conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext('eddie-migrate:' || current_schema()))")
+                text(
+                    "SELECT pg_advisory_xact_lock(hashtext('eddie-migrate:' || "
+                    "coalesce(current_schema(), '')))"
+                )
             )
         await conn.run_sync(_upgrade)
     log_event(log, "database_migrated", backend=engine.dialect.name)
