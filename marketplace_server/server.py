@@ -34,7 +34,7 @@ from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
 from marketplace_server.cluster.events import ClusterEventHub
 from marketplace_server.cluster.leases import LeaseKeeper
-from marketplace_server.cluster.node import ClusterNode, connect_nats
+from marketplace_server.cluster.node import ClusterNode, NatsSignals, connect_nats
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
@@ -159,7 +159,8 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
             config, sessions
         )  # before any write: an unreachable IdP fails fast
         # Likewise NATS in cluster mode (--nats-url).
-        nc = await connect_nats(config.nats_url, replica_id) if config.nats_url else None
+        signals = NatsSignals()
+        nc = await connect_nats(config.nats_url, replica_id, signals) if config.nats_url else None
     except BaseException:
         await engine.dispose()
         raise
@@ -203,7 +204,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(instances), server)
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
-    node = _cluster_node(config, nc, replica_id, sessions, manager) if nc is not None else None
+    node = _cluster_node(config, nc, signals, replica_id, sessions, manager) if nc is not None else None
     if node is not None:
         search.cluster = node
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
@@ -253,6 +254,8 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     if metrics is not None:
         metrics.watch(manager, permissions.events, sessions)
         search.observers.append(metrics.on_search)
+        if node is not None:
+            node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
     idempotency.RETENTION.seconds = config.idempotency_ttl
@@ -287,6 +290,7 @@ async def _external_identity(
 def _cluster_node(
     config: Config,
     nc: Any,
+    signals: NatsSignals,
     replica_id: str,
     sessions: async_sessionmaker[AsyncSession],
     manager: ConnectionManager,
@@ -299,7 +303,7 @@ def _cluster_node(
         lease_seconds=config.lease_seconds,
         renew_seconds=config.renew_seconds,
     )
-    return ClusterNode(nc, leases, sessions, manager, config.cluster_name)
+    return ClusterNode(nc, leases, sessions, manager, config.cluster_name, signals)
 
 
 def _add_permission_services(
