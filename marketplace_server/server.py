@@ -265,8 +265,13 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     app.lifecycle.on_stop.append(janitor.stop)
     app.background.extend(worker.run for worker in workers)
     app.lifecycle.on_stop.extend(worker.stop for worker in workers)
-    if node is not None:  # hands its buckets over at once, before the workers stop
-        app.lifecycle.on_stop.insert(0, node.stop)
+    if node is not None:
+        # SIGTERM: its buckets are handed over at once, before the drain; NATS is left after it (the
+        # searches in flight here still gather, the workers' last events still go out).
+        app.lifecycle.before_drain.append(node.handover)
+        if isinstance(app.events, ClusterEventHub):
+            app.lifecycle.on_stop.append(app.events.stop)
+        app.lifecycle.on_stop.append(node.stop)
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
 
@@ -319,7 +324,14 @@ def _add_permission_services(
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
     if node is not None:  # events also reach (and come from) the other replicas' streams
-        hub = ClusterEventHub(config.max_streams_per_account, node.nc, node.prefix, node.replica_id)
+        hub = ClusterEventHub(
+            config.max_streams_per_account,
+            node.nc,
+            node.prefix,
+            node.replica_id,
+            sessions,
+            config.event_repair_interval,
+        )
     ledger = PermissionLedger(sessions, hub)
     timeouts = DecisionTimeouts(ledger)
     statuses = StatusApplier(ledger)

@@ -13,7 +13,10 @@ Wiring (`create_server` with `--nats-url`):
   rows committed here for another replica's instance wake the owners' workers;
 - `{prefix}.search.{replica}` serves the owner's side of a cluster search
   (`marketplace_server.cluster.search`): the local fan-out over the requested
-  buckets it owns under the given tokens, `matches` batches, one tally per bucket.
+  buckets it owns under the given tokens, `matches` batches, one tally per bucket;
+- `{prefix}.rebalance`: a replica that joined, is leaving (SIGTERM: it released
+  its leases first) or released buckets above its share says so, and the others
+  run a lease round at once instead of at their next renewal.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class ClusterNode:
         manager.forward = self.forward
         leases.on_acquired.append(self._on_acquired)
         leases.on_lost.append(self._on_lost)
+        leases.on_released.append(lambda: self._spawn(self._announce("released")))
+        self._handed_over = False
 
     # --- lifecycle ---
 
@@ -154,15 +159,32 @@ class ClusterNode:
         self._subscriptions.append(
             await self.nc.subscribe(f"{self.prefix}.search.{self.replica_id}", cb=self._on_search)
         )
+        self._subscriptions.append(await self.nc.subscribe(f"{self.prefix}.rebalance", cb=self._on_rebalance))
         await self.nc.flush()
         await self.leases.start()
         self._spawn(self._resync_forever())
+        await self._announce("joined")  # the others release above their share now; we take it then
         log_event(log, "cluster_joined", replica=self.replica_id, buckets=len(self.leases.held))
 
-    async def stop(self) -> None:
-        """Hands the buckets over at once (their new owners take the streams) and leaves NATS."""
+    async def handover(self) -> None:
+        """A graceful stop's first step, before the drain: releases every lease (the others need not
+        wait for an expiry), tells them so over NATS (they take the buckets at once, not at their next
+        round) and drops this replica's streams. Searches in flight here still gather their replies
+        (NATS stays up until `stop`); the buckets released meanwhile count as unreachable in them."""
+        if self._handed_over:
+            return
+        self._handed_over = True
+        started = asyncio.get_running_loop().time()
+        held = len(self.leases.held)
         await self.leases.stop()
+        await self._announce("left")
         await self._drop_lost()
+        elapsed_ms = round((asyncio.get_running_loop().time() - started) * 1000, 1)
+        log_event(log, "cluster_handed_over", replica=self.replica_id, buckets=held, ms=elapsed_ms)
+
+    async def stop(self) -> None:
+        """After the drain: hands over (if not yet done), then leaves NATS."""
+        await self.handover()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -177,6 +199,23 @@ class ClusterNode:
 
     def local_instances(self) -> Collection[str]:
         return self.manager.links.keys()
+
+    # --- rebalancing ---
+
+    async def _announce(self, why: str) -> None:
+        await self._publish(f"{self.prefix}.rebalance", {"t": why, "replica": self.replica_id})
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=1)
+
+    async def _on_rebalance(self, message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            replica = str(body["replica"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log_event(log, "cluster_message_dropped", logging.WARNING, error=repr(exc)[:200])
+            return
+        if replica != self.replica_id and not self._handed_over:
+            self.leases.poke()
 
     # --- ownership of streams ---
 
