@@ -256,6 +256,8 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         search.observers.append(metrics.on_search)
         if node is not None:
             node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)
+        if isinstance(permissions.events, ClusterEventHub):
+            permissions.events.on_repaired.append(metrics.cluster_events_repaired.inc)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
     idempotency.RETENTION.seconds = config.idempotency_ttl

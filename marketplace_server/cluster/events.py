@@ -132,6 +132,7 @@ class ClusterEventHub(EventHub):
         self._repairing: asyncio.Task[None] | None = None
         self.received = 0
         self.repaired = 0  # events queued on streams by a repair (their publish was lost)
+        self.on_repaired: list[Callable[[int], None]] = []  # the metrics
         # Tests: returns False for an event whose publish is to be lost on purpose.
         self.publish_filter: Callable[[Event], bool] = lambda _: True
 
@@ -217,6 +218,8 @@ class ClusterEventHub(EventHub):
                         queued += self._deliver(account_id, event, update_time + REPAIR_OPEN_MARGIN)
         if queued:
             self.repaired += queued
+            for listener in self.on_repaired:
+                listener(queued)
             log_event(log, "cluster_events_repaired", logging.WARNING, replica=self.replica_id, events=queued)
         return queued
 

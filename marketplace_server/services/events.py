@@ -110,7 +110,8 @@ class Subscriber:
 
     def fresh(self, event: Event) -> bool:
         """Whether `event` is newer than what this stream has queued of its permission."""
-        return self.versions.get(event.permission.name, -1) < version(event)
+        known = self.versions.get(event.permission.name)
+        return known is None or known < version(event)
 
     def _fresh(self, event: Event) -> bool:
         if not self.fresh(event):
