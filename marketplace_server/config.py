@@ -236,6 +236,13 @@ class Config:
         metavar="NAME",
         check=subject_token,
     )
+    event_repair_interval: float = flag(
+        "cluster mode: seconds between catching the open consent and watch streams up from the "
+        "database (repairs an event whose NATS publish was lost)",
+        default=2.0,
+        metavar="SECONDS",
+        check=positive,
+    )
     # Not flags.
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None

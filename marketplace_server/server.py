@@ -34,7 +34,7 @@ from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
 from marketplace_server.cluster.events import ClusterEventHub
 from marketplace_server.cluster.leases import LeaseKeeper
-from marketplace_server.cluster.node import ClusterNode, connect_nats
+from marketplace_server.cluster.node import ClusterNode, NatsSignals, connect_nats
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
@@ -164,7 +164,8 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
             config, sessions
         )  # before any write: an unreachable IdP fails fast
         # Likewise NATS in cluster mode (--nats-url).
-        nc = await connect_nats(config.nats_url, replica_id) if config.nats_url else None
+        signals = NatsSignals()
+        nc = await connect_nats(config.nats_url, replica_id, signals) if config.nats_url else None
     except BaseException:
         await engine.dispose()
         raise
@@ -216,7 +217,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     search = SearchService(sessions, manager, config)
     if shared is not None:
         search.limiter = rate_limiter("search", config.search_rate_per_minute, shared)
-    node = _cluster_node(config, nc, replica_id, sessions, manager) if nc is not None else None
+    node = _cluster_node(config, nc, signals, replica_id, sessions, manager) if nc is not None else None
     if node is not None:
         search.cluster = node
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
@@ -265,6 +266,10 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     if metrics is not None:
         metrics.watch(manager, permissions.events, sessions)
         search.observers.append(metrics.on_search)
+        if node is not None:
+            node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)
+        if isinstance(permissions.events, ClusterEventHub):
+            permissions.events.on_repaired.append(metrics.cluster_events_repaired.inc)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
     app.background.append(keys.run)
@@ -280,8 +285,13 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     app.lifecycle.on_stop.append(janitor.stop)
     app.background.extend(worker.run for worker in workers)
     app.lifecycle.on_stop.extend(worker.stop for worker in workers)
-    if node is not None:  # hands its buckets over at once, before the workers stop
-        app.lifecycle.on_stop.insert(0, node.stop)
+    if node is not None:
+        # SIGTERM: its buckets are handed over at once, before the drain; NATS is left after it (the
+        # searches in flight here still gather, the workers' last events still go out).
+        app.lifecycle.before_drain.append(node.handover)
+        if isinstance(app.events, ClusterEventHub):
+            app.lifecycle.on_stop.append(app.events.stop)
+        app.lifecycle.on_stop.append(node.stop)
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
 
@@ -328,6 +338,7 @@ async def _external_identity(
 def _cluster_node(
     config: Config,
     nc: Any,
+    signals: NatsSignals,
     replica_id: str,
     sessions: async_sessionmaker[AsyncSession],
     manager: ConnectionManager,
@@ -340,7 +351,7 @@ def _cluster_node(
         lease_seconds=config.lease_seconds,
         renew_seconds=config.renew_seconds,
     )
-    return ClusterNode(nc, leases, sessions, manager, config.cluster_name)
+    return ClusterNode(nc, leases, sessions, manager, config.cluster_name, signals)
 
 
 def _add_permission_services(
@@ -356,7 +367,14 @@ def _add_permission_services(
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
     if node is not None:  # events also reach (and come from) the other replicas' streams
-        hub = ClusterEventHub(config.max_streams_per_account, node.nc, node.prefix, node.replica_id)
+        hub = ClusterEventHub(
+            config.max_streams_per_account,
+            node.nc,
+            node.prefix,
+            node.replica_id,
+            sessions,
+            config.event_repair_interval,
+        )
     ledger = PermissionLedger(sessions, hub)
     timeouts = DecisionTimeouts(ledger)
     statuses = StatusApplier(ledger)

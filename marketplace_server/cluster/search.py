@@ -11,8 +11,14 @@ token, claimed instances), sends the query once to each owner on
 Every claimed instance is counted exactly once. A bucket's tally counts only if
 its token is the snapshot's; a bucket whose owner died, whose token changed, or
 whose tally did not arrive by the deadline counts its instances that did not
-already match as unreachable (or timed out), never twice. A slow consumer on
-the inbox fails the search loudly instead of undercounting silently.
+already match as unreachable (or timed out), never twice.
+
+A reply the inbox lost (a NATS slow consumer: its pending limit overflowed, or
+the connection dropped mid-search) fails the search loudly with UNAVAILABLE /
+SEARCH_INCOMPLETE: which bucket the lost message belonged to is unknown (nats-py
+reports the subscription, not the payload), so it cannot be counted as that
+bucket's timeout; a lost `matches` batch would otherwise be a silently short
+match set under an exact-looking summary.
 """
 
 from __future__ import annotations
@@ -163,7 +169,9 @@ def search_request(
     ).encode()
 
 
-Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
+Fail = Callable[[BaseException], None]
+# subscribe(inbox, on_reply, fail): `fail(error)` ends the search with `error` (e.g. replies were lost).
+Subscribe = Callable[[str, Callable[[Any], Awaitable[None]], Fail], Awaitable[Any]]
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
@@ -193,16 +201,20 @@ async def gather(
             elif body.get("t") == "tally":
                 tally.on_tally(BucketTally.from_json(body))
             elif body.get("t") == "slow":
-                failure.append(
-                    Unavailable("a replica fell behind during the search", reason="SEARCH_OVERLOADED")
-                )
+                fail(Unavailable("a replica fell behind during the search", reason="SEARCH_OVERLOADED"))
+                return
         except (ValueError, KeyError, TypeError):
             return  # a malformed reply counts as no reply for its bucket
-        if tally.complete or failure:
+        if tally.complete:
+            queue.put_nowait(None)
+
+    def fail(error: BaseException) -> None:
+        if not failure:
+            failure.append(error)
             queue.put_nowait(None)
 
     query_id = secrets.token_hex(8)
-    subscription = await subscribe(inbox, on_reply)
+    subscription = await subscribe(inbox, on_reply, fail)
     try:
         by_owner: dict[str, dict[int, int]] = {}
         for bucket, shot in snapshot.items():

@@ -26,9 +26,11 @@ class Bus:
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.fail: dict[str, Callable[[BaseException], None]] = {}
 
-    async def subscribe(self, subject: str, handler: Handler) -> None:
+    async def subscribe(self, subject: str, handler: Handler, fail: Callable[[BaseException], None]) -> None:
         self.handlers[subject] = handler
+        self.fail[subject] = fail
 
     async def publish(self, subject: str, data: bytes) -> None:
         handler = self.handlers.get(subject)
@@ -163,3 +165,24 @@ def test_claimed_instances_an_owner_holds_no_stream_for_yet_count_as_unreachable
     tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 5)})
     tally.on_tally(BucketTally(0, 1, 3, 1, 2, 0, 0))  # it linked 3 of the 5 claimed so far
     assert tally.summary() == {"queried": 5, "matched": 1, "not_matched": 2, "unreachable": 2, "timed_out": 0}
+
+
+async def test_replies_lost_on_the_inbox_fail_the_search_even_when_every_tally_arrives() -> None:
+    """A slow consumer dropped a `matches` batch: the tallies alone would give an exact-looking summary
+    over a short match set, so the search ends with the error instead of a summary."""
+
+    class LossyBus(Bus):
+        lost = False
+
+        async def publish(self, subject: str, data: bytes) -> None:
+            if subject == "inbox.1" and json.loads(data)["t"] == "matches" and not self.lost:
+                self.lost = True  # what the node does on nats-py's SlowConsumerError for the inbox
+                self.fail[subject](Unavailable("lost", reason="SEARCH_INCOMPLETE"))
+                return
+            await super().publish(subject, data)
+
+    bus = LossyBus()
+    owner(bus, "a", {0: (["i1", "i2"], 1)})
+    with pytest.raises(Unavailable) as caught:
+        await run(bus, {0: BucketSnapshot(0, "a", 1, 3)})
+    assert caught.value.reason == "SEARCH_INCOMPLETE" and bus.lost
