@@ -153,6 +153,7 @@ class Marketplace:
 class Cast(Marketplace):
     sink: procs.Proc
     aiidas: dict[str, str]  # instance id -> pairing code
+    aiida_procs: dict[str, procs.Proc] = field(default_factory=dict)  # instance id -> its process
 
 
 def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Proc]]:
@@ -162,17 +163,17 @@ def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Pr
         started.append(mp)
         sink = procs.start_sink(mp.address, work / "sink", work, name="sink")
         started.append(sink)
-        aiidas = {}
+        aiidas, aiida_procs = {}, {}
         for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
             code = f"{who.upper()}-2026"
             flags = ("--instance-id", f"aiida-{who}", "--pairing-code", code, "--time-scale", "60")
-            started.append(
-                procs.start_aiida(
-                    mp.address, work / who, PROFILES / profile, work, *flags, name=f"aiida-{who}"
-                )
+            aiida = procs.start_aiida(
+                mp.address, work / who, PROFILES / profile, work, *flags, name=f"aiida-{who}"
             )
+            started.append(aiida)
             aiidas[f"aiida-{who}"] = code
-        return Cast(mp, work, sink, aiidas), started
+            aiida_procs[f"aiida-{who}"] = aiida
+        return Cast(mp, work, sink, aiidas, aiida_procs), started
     except BaseException:
         for p in started:
             p.stop()
