@@ -39,6 +39,8 @@ def test_login_asks_the_password_without_echo(cast: Cast) -> None:
     assert alice.json("whoami")["email"] == "alice-tty@cli.example"
 
 
+# Slow: the no-echo prompt is the login's (test above, same prompt); this adds only the confirmation.
+@pytest.mark.slow
 def test_signup_asks_the_password_twice_without_echo(cast: Cast) -> None:
     bernd = cast.person("bernd")
     terminal = on_terminal(
