@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.energy.v1 import energy_pb2
 from eddie_common.errors import Unavailable
 from eddie_common.logging import log_event
+from marketplace_server.aiida.fanout import SearchUpdate
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.cluster.leases import LeaseKeeper, bucket_of
@@ -327,7 +328,7 @@ class ClusterNode:
 
     async def search(
         self, data_need: energy_pb2.DataNeed, timeout: float
-    ) -> AsyncGenerator[list[str] | dict[str, int], None]:
+    ) -> AsyncGenerator[SearchUpdate | dict[str, int], None]:
         """Batches of matched ids from every owner, then the summary (see `cluster.search.gather`)."""
         snapshot = await self.snapshot()
         inbox = f"{self.prefix}.reply.{self.replica_id}.{secrets.token_hex(8)}"
@@ -421,8 +422,10 @@ class ClusterNode:
     ) -> None:
         tally = self.manager.begin_search(need, instance_ids)
         try:
+            # Progress rides on these batches (`a`); the owner sends no messages of its own for it.
             async for batch in tally.batches(deadline):
-                await self._publish(reply, {"t": "matches", "b": bucket, "k": token, "ids": batch})
+                body = {"t": "matches", "b": bucket, "k": token, "ids": batch, "a": tally.answered}
+                await self._publish(reply, body)
         finally:
             timed_out = self.manager.end_search(tally)
         # Fenced: lost mid-search, the bucket's answers are not ours to report.

@@ -22,6 +22,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -181,8 +182,30 @@ class SearchMatchRow(Base):
     __table_args__ = (Index("ix_search_matches_request_instance", "data_request_id", "instance_id"),)
 
 
+# The live states (PENDING, ACCEPTED, ACTIVE): a data request holds at most one live permission per instance.
+LIVE_PERMISSION_STATES = (
+    access_pb2.Permission.STATE_PENDING,
+    access_pb2.Permission.STATE_ACCEPTED,
+    access_pb2.Permission.STATE_ACTIVE,
+)
+_LIVE = text("state IN ({})".format(", ".join(str(int(s)) for s in LIVE_PERMISSION_STATES)))
+
+
 class PermissionRow(Base):
     __tablename__ = "permissions"
+    # API.md (RequestAccess): an instance with a live permission for a data request gets that one back,
+    # never a second. The partial unique index makes that hold under concurrent requests on any replica:
+    # the loser of a race fails with IntegrityError and returns the winner's permission.
+    __table_args__ = (
+        Index(
+            "ux_permissions_live",
+            "data_request_id",
+            "instance_id",
+            unique=True,
+            sqlite_where=_LIVE,
+            postgresql_where=_LIVE,
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, unique=True)

@@ -3,6 +3,9 @@
 The data need goes to every claimed, connected instance at once; each AIIDA
 answers with one bit. Matches stream back as they arrive; the summary comes
 last, after the search is stored, so RequestAccess can rely on it at once.
+Every `matches` message carries the running `answered` / `queried`; progress-only
+messages (no ids) go out only when the count changed, at most one every
+PROGRESS_INTERVAL (see `aiida.fanout`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.logging import log_event
+from marketplace_server.aiida.fanout import PROGRESS_INTERVAL, SearchUpdate
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import to_duration, to_timestamp, utcnow
@@ -41,8 +45,9 @@ log = logging.getLogger(__name__)
 _MATCHES = cast(Table, SearchMatchRow.__table__)
 
 
-# A search's output: batches of matched ids as they arrive, then the counts of the summary.
-Results = AsyncGenerator[list[str] | dict[str, int], None]
+# A search's output: batches of matched ids (with the running counts) as they arrive, then the counts
+# of the summary.
+Results = AsyncGenerator[SearchUpdate | dict[str, int], None]
 
 
 class ClusterSearch(Protocol):
@@ -108,16 +113,26 @@ class SearchService:
             source = self.cluster.search(need, max(0.0, remaining_time))
         matched_ids: list[str] = []
         counts: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        last_sent, answered_sent = loop.time(), -1
         async with contextlib.aclosing(source):
             async for item in source:
                 if isinstance(item, dict):
                     counts = item
                     continue
-                matched_ids.extend(item)
-                if released := floor.admit(item):
-                    yield data_request_pb2.SearchInstancesResponse(
-                        matches=data_request_pb2.InstanceMatches(instance_ids=released)
+                matched_ids.extend(item.ids)
+                released = floor.admit(item.ids)
+                if not released:  # progress only (or ids the floor holds back): only when it says something
+                    if item.answered == answered_sent:
+                        continue
+                    if item.ids and loop.time() - last_sent < PROGRESS_INTERVAL:
+                        continue  # a held batch goes out no sooner than a progress message would
+                yield data_request_pb2.SearchInstancesResponse(
+                    matches=data_request_pb2.InstanceMatches(
+                        instance_ids=released, answered=item.answered, queried=item.queried
                     )
+                )
+                last_sent, answered_sent = loop.time(), item.answered
         summary = data_request_pb2.SearchSummary(
             queried=counts["queried"],
             matched=counts["matched"],
@@ -148,8 +163,8 @@ class SearchService:
         tally = self.manager.begin_search(need)
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async for batch in tally.batches(deadline):
-                yield batch
+            async for batch in tally.batches(deadline, PROGRESS_INTERVAL):
+                yield tally.update(batch)
         finally:
             timed_out = self.manager.end_search(tally)
         yield {
