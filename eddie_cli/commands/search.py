@@ -137,6 +137,7 @@ def search(options: Options, name: str, timeout: float | None) -> None:
             if timeout is not None:
                 request.timeout.CopyFrom(duration(timeout))
             live = not options.json and output.stderr.is_terminal
+            request.progress = live  # progress-only messages feed the bar while no match arrives
             matches: list[str] = []
             summary = data_request_pb2.SearchSummary()
             with SearchProgress(live) as progress:

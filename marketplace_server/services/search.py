@@ -3,9 +3,10 @@
 The data need goes to every claimed, connected instance at once; each AIIDA
 answers with one bit. Matches stream back as they arrive; the summary comes
 last, after the search is stored, so RequestAccess can rely on it at once.
-Every `matches` message carries the running `answered` / `queried`; progress-only
-messages (no ids) go out only when the count changed, at most one every
-PROGRESS_INTERVAL (see `aiida.fanout`).
+Every `matches` message carries the running `answered` / `queried`. A caller that
+asks for `progress` also gets progress-only messages (no ids), only when the count
+changed and at most one every PROGRESS_INTERVAL (see `aiida.fanout`); without it
+every `matches` message carries ids.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class SearchService:
         remaining_time = timeout - (time.perf_counter() - started)
         source: Results
         if self.cluster is None:
-            source = self._local(need, remaining_time)
+            source = self._local(need, remaining_time, request.progress)
         else:
             source = self.cluster.search(need, max(0.0, remaining_time))
         matched_ids: list[str] = []
@@ -123,7 +124,7 @@ class SearchService:
                 matched_ids.extend(item.ids)
                 released = floor.admit(item.ids)
                 if not released:  # progress only (or ids the floor holds back): only when it says something
-                    if item.answered == answered_sent:
+                    if not request.progress or item.answered == answered_sent:
                         continue
                     if item.ids and loop.time() - last_sent < PROGRESS_INTERVAL:
                         continue  # a held batch goes out no sooner than a progress message would
@@ -158,12 +159,12 @@ class SearchService:
             observe(summary)
         yield data_request_pb2.SearchInstancesResponse(summary=summary)
 
-    async def _local(self, need: energy_pb2.DataNeed, timeout: float) -> Results:
+    async def _local(self, need: energy_pb2.DataNeed, timeout: float, progress: bool) -> Results:
         """This process's fan-out: batches of matched ids, then the counts (as a cluster search)."""
         tally = self.manager.begin_search(need)
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async for batch in tally.batches(deadline, PROGRESS_INTERVAL):
+            async for batch in tally.batches(deadline, PROGRESS_INTERVAL if progress else None):
                 yield tally.update(batch)
         finally:
             timed_out = self.manager.end_search(tally)

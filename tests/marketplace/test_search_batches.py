@@ -116,10 +116,10 @@ async def test_without_a_progress_interval_only_matches_are_yielded() -> None:
 
 
 async def _search_messages(
-    scene: Scene, timeout: float = 5.0
+    scene: Scene, timeout: float = 5.0, progress: bool = False
 ) -> AsyncIterator[data_request_pb2.SearchInstancesResponse]:
     request = data_request_pb2.SearchInstancesRequest(
-        data_request=scene.data_request.name, timeout=Duration(seconds=int(timeout))
+        data_request=scene.data_request.name, timeout=Duration(seconds=int(timeout)), progress=progress
     )
     async for response in scene.ep.data_requests.SearchInstances(request, metadata=scene.ep.metadata):
         yield response
@@ -164,12 +164,30 @@ async def test_the_union_of_the_batches_is_exactly_the_matched_set(
 async def test_one_match_is_one_message(market: RunningMarketplace, aiida: RunningAiida) -> None:
     scene, yes, _ = await _scene_with(market, aiida, matched=1, unmatched=4)
     responses = [r async for r in _search_messages(scene)]
-    # (A progress-only message may come between them on a slow machine: answers over 200 ms apart.)
-    carrying = [r for r in responses if r.HasField("summary") or r.matches.instance_ids]
-    kinds = [r.WhichOneof("result") for r in carrying]
+    kinds = [r.WhichOneof("result") for r in responses]
     assert kinds == ["matches", "summary"]
-    assert list(carrying[0].matches.instance_ids) == list(yes)
-    assert (carrying[1].summary.matched, carrying[1].summary.not_matched) == (1, 4)
+    assert list(responses[0].matches.instance_ids) == list(yes)
+    assert responses[0].matches.queried == 5
+    assert (responses[1].summary.matched, responses[1].summary.not_matched) == (1, 4)
+
+
+async def test_without_progress_no_message_comes_without_ids(
+    market: RunningMarketplace, aiida: RunningAiida
+) -> None:
+    """Stragglers answering no match 300 ms apart would be progress messages if asked for; not asked,
+    the stream is the match and the summary only."""
+    scene, yes, no = await _scene_with(market, aiida, matched=1, unmatched=2)
+    gates = {i: asyncio.Event() for i in no}
+    scene.double.gates.update(gates)
+    stream = _search_messages(scene)
+    first = await asyncio.wait_for(anext(stream), 5)
+    assert list(first.matches.instance_ids) == list(yes)
+    for gate in gates.values():
+        await asyncio.sleep(0.3)
+        gate.set()
+    rest = [r async for r in stream]
+    assert [r.WhichOneof("result") for r in rest] == ["summary"]
+    assert rest[0].summary.not_matched == 2
 
 
 async def test_every_message_carries_the_running_answers_and_progress_comes_without_matches(
@@ -179,7 +197,7 @@ async def test_every_message_carries_the_running_answers_and_progress_comes_with
     late_no, last_no = sorted(no)[:2]
     gates = {late_no: asyncio.Event(), last_no: asyncio.Event()}
     scene.double.gates.update(gates)  # these two answer (no match) only when the test lets them
-    stream = _search_messages(scene)
+    stream = _search_messages(scene, progress=True)
     seen = [await asyncio.wait_for(anext(stream), 5)]
     first = seen[0].matches
     assert list(first.instance_ids) == list(yes) and first.queried == 4
