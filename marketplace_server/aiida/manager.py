@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
@@ -29,6 +29,7 @@ from marketplace_server.aiida.heap import HeapFreezer
 from marketplace_server.aiida.link import CONNECT_METHOD, InstanceLink
 from marketplace_server.config import Config
 from marketplace_server.db.chunks import chunked
+from marketplace_server.db.instances import claimed_instances
 from marketplace_server.db.models import InstanceRow
 from marketplace_server.resources import instance_name
 
@@ -81,14 +82,7 @@ class ConnectionManager:
 
     async def start(self) -> None:
         """Connects to every claimed instance."""
-        async with self.sessions() as session:
-            rows = (
-                await session.execute(
-                    select(InstanceRow.instance_id, InstanceRow.address).where(
-                        InstanceRow.owner_id.is_not(None)
-                    )
-                )
-            ).all()
+        rows = await claimed_instances(self.sessions)
         for instance_id, address in rows:
             if self.owns(instance_id) and instance_id not in self.links:  # a cluster may have linked it
                 self.link(instance_id, address)
