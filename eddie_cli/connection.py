@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -32,6 +32,17 @@ CALL_TIMEOUT = 30.0  # deadline of every unary call
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 UnaryCall = Callable[..., Awaitable[Response]]
+
+
+class ListResponse(Protocol):
+    """A page of an AIP-158 List RPC."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+Page = TypeVar("Page", bound=ListResponse)
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,28 @@ class SignedIn:
             return await method(request, metadata=self.metadata, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, self.connection.address) from None
+
+    async def pages(
+        self,
+        method: UnaryCall[Page],
+        request: Any,
+        items: Callable[[Page], Iterable[Item]],
+        *,
+        page_size: int,
+        limit: int | None = None,
+    ) -> tuple[list[Item], Page | None]:
+        """The `items` of `method`'s pages, one call a page (each of at most `page_size`), until the
+        last page or `limit` items; and the last page read. Sets the List `request`'s page fields."""
+        found: list[Item] = []
+        page: Page | None = None
+        while limit is None or len(found) < limit:
+            request.page_size = page_size if limit is None else min(page_size, limit - len(found))
+            page = await self.call(method, request)
+            found.extend(items(page))
+            request.page_token = page.next_page_token
+            if not page.next_page_token:
+                break
+        return found, page
 
 
 def signed_in(connection: Connection) -> SignedIn:
