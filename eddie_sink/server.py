@@ -78,12 +78,6 @@ def marketplace_channel(config: SinkConfig) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(config.marketplace, credentials, options=CHANNEL_OPTIONS)
 
 
-def tls_files(config: SinkConfig) -> TlsFiles | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    return TlsFiles(cert=config.tls_cert, key=config.tls_key)
-
-
 async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     """Opens the database, starts fetching the marketplace's keys, and serves on `config.listen`."""
     store = await ReadingStore.open(config.database_path, config.jsonl)
@@ -107,7 +101,7 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
-        port = bind(server, config.listen, tls_files(config))
+        port = bind(server, config.listen, TlsFiles.given(config.tls_cert, config.tls_key))
         if metrics is not None and config.metrics_listen is not None:
             await metrics.endpoint.start(config.metrics_listen)
     except Exception:

@@ -245,8 +245,8 @@ class Config:
     key_refresh_seconds: float = 5.0  # re-reading the signing key ring (marketplace_server.keyring)
 
     def __post_init__(self) -> None:
-        if self.tls is None and self.tls_cert is not None and self.tls_key is not None:
-            object.__setattr__(self, "tls", TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca))
+        if self.tls is None:
+            object.__setattr__(self, "tls", TlsFiles.given(self.tls_cert, self.tls_key, self.tls_client_ca))
 
     def problems(self) -> list[str]:
         """What is wrong with the combination of options (each option is checked on its own first)."""
