@@ -23,6 +23,7 @@ from eddie.marketplace.v1 import (
 )
 from eddie_cli.errors import SignedOut, Unreachable, from_rpc_error
 from eddie_cli.session_store import StoredSession, load_session, save_session
+from eddie_common.channels import dial
 from eddie_common.interceptors import error_info
 
 DEFAULT_MARKETPLACE = "127.0.0.1:50051"
@@ -82,11 +83,8 @@ class Connection:
 
     def __init__(self, target: Target) -> None:
         self.address = target.address
-        if target.tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(target.tls_ca.read_bytes())
-            self.channel = grpc.aio.secure_channel(target.address, credentials)
-        else:
-            self.channel = grpc.aio.insecure_channel(target.address)
+        tls = grpc.ssl_channel_credentials(target.tls_ca.read_bytes()) if target.tls_ca is not None else None
+        self.channel = dial(target.address, tls)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
         self.instances = instance_pb2_grpc.InstanceServiceStub(self.channel)
         self.data_requests = data_request_pb2_grpc.DataRequestServiceStub(self.channel)

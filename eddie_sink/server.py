@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
+from eddie_common.channels import dial
 from eddie_common.cli import split_host_port
 from eddie_common.interceptors import Authenticator, ServiceInterceptor
 from eddie_common.logging import log_event
@@ -72,10 +73,9 @@ class SinkApp:
 
 def marketplace_channel(config: SinkConfig) -> grpc.aio.Channel:
     """The one channel to the marketplace: its signing keys and the permission-end feed share it."""
-    if config.marketplace_ca is None:
-        return grpc.aio.insecure_channel(config.marketplace, options=CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(root_certificates=config.marketplace_ca.read_bytes())
-    return grpc.aio.secure_channel(config.marketplace, credentials, options=CHANNEL_OPTIONS)
+    ca = config.marketplace_ca
+    tls = grpc.ssl_channel_credentials(ca.read_bytes()) if ca is not None else None
+    return dial(config.marketplace, tls, CHANNEL_OPTIONS)
 
 
 async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:

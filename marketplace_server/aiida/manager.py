@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.energy.v1 import energy_pb2
+from eddie_common.channels import dial
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
 from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
@@ -152,14 +153,12 @@ class ConnectionManager:
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
+            creds = None
             if self.config.aiida_tls_ca is not None:
                 cert = self.config.aiida_client_cert.read_bytes() if self.config.aiida_client_cert else None
                 key = self.config.aiida_client_key.read_bytes() if self.config.aiida_client_key else None
                 creds = grpc.ssl_channel_credentials(self.config.aiida_tls_ca.read_bytes(), key, cert)
-                channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            channel = self._channels[address] = dial(address, creds, CHANNEL_OPTIONS)
         return channel
 
     def connect_method_for(self, address: str) -> Any:
