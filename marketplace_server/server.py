@@ -252,6 +252,9 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     )
     if metrics is not None:
         metrics.watch(manager, permissions.events, sessions)
+        metrics.watch_database(engine)
+        if nc is not None:
+            metrics.watch_nats(nc)
         search.observers.append(metrics.on_search)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
