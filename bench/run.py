@@ -2,7 +2,7 @@
 
 Prints a table and writes bench/results/bench.json. Usage:
     python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access] [--sink-churn]
-                        [--cluster [--cluster-sizes 10000] [--cluster-idle 30]]
+                        [--cluster [--cluster-sizes 10000] [--cluster-searches 15] [--cluster-idle 30]]
 
 `--sink-churn` adds the sink-under-churn soak (bench/sink_churn.py, issue 15.7);
 `--sizes '' --skip-access --sink-churn` runs only that. `--cluster` adds the cluster figures
@@ -120,6 +120,9 @@ def main() -> None:
         "--cluster-sizes", default="10000", help="comma-separated fleet sizes of the cluster figures"
     )
     parser.add_argument(
+        "--cluster-searches", type=int, default=15, help="timed searches per replica count (cluster)"
+    )
+    parser.add_argument(
         "--cluster-idle",
         type=float,
         default=30.0,
@@ -163,7 +166,7 @@ def main() -> None:
             reason = cluster.unavailable_reason()
             if reason is None:
                 sizes = [int(s) for s in args.cluster_sizes.split(",") if s]
-                report["cluster"] = cluster.run(sizes, args.searches, args.cluster_idle, work)
+                report["cluster"] = cluster.run(sizes, args.cluster_searches, args.cluster_idle, work)
             else:
                 print(f"cluster figures skipped: {reason}", flush=True)
                 report["cluster"] = {"skipped": reason}
