@@ -592,19 +592,10 @@ async def _run_size(n: int, searches: int, idle: float, work: Path) -> dict[str,
             await admin.close()
 
 
-def per_10k(row: dict[str, Any], n: int) -> dict[str, float]:
-    """One search's cost scaled to 10,000 claimed instances (what the 1-million estimate rests on)."""
-    scale = 10_000 / n
-    return {k: v * scale for k, v in row["per_search"].items() if isinstance(v, float | int)}
-
-
 def run(sizes: list[int], searches: int, idle: float, work: Path) -> dict[str, Any]:
     results = []
     for n in sizes:
-        result = asyncio.run(_run_size(n, searches, idle, work))
-        for row in result["by_replicas"]:
-            row["per_search_per_10k"] = per_10k(row, n)
-        results.append(result)
+        results.append(asyncio.run(_run_size(n, searches, idle, work)))
     return {"sizes": results, "buckets": BUCKETS, "nats_url": NATS_URL}
 
 
