@@ -143,7 +143,7 @@ async def _counted_search(ep: Session, name: str) -> tuple[int, int, data_reques
     summary = data_request_pb2.SearchSummary()
     async for response in ep.data_requests.SearchInstances(request, metadata=ep.metadata):
         if response.HasField("matches"):
-            messages += 1
+            messages += bool(response.matches.instance_ids)  # progress-only messages carry no ids
             ids.update(response.matches.instance_ids)
         else:
             summary = response.summary

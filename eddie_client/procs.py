@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,39 @@ def start(
     match = proc.wait_for(LISTENING.pattern, timeout)
     proc.port = int(match.group(2))
     return proc
+
+
+def start_all(starters: Sequence[Callable[[], Proc]]) -> list[Proc]:
+    """Runs the `start_*` calls at once (each waits for its own `listening on` line); all or none:
+    if one fails, those that started are stopped and its error raised."""
+    with ThreadPoolExecutor(max(1, len(starters))) as pool:
+        futures = [pool.submit(starter) for starter in starters]
+    started, errors = [], []
+    for future in futures:
+        try:
+            started.append(future.result())
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        stop_all(started)
+        raise errors[0]
+    return started
+
+
+def stop_all(procs: Sequence[Proc], timeout: float = 10.0) -> None:
+    """Stops the processes together: SIGTERM to all, then waits for each (SIGKILL after `timeout`).
+
+    Each drains for its grace period; stopped one after the other those waits would add up."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
 
 
 # The three programs with the flags every caller gives them; `flags` adds the rest.

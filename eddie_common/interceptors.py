@@ -93,6 +93,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.authenticate = authenticate
         self.public_methods = public_methods
         self.translate = translate
+        # method -> (the servicer's handler, our wrapper): a call wraps nothing anew. Only methods
+        # the server registered get here (unknown ones have no handler), so the dict stays small.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(  # type: ignore[override]
         self,
@@ -106,7 +109,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         needs_auth = self.authenticate is not None and method not in self.public_methods
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return handler
-        return self._wrap(handler, method, needs_auth)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method, needs_auth)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, handler: Any, method: str, needs_auth: bool) -> Any:
         streaming = handler.request_streaming

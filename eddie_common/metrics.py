@@ -100,6 +100,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (inner handler, ours): wrapped once
 
     async def intercept_service(  # type: ignore[override]
         self,
@@ -110,6 +111,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(_SKIPPED):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        measured = self._measure(handler, method)
+        self._wrapped[method] = (handler, measured)
+        return measured
+
+    def _measure(self, handler: Any, method: str) -> Any:
         if handler.response_streaming:
             behaviour = handler.unary_stream or handler.stream_stream
             wrapped: Any = self._stream(behaviour, method)

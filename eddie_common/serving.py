@@ -104,6 +104,8 @@ class Lifecycle:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run before the drain: end long-lived streams (feeds, watches) that would hold the whole grace.
     before_stop: list[Callable[[], None]] = field(default_factory=list)
+    # Awaited after those, still before the drain (e.g. a cluster replica hands its work over first).
+    before_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then drains in-flight RPCs for up to `grace` seconds."""
@@ -113,6 +115,12 @@ class Lifecycle:
                 end()
             except Exception as exc:
                 hook = getattr(end, "__qualname__", "?")
+                log_event(log, "stop_hook_failed", logging.WARNING, hook=hook, error=repr(exc))
+        for hand_over in self.before_drain:
+            try:
+                await hand_over()
+            except Exception as exc:
+                hook = getattr(hand_over, "__qualname__", "?")
                 log_event(log, "stop_hook_failed", logging.WARNING, hook=hook, error=repr(exc))
         await self.server.stop(grace)
         for hook in self.on_stop:

@@ -13,6 +13,17 @@ never stops the subscriber. A lost broker is retried with the shared backoff.
 The subscription is a persistent MQTT 5 session (a client id kept in the sink's
 database, clean start off, a session expiry of a week by default): while the
 sink is away or reconnecting, the broker queues the QoS 1 messages for it.
+
+A message is acknowledged (its QoS 1 PUBACK) only once its readings are
+committed, not when it arrives: a sink that crashes in between has not
+acknowledged it, and the broker sends it again when the sink's session
+reconnects (the store de-duplicates by reading). aiomqtt 2.5.1 has no manual-ack
+option, but its paho-mqtt 2.2 client does (`manual_ack_set`, `ack(mid, qos)`);
+the acks go out in arrival order (MQTT requires that), each after the group
+commit that holds its readings, so acking costs no extra commit. A failed commit
+acknowledges nothing more and reconnects, so the broker redelivers. A message
+that is dropped (bad token, malformed, permission ended) is acknowledged at once:
+it will never be stored.
 """
 
 from __future__ import annotations
@@ -59,6 +70,10 @@ MAX_VALUES = 1_000
 DROP_LOG_EVERY = 100  # after the first few, one `mqtt_message_dropped` line per this many drops
 KEEPALIVE_SECONDS = 30
 CONNECT_TIMEOUT_SECONDS = 5.0
+DRAIN_SECONDS = 2.0  # on close: how long to wait for the acks of messages whose readings are being committed
+
+# An acknowledgement due once its readings are committed: (the commits it waits for, message id, QoS).
+PendingAck = tuple[list["asyncio.Future[None]"], int, int]
 
 
 class Dropped(Exception):
@@ -144,31 +159,98 @@ class MqttIngest:
         self.messages = 0  # received
         self.stored = 0  # readings handed to the writer
         self.dropped: Counter[str] = Counter()  # messages not stored, by reason
+        self.acknowledged = 0  # PUBACKs sent (after the commit of the message's readings)
+        self._closing = asyncio.Event()
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
+            self._closing.clear()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-ingest")
 
     async def close(self) -> None:
+        """Takes no more messages, acknowledges those committed within DRAIN_SECONDS, disconnects.
+
+        Call it while the writer still runs (the sink closes MQTT first): the readings already handed
+        over are committed meanwhile and their messages acknowledged; the rest the broker sends again.
+        """
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._closing.set()
+        try:
+            if self.connected.is_set():  # else there is nothing to acknowledge: stop at once
+                await asyncio.wait_for(asyncio.shield(task), DRAIN_SECONDS + 1.0)
+        except TimeoutError:
+            pass
+        finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await task
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        """Handles messages and acknowledges each once committed, until closing or the connection breaks."""
+        acks: asyncio.Queue[PendingAck | None] = asyncio.Queue()
+        receiver = asyncio.create_task(self._receive(client, acks), name="mqtt-receive")
+        acker = asyncio.create_task(self._acknowledge(_paho(client), acks), name="mqtt-ack")
+        closing = asyncio.create_task(self._closed(), name="mqtt-closing")
+        tasks = (receiver, acker, closing)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if closing.done() and not acker.done():
+                receiver.cancel()
+                acks.put_nowait(None)  # ack what is committed meanwhile, then stop
+                await asyncio.wait([acker], timeout=DRAIN_SECONDS)
+            for part in (receiver, acker):
+                if part.done() and not part.cancelled() and (error := part.exception()) is not None:
+                    raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _closed(self) -> None:
+        await self._closing.wait()
+
+    async def _receive(self, client: aiomqtt.Client, acks: asyncio.Queue[PendingAck | None]) -> None:
+        async for message in client.messages:
+            commits = await self.handle(message.topic.value, _payload(message), message.properties)
+            if message.qos > 0:
+                acks.put_nowait((commits, message.mid, message.qos))
+
+    async def _acknowledge(self, paho: Any, acks: asyncio.Queue[PendingAck | None]) -> None:
+        """Sends the PUBACKs in arrival order, each once its readings are committed.
+
+        A failed commit stops the acks and breaks the connection (MqttError): the broker sends the
+        unacknowledged messages again when the session reconnects.
+        """
+        while (pending := await acks.get()) is not None:
+            commits, mid, qos = pending
+            if commits:
+                # asyncio.wait, not gather: cancelling this task must not cancel the writer's futures.
+                await asyncio.wait(commits)
+                for commit in commits:
+                    if (error := commit.exception()) is not None:
+                        why = type(error).__name__
+                        raise aiomqtt.MqttError(
+                            f"readings not committed ({why}); the broker will send them again"
+                        )
+            paho.ack(mid, qos)
+            self.acknowledged += 1
 
     async def _run(self) -> None:
         failures = 0
         while True:
             try:
-                async with self._client() as client:
+                client = self._client()
+                async with client:
                     await client.subscribe(DATA_FILTER, qos=QOS_AT_LEAST_ONCE)
                     failures = 0
                     self.connected.set()
                     log_event(log, "mqtt_subscribed", broker=self.address.uri, topic=DATA_FILTER)
-                    async for message in client.messages:
-                        await self.handle(message.topic.value, _payload(message), message.properties)
+                    await self._consume(client)
+                    return  # closing
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 failures += 1
@@ -185,7 +267,7 @@ class MqttIngest:
                 await asyncio.sleep(delay)
 
     def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.address.host,
             self.address.port,
             identifier=self._client_id,
@@ -196,9 +278,16 @@ class MqttIngest:
             timeout=CONNECT_TIMEOUT_SECONDS,
             keepalive=KEEPALIVE_SECONDS,
         )
+        # Before connecting: a resumed session's queued messages arrive right after CONNACK.
+        _paho(client).manual_ack_set(True)
+        return client
 
-    async def handle(self, topic: str, payload: bytes, properties: Any) -> None:
-        """Checks and stores one message; never raises for a bad message."""
+    async def handle(self, topic: str, payload: bytes, properties: Any) -> list[asyncio.Future[None]]:
+        """Checks and stores one message; never raises for a bad message.
+
+        Returns the commits its readings wait for (none for a dropped message): the message may be
+        acknowledged once they have succeeded.
+        """
         self.messages += 1
         try:
             permission_id = permission_of_data_topic(topic)
@@ -206,12 +295,13 @@ class MqttIngest:
                 raise Dropped("UNKNOWN_TOPIC")
             publisher = await self._authenticate(authorization_of(properties), permission_id)
             readings = parse_record(payload, permission_id)
-            await self.ingest(publisher, readings)
+            return await self.ingest(publisher, readings)
         except Dropped as dropped:
             self._drop(dropped.reason, dropped.permission_id, topic)
         except Exception:
             log.exception("mqtt_message_failed", extra={"topic": topic})
             self._drop("INTERNAL", "", topic)
+        return []
 
     async def _authenticate(self, token: str, permission_id: str) -> Publisher:
         """The publisher of `token`, which must be a valid sink token of `permission_id`."""
@@ -227,7 +317,7 @@ class MqttIngest:
             raise Dropped("TOKEN_OF_ANOTHER_PERMISSION", permission_id)
         return publisher
 
-    async def ingest(self, publisher: Publisher, readings: list[StoredReading]) -> None:
+    async def ingest(self, publisher: Publisher, readings: list[StoredReading]) -> list[asyncio.Future[None]]:
         """Stores the readings of one authenticated message: the single entry of MQTT data into the store.
 
         Every reading that reaches the store over MQTT passes here (as Publish's
@@ -245,9 +335,13 @@ class MqttIngest:
                 publisher.permission_id, publisher.eligible_party, publisher.instance_id
             )
             self._known.add(publisher.permission_id)
+        commits: list[asyncio.Future[None]] = []
         for reading in readings:
-            await self._writer.submit(reading)
+            committed = await self._writer.submit(reading)
+            if not commits or commits[-1] is not committed:
+                commits.append(committed)
         self.stored += len(readings)
+        return commits
 
     def _drop(self, reason: str, permission_id: str, topic: str) -> None:
         self.dropped[reason] += 1
@@ -262,6 +356,11 @@ class MqttIngest:
             why=reason,
             dropped_total=dropped,
         )
+
+
+def _paho(client: aiomqtt.Client) -> Any:
+    """aiomqtt's underlying paho-mqtt client (aiomqtt 2.5.1 exposes no manual-ack option of its own)."""
+    return client._client
 
 
 def _session_properties(expiry: int) -> Properties:

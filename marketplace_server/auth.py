@@ -16,6 +16,7 @@ from eddie_common.errors import InvalidArgument, PermissionDenied, Unauthenticat
 from eddie_common.interceptors import caller_as
 from eddie_common.tokens import AUDIENCE_MARKETPLACE, TokenVerifier, bearer_token
 from marketplace_server.db import models
+from marketplace_server.keyring import LiveKeys
 from marketplace_server.oidc import OidcAuthenticator, unverified_issuer
 from marketplace_server.resources import account_name, parse_account_name
 
@@ -85,27 +86,37 @@ class AccessTokenAuthenticator:
     """Verifies the bearer access token and that its account still exists and is enabled."""
 
     _CACHE_SECONDS = 2.0
+    _DENIED_SECONDS = 60.0  # far beyond the cache's window and any read in flight
 
     def __init__(
         self,
         verifier: TokenVerifier,
         sessions: async_sessionmaker[AsyncSession],
         external: OidcAuthenticator | None = None,
+        keys: LiveKeys | None = None,
     ) -> None:
         self.verifier = verifier
+        # The ring the verifier follows: a token naming a key not (yet) in it re-reads the ring once.
+        self.keys = keys
         self.sessions = sessions
         # Tokens of an external OpenID Connect provider (--oidc-issuer), routed by their `iss`.
         self.external = external
         self._accounts: dict[str, tuple[float, int | None]] = {}
-        self._denied: set[str] = set()  # deleted in this process: refused without the cache's window
+        # Deleted here (or announced by another replica): refused without the cache's window. Kept
+        # while a cached or in-flight read could still say otherwise, then the database says it.
+        self._denied: dict[str, float] = {}
 
     def forget(self, account_id: str) -> None:
         self._accounts.pop(account_id, None)
 
     def deny(self, account_id: str) -> None:
         """The account was deleted: its tokens are refused from now on."""
-        self._denied.add(account_id)
-        self._accounts[account_id] = (time.monotonic(), None)
+        now = time.monotonic()
+        if len(self._denied) > 10_000:
+            horizon = now - self._DENIED_SECONDS
+            self._denied = {a: t for a, t in self._denied.items() if t > horizon}
+        self._denied[account_id] = now
+        self._accounts[account_id] = (now, None)
 
     async def _account_role(self, account_id: str) -> int | None:
         if account_id in self._denied:
@@ -128,7 +139,7 @@ class AccessTokenAuthenticator:
             raise Unauthenticated("missing authorization: Bearer <access token>", reason="TOKEN_MISSING")
         if self.external is not None and unverified_issuer(token) == self.external.settings.issuer:
             return await self._external_principal(token)
-        claims = self.verifier.verify(token)
+        claims = await self.keys.verify(self.verifier, token) if self.keys else self.verifier.verify(token)
         if claims.get("typ") != "access":
             raise Unauthenticated("not an access token", reason="TOKEN_WRONG_TYPE")
         try:

@@ -61,7 +61,8 @@ class Config:
         check=host_port,
     )
     data_dir: Path = flag(
-        "directory for the signing key and the default SQLite database",
+        "directory for the default SQLite database and its signing keys (with PostgreSQL the keys "
+        "live in the database; keys found here are imported on its first start)",
         default=Path("var/marketplace"),
         metavar="DIR",
     )
@@ -125,8 +126,9 @@ class Config:
     )
     # See marketplace_server.keyring.
     rotate_signing_key: bool = flag(
-        "retire the current signing key (kept in DATA_DIR/retired-signing-keys, still listed by "
-        "ListSigningKeys) and sign with a new one from this start on",
+        "retire the current signing key (kept, still listed by ListSigningKeys) and sign with a new "
+        "one from this start on; the keys live in DATA_DIR, or with PostgreSQL in the database, where "
+        "a rotation at one replica reaches all within seconds",
         default=False,
     )
     login_attempts_per_minute: float = flag(
@@ -234,12 +236,20 @@ class Config:
         metavar="NAME",
         check=subject_token,
     )
+    event_repair_interval: float = flag(
+        "cluster mode: seconds between catching the open consent and watch streams up from the "
+        "database (repairs an event whose NATS publish was lost)",
+        default=2.0,
+        metavar="SECONDS",
+        check=positive,
+    )
     # Not flags.
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None
     reconnect_max_backoff: float = 30.0
     lease_seconds: float = 10.0  # cluster bucket leases (marketplace_server.cluster.leases)
     renew_seconds: float = 2.0
+    key_refresh_seconds: float = 5.0  # re-reading the signing key ring (marketplace_server.keyring)
 
     def __post_init__(self) -> None:
         if self.tls is None and self.tls_cert is not None and self.tls_key is not None:
@@ -272,6 +282,12 @@ class Config:
     @property
     def clustered(self) -> bool:
         return self.nats_url is not None
+
+    @property
+    def keys_in_database(self) -> bool:
+        """The signing key ring lives in the database (PostgreSQL), not in --data-dir: every process on
+        one database, clustered or not, signs with the same keys, and needs no persistent data dir."""
+        return _is_postgresql(self.database_url)
 
     @property
     def effective_database_url(self) -> str:

@@ -66,6 +66,16 @@ class MarketplaceMetrics:
             "marketplace_searches_withheld", "searches whose matches were withheld (below --min-match-set)",
             registry=r,
         )  # fmt: skip
+        self.cluster_searches_incomplete = Counter(
+            "marketplace_cluster_searches_incomplete",
+            "cluster searches failed with SEARCH_INCOMPLETE (replies lost: NATS slow consumer or disconnect)",
+            registry=r,
+        )
+        self.cluster_events_repaired = Counter(
+            "marketplace_cluster_events_repaired",
+            "permission events queued on streams from the database because their NATS publish was lost",
+            registry=r,
+        )
         self.outbox_pending = Gauge(
             "marketplace_outbox_pending", "deliveries to AIIDAs not acknowledged yet", registry=r
         )

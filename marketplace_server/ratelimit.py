@@ -1,15 +1,71 @@
-"""In-process token-bucket rate limits keyed by account, instance or peer."""
+"""Token-bucket rate limits keyed by account, instance or peer: in memory, or shared in PostgreSQL.
+
+One interface (`Limiter`) whatever the backing:
+
+- `RateLimiter` keeps the buckets in this process (one process, SQLite or PostgreSQL);
+- `DatabaseRateLimiter` keeps them in the `rate_limits` table, so a limit holds across the
+  replicas of a cluster (attempts spread over replicas A, B and C count like attempts at one).
+  Each take is one atomic statement (`INSERT … ON CONFLICT DO UPDATE … RETURNING`) that refills
+  the bucket by the database's clock; concurrent takes of one key serialize on its row. Rows
+  that have refilled completely equal no row at all and are deleted by `RateLimitJanitor`.
+
+Limits that count failed attempts only (pairing codes, sign-ins) take an attempt first and
+give it back (`refund`) when the attempt succeeds: concurrent wrong guesses cannot pass a
+check together before any of them is counted.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from collections import OrderedDict
+from typing import Any, Protocol
+
+from sqlalchemy import Float, case, cast, delete, func, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie_common.errors import ResourceExhausted
+from eddie_common.logging import log_event
+from marketplace_server.background import Loop
+from marketplace_server.db.models import RateLimitRow
+
+__all__ = [
+    "DatabaseRateLimiter",
+    "Limiter",
+    "RateLimitJanitor",
+    "RateLimiter",
+    "autocommit",
+    "elapsed_seconds",
+    "peer_host",
+    "rate_limiter",
+    "row_key",
+    "seconds_from_now",
+]
+
+log = logging.getLogger(__name__)
+
+CLEANUP_SECONDS = 60.0
+
+
+def _limited(what: str) -> ResourceExhausted:
+    return ResourceExhausted(f"too many {what}; retry later", reason="RATE_LIMITED")
+
+
+class Limiter(Protocol):
+    """What callers use, in memory or in the database alike."""
+
+    async def acquire(self, *keys: str, what: str = "requests") -> None:
+        """Takes one event of every key, or none: RESOURCE_EXHAUSTED (RATE_LIMITED) when any key has
+        no event left."""
+
+    async def refund(self, *keys: str) -> None:
+        """Gives back what `acquire` took (the attempt did not count, e.g. the right pairing code)."""
 
 
 class RateLimiter:
-    """`rate_per_minute` events per key with bursts up to `burst`; bounded memory."""
+    """`rate_per_minute` events per key with bursts up to `burst`, in this process; bounded memory."""
 
     def __init__(self, rate_per_minute: float, burst: float | None = None, max_keys: int = 100_000) -> None:
         self.rate = rate_per_minute / 60.0
@@ -17,38 +73,166 @@ class RateLimiter:
         self.max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def try_acquire(self, key: str) -> bool:
-        now = time.monotonic()
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
+    def _put(self, key: str, tokens: float, now: float) -> None:
         self._buckets[key] = (tokens, now)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
-        return allowed
 
     def _tokens(self, key: str, now: float) -> float:
-        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens, last = self._buckets.pop(key, (self.burst, now))
         return min(self.burst, tokens + (now - last) * self.rate)
 
-    def ensure_allowed(self, *keys: str, what: str = "attempts") -> None:
-        """Raises RESOURCE_EXHAUSTED when any key has no attempt left; consumes nothing."""
+    def try_acquire(self, key: str) -> bool:
         now = time.monotonic()
-        if any(self._tokens(k, now) < 1.0 for k in keys):
-            raise ResourceExhausted(f"too many {what}; retry later", reason="RATE_LIMITED")
+        tokens = self._tokens(key, now)
+        allowed = tokens >= 1.0
+        self._put(key, tokens - 1.0 if allowed else tokens, now)
+        return allowed
 
-    def record_failure(self, *keys: str) -> None:
-        """Consumes one attempt of each key (for limits that count failed attempts only)."""
+    def give_back(self, key: str) -> None:
+        now = time.monotonic()
+        self._put(key, min(self.burst, self._tokens(key, now) + 1.0), now)
+
+    async def acquire(self, *keys: str, what: str = "requests") -> None:
+        taken: list[str] = []
+        for key in keys:  # no await in between: all or none, atomically in this process
+            if not self.try_acquire(key):
+                for earlier in taken:
+                    self.give_back(earlier)
+                raise _limited(what)
+            taken.append(key)
+
+    async def refund(self, *keys: str) -> None:
         for key in keys:
-            self.try_acquire(key)
+            self.give_back(key)
 
-    def acquire(self, *keys: str, what: str = "requests") -> None:
-        """Raises RESOURCE_EXHAUSTED (reason RATE_LIMITED) when any key is over its limit."""
-        results = [self.try_acquire(k) for k in keys]
-        if not all(results):
-            raise ResourceExhausted(f"too many {what}; retry later", reason="RATE_LIMITED")
+
+def row_key(limit: str, key: str) -> str:
+    """The `rate_limits` primary key of `key` under the limit named `limit`: a digest, so the table
+    holds no e-mail or address in clear."""
+    return hashlib.sha256(f"{limit}\x00{key}".encode()).hexdigest()
+
+
+def elapsed_seconds(since: Any) -> Any:
+    """Seconds from `since` to now by the database's clock (never negative: a transaction may have
+    started before a concurrent one's update)."""
+    return func.greatest(0.0, cast(func.extract("epoch", func.now() - since), Float))
+
+
+def seconds_from_now(seconds: Any) -> Any:
+    return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+def _take(key: str, burst: float, rate: float) -> Any:
+    """One statement: refill the key's bucket by the elapsed time, take one token if there is one,
+    say whether it did. A new key starts with a full bucket."""
+    refilled = func.least(burst, RateLimitRow.level + elapsed_seconds(RateLimitRow.updated_at) * rate)
+    allowed = refilled >= 1.0
+    level = case((allowed, refilled - 1.0), else_=refilled)
+    statement = postgresql.insert(RateLimitRow).values(
+        key=key,
+        level=burst - 1.0,
+        updated_at=func.now(),
+        idle_at=seconds_from_now(1.0 / rate),
+        allowed=True,
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[RateLimitRow.key],
+        set_={
+            "level": level,
+            "allowed": allowed,
+            "updated_at": func.now(),
+            "idle_at": seconds_from_now((burst - level) / rate),
+        },
+    ).returning(RateLimitRow.allowed)
+
+
+def _refund(key: str, burst: float, rate: float) -> Any:
+    refilled = func.least(burst, RateLimitRow.level + elapsed_seconds(RateLimitRow.updated_at) * rate)
+    level = func.least(burst, refilled + 1.0)
+    return (
+        update(RateLimitRow)
+        .where(RateLimitRow.key == key)
+        .values(level=level, updated_at=func.now(), idle_at=seconds_from_now((burst - level) / rate))
+    )
+
+
+def autocommit(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The sessions' engine without BEGIN / COMMIT round trips: each statement is its own transaction."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+class DatabaseRateLimiter:
+    """The same limit as `RateLimiter`, with its buckets in the database (cluster mode; PostgreSQL).
+    Each take or refund is one statement, committed on its own (autocommit)."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        name: str,
+        rate_per_minute: float,
+        burst: float | None = None,
+    ) -> None:
+        self.engine = autocommit(sessions)
+        self.name = name
+        self.rate = rate_per_minute / 60.0
+        self.burst = burst if burst is not None else max(1.0, rate_per_minute)
+
+    async def try_acquire(self, key: str) -> bool:
+        async with self.engine.connect() as connection:
+            result = await connection.execute(_take(row_key(self.name, key), self.burst, self.rate))
+            return bool(result.scalar())
+
+    async def acquire(self, *keys: str, what: str = "requests") -> None:
+        taken: list[str] = []
+        for key in keys:
+            if not await self.try_acquire(key):
+                if taken:
+                    await self.refund(*taken)
+                raise _limited(what)
+            taken.append(key)
+
+    async def refund(self, *keys: str) -> None:
+        async with self.engine.connect() as connection:
+            for key in keys:
+                await connection.execute(_refund(row_key(self.name, key), self.burst, self.rate))
+
+
+def rate_limiter(
+    name: str, rate_per_minute: float, sessions: async_sessionmaker[AsyncSession] | None
+) -> Limiter:
+    """In the database when given `sessions` (cluster mode), else in this process."""
+    if sessions is not None:
+        return DatabaseRateLimiter(sessions, name, rate_per_minute)
+    return RateLimiter(rate_per_minute)
+
+
+class RateLimitJanitor:
+    """Deletes the `rate_limits` rows that have gone idle (a full bucket, a decayed score)."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], interval: float = CLEANUP_SECONDS) -> None:
+        self.sessions = sessions
+        self.interval = interval
+        self.loop = Loop(self._sweep, "rate_limit_cleanup")
+
+    async def delete_idle(self) -> int:
+        async with self.sessions.begin() as session:
+            result: Any = await session.execute(delete(RateLimitRow).where(RateLimitRow.idle_at < func.now()))
+        count = int(result.rowcount or 0)
+        if count:
+            log_event(log, "rate_limits_expired", logging.DEBUG, count=count)
+        return count
+
+    async def _sweep(self) -> float:
+        await self.delete_idle()
+        return self.interval
+
+    async def run(self) -> None:
+        await self.loop.run()
+
+    async def stop(self) -> None:
+        await self.loop.stop()
 
 
 def peer_host(peer: str) -> str:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import (
@@ -24,6 +23,7 @@ from eddie.marketplace.v1 import (
     instance_pb2_grpc,
     sink_feed_pb2_grpc,
 )
+from eddie_common.errors import Unauthenticated
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.page_tokens import PageTokenCodec
 from eddie_common.serving import SERVER_OPTIONS, Lifecycle, add_health_and_reflection, bind, set_serving
@@ -34,15 +34,15 @@ from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.auth import PUBLIC_METHODS, AccessTokenAuthenticator, marketplace_verifier
 from marketplace_server.cluster.events import ClusterEventHub
 from marketplace_server.cluster.leases import LeaseKeeper
-from marketplace_server.cluster.node import ClusterNode, connect_nats
+from marketplace_server.cluster.node import ClusterNode, NatsSignals, connect_nats
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from marketplace_server.errors import DOMAIN, translate_infrastructure_error
-from marketplace_server.keyring import load_key_ring
+from marketplace_server.keyring import LiveKeys, load_database_key_ring, load_key_ring
 from marketplace_server.login_throttle import LoginThrottle
 from marketplace_server.metrics import MarketplaceMetrics
 from marketplace_server.oidc import OidcAuthenticator, OidcDiscoveryError, OidcSettings
-from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.ratelimit import RateLimitJanitor, rate_limiter
 from marketplace_server.rpc.access import AccessServicer
 from marketplace_server.rpc.consent import ConsentServicer
 from marketplace_server.rpc.data_requests import DataRequestServicer
@@ -100,7 +100,7 @@ class Marketplace:
     server: grpc.aio.Server
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
-    signing_key: SigningKey
+    keys: LiveKeys
     issuer: TokenIssuer
     lifecycle: Lifecycle
     identity: IdentityService
@@ -125,6 +125,11 @@ class Marketplace:
     cluster: ClusterNode | None = None  # with --nats-url
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The key new tokens and receipts are signed with (the ring's current key)."""
+        return self.keys.current
 
     async def start(self) -> None:
         if isinstance(self.events, ClusterEventHub):
@@ -159,18 +164,19 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
             config, sessions
         )  # before any write: an unreachable IdP fails fast
         # Likewise NATS in cluster mode (--nats-url).
-        nc = await connect_nats(config.nats_url, replica_id) if config.nats_url else None
+        signals = NatsSignals()
+        nc = await connect_nats(config.nats_url, replica_id, signals) if config.nats_url else None
     except BaseException:
         await engine.dispose()
         raise
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    ring = load_key_ring(config.data_dir, rotate=config.rotate_signing_key)
-    signing_key = ring.current
-    issuer = TokenIssuer(signing_key, config.issuer)
     await migrate(engine)
+    keys = await _key_ring(config, sessions)
+    ring = keys.ring
+    issuer = keys.signing(TokenIssuer(ring.current, config.issuer))
 
-    verifier = marketplace_verifier({k.key_id: k.public_key for k in ring.keys}, config.issuer)
-    authenticator = AccessTokenAuthenticator(verifier, sessions, external)
+    verifier = keys.verifying(marketplace_verifier({}, config.issuer))
+    authenticator = AccessTokenAuthenticator(verifier, sessions, external, keys)
     interceptor = ServiceInterceptor(
         domain=DOMAIN,
         authenticate=authenticator,
@@ -184,39 +190,46 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
 
+    # Cluster mode: rate limits in the database, so they hold across replicas (marketplace_server.ratelimit).
+    shared = sessions if config.clustered else None
     identity = IdentityService(
         sessions,
         issuer,
         access_ttl=config.access_token_ttl,
         refresh_ttl=config.refresh_token_ttl,
-        login_throttle=LoginThrottle(config.login_attempts_per_minute),
+        login_throttle=LoginThrottle(config.login_attempts_per_minute, sessions=shared),
     )
-    pages = PageTokenCodec.from_signing_key(signing_key)
+    # From the device key, which rotations keep: page tokens stay valid across rotations and replicas.
+    pages = PageTokenCodec.from_signing_key(ring.device_key)
     # AIIDAs verify the marketplace's calls with the key RegisterInstance gave them (see keyring).
-    manager = ConnectionManager(config, TokenIssuer(ring.device_key, config.issuer), sessions)
+    manager = ConnectionManager(
+        config, keys.device_signing(TokenIssuer(ring.device_key, config.issuer)), sessions
+    )
     trust = instance_pb2.RegisterInstanceResponse(
         marketplace_public_key=ring.device_key.public_pem, marketplace_issuer=config.issuer
     )
+    keys.listeners.append(lambda r: setattr(trust, "marketplace_public_key", r.device_key.public_pem))
     instances = InstanceService(
-        sessions, manager, RateLimiter(config.claim_attempts_per_minute), pages, trust
+        sessions, manager, rate_limiter("claim", config.claim_attempts_per_minute, shared), pages, trust
     )
     instance_pb2_grpc.add_InstanceServiceServicer_to_server(InstanceServicer(instances), server)
     data_requests = DataRequestService(sessions, pages)
     search = SearchService(sessions, manager, config)
-    node = _cluster_node(config, nc, replica_id, sessions, manager) if nc is not None else None
+    if shared is not None:
+        search.limiter = rate_limiter("search", config.search_rate_per_minute, shared)
+    node = _cluster_node(config, nc, signals, replica_id, sessions, manager) if nc is not None else None
     if node is not None:
         search.cluster = node
     data_request_pb2_grpc.add_DataRequestServiceServicer_to_server(
         DataRequestServicer(data_requests, search), server
     )
-    public_keys = {k.key_id: k.public_key for k in ring.keys}
-    permissions = _add_permission_services(
-        server, config, sessions, manager, issuer, pages, public_keys, node
-    )
+    permissions = _add_permission_services(server, config, sessions, manager, issuer, pages, keys, node)
     deletion = AccountDeletion(permissions.permissions, authenticator, manager, permissions.events)
     deletion.on_revoked_by_deletion.append(revoke_receipts(permissions.receipts.signer))
+    if isinstance(permissions.events, ClusterEventHub):  # a deletion at any replica is refused at all
+        _share_deletions(permissions.events, deletion, authenticator)
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(
-        IdentityServicer(identity, ring.keys, config.issuer, deletion), server
+        IdentityServicer(identity, keys, config.issuer, deletion), server
     )
     health = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, config.listen, config.tls)
@@ -227,7 +240,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         server,
         engine,
         sessions,
-        signing_key,
+        keys,
         issuer,
         lifecycle,
         identity=identity,
@@ -256,8 +269,18 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         if nc is not None:
             metrics.watch_nats(nc)
         search.observers.append(metrics.on_search)
+        if node is not None:
+            node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)
+        if isinstance(permissions.events, ClusterEventHub):
+            permissions.events.on_repaired.append(metrics.cluster_events_repaired.inc)
     workers = (permissions.outbox, permissions.timeouts, permissions.statuses)
     app.background.append(manager.start)
+    app.background.append(keys.run)
+    app.lifecycle.on_stop.append(keys.stop)
+    if shared is not None:
+        limits = RateLimitJanitor(shared)
+        app.background.append(limits.run)
+        app.lifecycle.on_stop.append(limits.stop)
     idempotency.RETENTION.seconds = config.idempotency_ttl
     janitor = idempotency.KeyJanitor(sessions)
     app.idempotency_janitor = janitor
@@ -265,10 +288,38 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     app.lifecycle.on_stop.append(janitor.stop)
     app.background.extend(worker.run for worker in workers)
     app.lifecycle.on_stop.extend(worker.stop for worker in workers)
-    if node is not None:  # hands its buckets over at once, before the workers stop
-        app.lifecycle.on_stop.insert(0, node.stop)
+    if node is not None:
+        # SIGTERM: its buckets are handed over at once, before the drain; NATS is left after it (the
+        # searches in flight here still gather, the workers' last events still go out).
+        app.lifecycle.before_drain.append(node.handover)
+        if isinstance(app.events, ClusterEventHub):
+            app.lifecycle.on_stop.append(app.events.stop)
+        app.lifecycle.on_stop.append(node.stop)
     app.lifecycle.on_stop.append(manager.stop)
     return app, port
+
+
+def _share_deletions(
+    hub: ClusterEventHub, deletion: AccountDeletion, authenticator: AccessTokenAuthenticator
+) -> None:
+    """Cluster mode: a deletion here is announced to the other replicas before DeleteAccount returns;
+    one announced by another replica is refused here (as `AccountDeletion.delete` does locally)."""
+    deletion.on_deleted.append(hub.announce_deleted)
+
+    def deleted_elsewhere(account_id: str) -> None:
+        authenticator.deny(account_id)
+        hub.end_streams(account_id, Unauthenticated("the account was deleted", reason="ACCOUNT_DISABLED"))
+
+    hub.deletion_listeners.append(deleted_elsewhere)
+
+
+async def _key_ring(config: Config, sessions: async_sessionmaker[AsyncSession]) -> LiveKeys:
+    """The signing key ring: in the database with PostgreSQL (shared by every replica), else in
+    --data-dir (see marketplace_server.keyring)."""
+    if config.keys_in_database:
+        ring = await load_database_key_ring(sessions, config.data_dir, rotate=config.rotate_signing_key)
+        return LiveKeys(ring, sessions, config.key_refresh_seconds)
+    return LiveKeys(load_key_ring(config.data_dir, rotate=config.rotate_signing_key))
 
 
 async def _external_identity(
@@ -290,6 +341,7 @@ async def _external_identity(
 def _cluster_node(
     config: Config,
     nc: Any,
+    signals: NatsSignals,
     replica_id: str,
     sessions: async_sessionmaker[AsyncSession],
     manager: ConnectionManager,
@@ -302,7 +354,7 @@ def _cluster_node(
         lease_seconds=config.lease_seconds,
         renew_seconds=config.renew_seconds,
     )
-    return ClusterNode(nc, leases, sessions, manager, config.cluster_name)
+    return ClusterNode(nc, leases, sessions, manager, config.cluster_name, signals)
 
 
 def _add_permission_services(
@@ -312,13 +364,20 @@ def _add_permission_services(
     manager: ConnectionManager,
     issuer: TokenIssuer,
     pages: PageTokenCodec,
-    public_keys: dict[str, ec.EllipticCurvePublicKey],
+    keys: LiveKeys,
     node: ClusterNode | None,
 ) -> PermissionServices:
     """Workflow 6: access, consent, the outbox to AIIDAs, decision timeouts and AIIDA statuses."""
     hub = EventHub(config.max_streams_per_account)
     if node is not None:  # events also reach (and come from) the other replicas' streams
-        hub = ClusterEventHub(config.max_streams_per_account, node.nc, node.prefix, node.replica_id)
+        hub = ClusterEventHub(
+            config.max_streams_per_account,
+            node.nc,
+            node.prefix,
+            node.replica_id,
+            sessions,
+            config.event_repair_interval,
+        )
     ledger = PermissionLedger(sessions, hub)
     timeouts = DecisionTimeouts(ledger)
     statuses = StatusApplier(ledger)
@@ -331,7 +390,9 @@ def _add_permission_services(
     manager.status_listeners.append(statuses.on_stream_status)
     manager.up_listeners.append(outbox.on_instance_up)
     access = AccessService(ledger, timeouts, pages, config.decision_timeout)
-    receipts = ReceiptService(sessions, ReceiptSigner(issuer.key, config.issuer), pages)
+    signer = ReceiptSigner(issuer.key, config.issuer)
+    keys.listeners.append(lambda ring: setattr(signer, "key", ring.current))
+    receipts = ReceiptService(sessions, signer, pages)
     consent = ConsentService(ledger, hub, timeouts, receipts.signer)
     access_pb2_grpc.add_AccessServiceServicer_to_server(
         AccessServicer(access, PermissionWatch(ledger, hub, timeouts)), server
@@ -340,8 +401,8 @@ def _add_permission_services(
         ConsentServicer(consent, ActivityFeed(sessions, pages), receipts), server
     )
     # Sink tokens signed before a key rotation stay valid proofs: every key of the ring verifies.
-    sink_verifier = TokenVerifier(public_keys, issuer=config.issuer, audience=AUDIENCE_SINK)
-    feed = PermissionEndFeed(sessions, sink_verifier)
+    sink_verifier = keys.verifying(TokenVerifier({}, issuer=config.issuer, audience=AUDIENCE_SINK))
+    feed = PermissionEndFeed(sessions, sink_verifier, keys)
     hub.listeners.append(feed.on_events)
     sink_feed_pb2_grpc.add_SinkFeedServiceServicer_to_server(SinkFeedServicer(feed), server)
     return PermissionServices(hub, ledger, timeouts, statuses, outbox, access, consent, receipts, feed)

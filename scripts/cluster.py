@@ -69,8 +69,8 @@ async def main() -> None:
                     "marketplace_server",
                     "--listen",
                     address,
-                    "--data-dir",
-                    str(var / "keys"),
+                    "--data-dir",  # throw-away: the signing keys are in the database
+                    str(var / f"replica-{i}"),
                     "--database-url",
                     DATABASE_URL,
                     "--database-schema",

@@ -1,15 +1,13 @@
 """Workflow 5 for eligible parties: `eddie search NAME [--timeout SECONDS]`.
 
-The marketplace streams the matches in batches as the AIIDAs answer, then one summary. On a
-terminal a live bar shows the matches counted against the search's time budget, then the
-answers against the instances queried once the summary says how many there were.
+The marketplace streams the matches in batches as the AIIDAs answer, then one summary. Every
+`matches` message carries the running count of answers against the instances queried (and
+while no match arrives the marketplace sends a progress-only one now and then), so on a
+terminal a live bar shows `answered / queried` as the answers come in.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import click
@@ -24,14 +22,11 @@ from eddie_cli.describe import DATA_REQUESTS, resource_name
 from eddie_cli.errors import from_rpc_error
 from eddie_client import duration
 
-SERVER_DEFAULT_TIMEOUT = 3.0  # the marketplace's default --search-timeout, for the bar only
-
 
 class SearchProgress:
-    """The live bar: matches so far while the answers come in; answered / queried at the end."""
+    """The live bar on stderr: answers against the instances queried, and the matches so far."""
 
-    def __init__(self, enabled: bool, timeout: float) -> None:
-        self.timeout = timeout
+    def __init__(self, enabled: bool) -> None:
         self.progress = Progress(
             TextColumn("[bold]searching[/]"),
             BarColumn(),
@@ -40,48 +35,38 @@ class SearchProgress:
             console=output.stderr,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("search", total=timeout, status="waiting for answers")
-        self.started = time.monotonic()
-        self.enabled = enabled
-        self.count = 0
-        self.ticker: asyncio.Task[None] | None = None
+        # No total until the first message says how many instances were queried: a pulsing bar.
+        self.task = self.progress.add_task("search", total=None, status="waiting for answers")
+        self.matched = 0
 
-    async def __aenter__(self) -> SearchProgress:
-        if self.enabled:
-            self.progress.start()
-            self.ticker = asyncio.create_task(self._tick())
+    def __enter__(self) -> SearchProgress:
+        self.progress.start()
         return self
 
-    async def __aexit__(self, *_: object) -> None:
-        if self.ticker is not None:
-            self.ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.ticker
+    def __exit__(self, *_: object) -> None:
         self.progress.stop()
 
-    async def _tick(self) -> None:
-        while True:
-            self._show_elapsed()
-            await asyncio.sleep(0.1)
-
-    def _show_elapsed(self) -> None:
-        elapsed = min(time.monotonic() - self.started, self.timeout)
-        self.progress.update(self.task, completed=elapsed, status=f"{self.count} matched so far")
-
-    def matched(self, count: int) -> None:
-        self.count = count
-        self._show_elapsed()
-
-    def finished(self, summary: data_request_pb2.SearchSummary) -> None:
-        if self.ticker is not None:
-            self.ticker.cancel()
-        answered = summary.matched + summary.not_matched
+    def _show(self, answered: int, queried: int, more: str = "") -> None:
+        if queried <= 0:  # a marketplace that sends no counts (or nothing claimed yet)
+            self.progress.update(self.task, status=f"{self.matched} matched so far{more}")
+            return
         self.progress.update(
             self.task,
-            total=max(summary.queried, 1),
+            total=queried,
             completed=answered,
-            status=f"{answered}/{summary.queried} answered, {summary.matched} matched",
+            status=f"{answered}/{queried} answered, {self.matched} matched{more}",
         )
+
+    def update(self, matches: data_request_pb2.InstanceMatches) -> None:
+        self.matched += len(matches.instance_ids)
+        self._show(matches.answered, matches.queried)
+
+    def finished(self, summary: data_request_pb2.SearchSummary) -> None:
+        self.matched = summary.matched
+        late = f", {summary.timed_out} timed out" if summary.timed_out else ""
+        self._show(summary.queried - summary.timed_out, summary.queried, late)
+        if summary.queried <= 0:
+            self.progress.update(self.task, total=1, completed=1)
 
 
 async def stream_search(
@@ -152,13 +137,14 @@ def search(options: Options, name: str, timeout: float | None) -> None:
             if timeout is not None:
                 request.timeout.CopyFrom(duration(timeout))
             live = not options.json and output.stderr.is_terminal
+            request.progress = live  # progress-only messages feed the bar while no match arrives
             matches: list[str] = []
             summary = data_request_pb2.SearchSummary()
-            async with SearchProgress(live, timeout or SERVER_DEFAULT_TIMEOUT) as progress:
+            with SearchProgress(live) as progress:
                 async for response in stream_search(me, request):
                     if response.HasField("matches"):
                         matches.extend(response.matches.instance_ids)
-                        progress.matched(len(matches))
+                        progress.update(response.matches)
                     elif response.HasField("summary"):
                         summary = response.summary
                         progress.finished(summary)

@@ -291,9 +291,12 @@ class ConnectionManager:
             await asyncio.sleep(self.config.ping_interval)
             this_round = time.time()
             for link in list(self.links.values()):
-                if link.last_seen >= previous_round:  # it answered since the last round: seen
+                if link.last_seen >= previous_round:
+                    # It answered since the last round (a search, a status, a pong): it is alive and
+                    # seen, so it needs no ping. Busy streams thus cost no pings, and the pings of
+                    # idle ones do not land on top of the searches.
                     self._seen.add(link.instance_id)
-                if link.connected:
+                elif link.connected:
                     link.ping()
             previous_round = this_round
 

@@ -18,11 +18,17 @@ A replica that cannot renew before its leases would expire drops every bucket
 itself (self-fencing), so two replicas never both act for one bucket as long as
 writes on behalf of a bucket check the token in the same transaction
 (`assert_lease`). On a graceful stop it releases everything at once.
+
+Replicas tell each other when buckets come free (a replica joined, left or
+released above its share; `ClusterNode` does it over NATS); `poke()` then runs a
+round at once instead of at the next interval, so a rolling restart moves
+buckets within a round trip rather than a renewal interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -93,6 +99,9 @@ class LeaseKeeper:
         self.held: dict[int, int] = {}  # bucket -> token
         self.on_acquired: list[Listener] = []
         self.on_lost: list[Listener] = []
+        # Called after a round that released buckets above the fair share (others may take them now).
+        self.on_released: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
         self._renewed_at = float("-inf")  # monotonic time of the last successful renew
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -104,8 +113,14 @@ class LeaseKeeper:
         await self.tick()
         self._task = asyncio.create_task(self._run(), name="leases")
 
+    def poke(self) -> None:
+        """Runs the next round now (another replica joined or left, or released buckets)."""
+        self._wake.set()
+
     async def stop(self) -> None:
         """Hands every bucket over at once (no wait for an expiry) and leaves the replica set."""
+        if self._stopping:
+            return
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -130,7 +145,10 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self.renew_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.renew_seconds):
+                    await self._wake.wait()
+            self._wake.clear()
             try:
                 async with asyncio.timeout(self.renew_seconds * 1.5):  # a hung database must not stop fencing
                     await self.tick()
@@ -162,6 +180,12 @@ class LeaseKeeper:
         self.held = {b: t for b, t in renewed.items() if b not in released}
         for bucket in released:
             self._notify(self.on_lost, bucket, renewed[bucket])
+        if released:
+            for listener in self.on_released:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("lease_listener_failed")
         for bucket, token in acquired.items():
             self.held[bucket] = token
             self._notify(self.on_acquired, bucket, token)

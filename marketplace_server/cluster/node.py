@@ -13,7 +13,10 @@ Wiring (`create_server` with `--nats-url`):
   rows committed here for another replica's instance wake the owners' workers;
 - `{prefix}.search.{replica}` serves the owner's side of a cluster search
   (`marketplace_server.cluster.search`): the local fan-out over the requested
-  buckets it owns under the given tokens, `matches` batches, one tally per bucket.
+  buckets it owns under the given tokens, `matches` batches, one tally per bucket;
+- `{prefix}.rebalance`: a replica that joined, is leaving (SIGTERM: it released
+  its leases first) or released buckets above its share says so, and the others
+  run a lease round at once instead of at their next renewal.
 """
 
 from __future__ import annotations
@@ -24,21 +27,23 @@ import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.energy.v1 import energy_pb2
+from eddie_common.errors import Unavailable
 from eddie_common.logging import log_event
+from marketplace_server.aiida.fanout import SearchUpdate
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.cluster.leases import LeaseKeeper, bucket_of
-from marketplace_server.cluster.search import BucketSnapshot, BucketTally, gather
+from marketplace_server.cluster.search import BucketSnapshot, BucketTally, Fail, gather
 from marketplace_server.db.models import BucketLeaseRow, InstanceRow, OutboxRow
 
-__all__ = ["ClusterNode", "ClusterUnavailable", "connect_nats"]
+__all__ = ["ClusterNode", "ClusterUnavailable", "NatsSignals", "connect_nats"]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +51,45 @@ RESYNC_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 # The owner ends its part a little before the coordinator's deadline, so its tallies arrive in time.
 OWNER_DEADLINE_SHARE = 0.85
+# A search's reply inbox: messages (and bytes) nats-py may hold for it before it drops them (a slow
+# consumer, which fails the search). A search of N instances brings at most one tally per bucket (256)
+# plus the owners' match batches; 64 MiB holds the ids of a million matches (~45 bytes each in JSON)
+# even if the coordinator read none of them meanwhile.
+INBOX_PENDING_MSGS = 65_536
+INBOX_PENDING_BYTES = 64 * 1024 * 1024
 
 
 class ClusterUnavailable(OSError):
     """NATS could not be reached at start-up (one line for the operator)."""
 
 
-async def connect_nats(url: str, name: str) -> Any:
+class NatsSignals:
+    """What the NATS connection reports, for whoever cares (the node's searches)."""
+
+    def __init__(self) -> None:
+        self.slow_consumer: list[Callable[[Any], None]] = []  # with the SlowConsumerError
+        self.disconnected: list[Callable[[], None]] = []
+
+    async def on_error(self, exc: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
+        if isinstance(exc, SlowConsumerError):
+            for listener in self.slow_consumer:
+                listener(exc)
+            return
+        log_event(log, "nats_error", logging.ERROR, error=repr(exc)[:200])
+
+    async def on_disconnected(self) -> None:
+        log_event(log, "nats_disconnected", logging.WARNING)
+        for listener in self.disconnected:
+            listener()
+
+
+async def connect_nats(url: str, name: str, signals: NatsSignals | None = None) -> Any:
     """A NATS connection that reconnects forever once up; fails fast if the server is down now."""
     import nats
+
+    signals = signals or NatsSignals()
 
     try:
         async with asyncio.timeout(CONNECT_SECONDS):
@@ -65,23 +100,14 @@ async def connect_nats(url: str, name: str) -> Any:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
-                error_cb=_on_nats_error,
-                disconnected_cb=_on_nats_disconnected,
+                error_cb=signals.on_error,
+                disconnected_cb=signals.on_disconnected,
                 reconnected_cb=_on_nats_reconnected,
             )
     except Exception as exc:
         raise ClusterUnavailable(
             f"NATS at {url} is unreachable ({type(exc).__name__}) — check --nats-url"
         ) from None
-
-
-async def _on_nats_error(exc: Exception) -> None:
-    # A slow consumer drops messages: say so loudly (a search then counts the bucket timed out).
-    log_event(log, "nats_error", logging.ERROR, error=repr(exc)[:200])
-
-
-async def _on_nats_disconnected() -> None:
-    log_event(log, "nats_disconnected", logging.WARNING)
 
 
 async def _on_nats_reconnected() -> None:
@@ -98,6 +124,7 @@ class ClusterNode:
         sessions: async_sessionmaker[AsyncSession],
         manager: ConnectionManager,
         prefix: str,
+        signals: NatsSignals | None = None,
     ) -> None:
         self.nc = nc
         self.leases = leases
@@ -110,10 +137,21 @@ class ClusterNode:
         self._tasks: set[asyncio.Task[None]] = set()
         self._resync = asyncio.Event()
         self._lost: set[int] = set()
+        # Searches coordinated here: id() of their inbox's subscription -> how to fail the search.
+        self._inboxes: dict[int, Fail] = {}
+        self.inbox_pending_msgs = INBOX_PENDING_MSGS
+        self.inbox_pending_bytes = INBOX_PENDING_BYTES
+        self.searches_incomplete = 0
+        self.on_search_incomplete: list[Callable[[], None]] = []  # the metrics
+        if signals is not None:
+            signals.slow_consumer.append(self._on_slow_consumer)
+            signals.disconnected.append(self._on_disconnected)
         manager.owns = self.owns
         manager.forward = self.forward
         leases.on_acquired.append(self._on_acquired)
         leases.on_lost.append(self._on_lost)
+        leases.on_released.append(lambda: self._spawn(self._announce("released")))
+        self._handed_over = False
 
     # --- lifecycle ---
 
@@ -122,15 +160,32 @@ class ClusterNode:
         self._subscriptions.append(
             await self.nc.subscribe(f"{self.prefix}.search.{self.replica_id}", cb=self._on_search)
         )
+        self._subscriptions.append(await self.nc.subscribe(f"{self.prefix}.rebalance", cb=self._on_rebalance))
         await self.nc.flush()
         await self.leases.start()
         self._spawn(self._resync_forever())
+        await self._announce("joined")  # the others release above their share now; we take it then
         log_event(log, "cluster_joined", replica=self.replica_id, buckets=len(self.leases.held))
 
-    async def stop(self) -> None:
-        """Hands the buckets over at once (their new owners take the streams) and leaves NATS."""
+    async def handover(self) -> None:
+        """A graceful stop's first step, before the drain: releases every lease (the others need not
+        wait for an expiry), tells them so over NATS (they take the buckets at once, not at their next
+        round) and drops this replica's streams. Searches in flight here still gather their replies
+        (NATS stays up until `stop`); the buckets released meanwhile count as unreachable in them."""
+        if self._handed_over:
+            return
+        self._handed_over = True
+        started = asyncio.get_running_loop().time()
+        held = len(self.leases.held)
         await self.leases.stop()
+        await self._announce("left")
         await self._drop_lost()
+        elapsed_ms = round((asyncio.get_running_loop().time() - started) * 1000, 1)
+        log_event(log, "cluster_handed_over", replica=self.replica_id, buckets=held, ms=elapsed_ms)
+
+    async def stop(self) -> None:
+        """After the drain: hands over (if not yet done), then leaves NATS."""
+        await self.handover()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -145,6 +200,23 @@ class ClusterNode:
 
     def local_instances(self) -> Collection[str]:
         return self.manager.links.keys()
+
+    # --- rebalancing ---
+
+    async def _announce(self, why: str) -> None:
+        await self._publish(f"{self.prefix}.rebalance", {"t": why, "replica": self.replica_id})
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=1)
+
+    async def _on_rebalance(self, message: Any) -> None:
+        try:
+            body = json.loads(message.data)
+            replica = str(body["replica"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log_event(log, "cluster_message_dropped", logging.WARNING, error=repr(exc)[:200])
+            return
+        if replica != self.replica_id and not self._handed_over:
+            self.leases.poke()
 
     # --- ownership of streams ---
 
@@ -256,26 +328,64 @@ class ClusterNode:
 
     async def search(
         self, data_need: energy_pb2.DataNeed, timeout: float
-    ) -> AsyncGenerator[list[str] | dict[str, int], None]:
+    ) -> AsyncGenerator[SearchUpdate | dict[str, int], None]:
         """Batches of matched ids from every owner, then the summary (see `cluster.search.gather`)."""
         snapshot = await self.snapshot()
         inbox = f"{self.prefix}.reply.{self.replica_id}.{secrets.token_hex(8)}"
 
-        async def subscribe(subject: str, callback: Any) -> Any:
-            subscription = await self.nc.subscribe(subject, cb=callback)
+        sids: list[int] = []
+
+        async def subscribe(subject: str, callback: Any, fail: Fail) -> Any:
+            subscription = await self.nc.subscribe(
+                subject,
+                cb=callback,
+                pending_msgs_limit=self.inbox_pending_msgs,
+                pending_bytes_limit=self.inbox_pending_bytes,
+            )
+            sids.append(id(subscription))
+            self._inboxes[id(subscription)] = fail
             await self.nc.flush()  # the inbox exists at the server before any owner answers
             return subscription
 
-        async for item in gather(
-            snapshot,
-            data_need.SerializeToString(),
-            timeout,
-            prefix=self.prefix,
-            inbox=inbox,
-            subscribe=subscribe,
-            publish=self.nc.publish,
-        ):
-            yield item
+        try:
+            async for item in gather(
+                snapshot,
+                data_need.SerializeToString(),
+                timeout,
+                prefix=self.prefix,
+                inbox=inbox,
+                subscribe=subscribe,
+                publish=self.nc.publish,
+            ):
+                yield item
+        finally:
+            for sid in sids:
+                self._inboxes.pop(sid, None)
+
+    def _on_slow_consumer(self, error: Any) -> None:
+        fail = self._inboxes.pop(id(getattr(error, "sub", None)), None)
+        if fail is not None:
+            self._incomplete(fail, "slow_consumer", getattr(error, "subject", ""))
+        else:  # another subscription (events, instances, searches to serve): resyncs and repairs cover it
+            log_event(log, "nats_slow_consumer", logging.ERROR, subject=str(getattr(error, "subject", "")))
+
+    def _on_disconnected(self) -> None:
+        """Replies published while the connection was down are lost: every open search fails."""
+        inboxes, self._inboxes = self._inboxes, {}
+        for fail in inboxes.values():
+            self._incomplete(fail, "disconnected", "")
+
+    def _incomplete(self, fail: Fail, why: str, subject: str) -> None:
+        self.searches_incomplete += 1
+        log_event(log, "cluster_search_incomplete", logging.ERROR, why=why, inbox=subject)
+        for listener in self.on_search_incomplete:
+            listener()
+        fail(
+            Unavailable(
+                "replies to this search were lost between replicas (NATS fell behind); retry",
+                reason="SEARCH_INCOMPLETE",
+            )
+        )
 
     # --- search: the owner's side ---
 
@@ -312,8 +422,10 @@ class ClusterNode:
     ) -> None:
         tally = self.manager.begin_search(need, instance_ids)
         try:
+            # Progress rides on these batches (`a`); the owner sends no messages of its own for it.
             async for batch in tally.batches(deadline):
-                await self._publish(reply, {"t": "matches", "b": bucket, "k": token, "ids": batch})
+                body = {"t": "matches", "b": bucket, "k": token, "ids": batch, "a": tally.answered}
+                await self._publish(reply, body)
         finally:
             timed_out = self.manager.end_search(tally)
         # Fenced: lost mid-search, the bucket's answers are not ours to report.

@@ -5,14 +5,25 @@ token, claimed instances), sends the query once to each owner on
 `{prefix}.search.{replica}` with a reply inbox of its own, and gathers:
 
 - `matches` messages: batches of matched instance ids of one bucket, streamed
-  on to the EP as they arrive;
+  on to the EP as they arrive, with the bucket's answers so far (`a`);
 - one `tally` per bucket carrying the token it was searched under.
+
+The running progress sent to the EP (`answered` of `queried`) adds up, per bucket,
+the most answers any of its messages reported; a bucket's tally arriving is the
+only progress without a match, sent at most once every PROGRESS_INTERVAL. Owners
+send no progress messages of their own: no NATS traffic is added to a search.
 
 Every claimed instance is counted exactly once. A bucket's tally counts only if
 its token is the snapshot's; a bucket whose owner died, whose token changed, or
 whose tally did not arrive by the deadline counts its instances that did not
-already match as unreachable (or timed out), never twice. A slow consumer on
-the inbox fails the search loudly instead of undercounting silently.
+already match as unreachable (or timed out), never twice.
+
+A reply the inbox lost (a NATS slow consumer: its pending limit overflowed, or
+the connection dropped mid-search) fails the search loudly with UNAVAILABLE /
+SEARCH_INCOMPLETE: which bucket the lost message belonged to is unknown (nats-py
+reports the subscription, not the payload), so it cannot be counted as that
+bucket's timeout; a lost `matches` batch would otherwise be a silently short
+match set under an exact-looking summary.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eddie_common.errors import Unavailable
+from marketplace_server.aiida.fanout import PROGRESS_INTERVAL, SearchUpdate
 
 __all__ = [
     "BucketSnapshot",
@@ -85,18 +97,23 @@ class ClusterSearchTally:
     matched_ids: list[str] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set)
     _matched_in: dict[int, int] = field(default_factory=dict)  # bucket -> ids accepted so far
+    _answered_in: dict[int, int] = field(default_factory=dict)  # bucket -> most answers reported so far
     _final: dict[int, BucketTally] = field(default_factory=dict)
     _lost: set[int] = field(default_factory=set)
 
-    def on_matches(self, bucket: int, token: int, ids: list[str]) -> list[str]:
-        """Accepts a batch from the snapshot owner's token; returns the ids that are new."""
+    def on_matches(self, bucket: int, token: int, ids: list[str], answered: int = 0) -> list[str]:
+        """Accepts a batch from the snapshot owner's token; returns the ids that are new.
+
+        `answered` is the bucket's count of answers when its owner sent the batch.
+        """
         shot = self.snapshot.get(bucket)
         if shot is None or shot.token != token or bucket in self._final or bucket in self._lost:
             return []
         fresh = [i for i in ids if i not in self._seen]
         self._seen.update(fresh)
         self.matched_ids.extend(fresh)
-        self._matched_in[bucket] = self._matched_in.get(bucket, 0) + len(fresh)
+        matched = self._matched_in[bucket] = self._matched_in.get(bucket, 0) + len(fresh)
+        self._answered_in[bucket] = max(self._answered_in.get(bucket, 0), answered, matched)
         return fresh
 
     def on_tally(self, tally: BucketTally) -> None:
@@ -107,6 +124,19 @@ class ClusterSearchTally:
             self._lost.add(tally.bucket)
             return
         self._final[tally.bucket] = tally
+        # As the summary counts it: everyone asked (or not reachable) but the timed out.
+        answered = max(shot.claimed, tally.queried) - tally.timed_out
+        self._answered_in[tally.bucket] = max(self._answered_in.get(tally.bucket, 0), answered)
+
+    def progress(self) -> tuple[int, int]:
+        """(answered, queried) so far: neither decreases, and answered <= queried."""
+        queried = 0
+        for bucket, shot in self.snapshot.items():
+            final = self._final.get(bucket)
+            reported = final.queried if final is not None else 0
+            queried += max(shot.claimed, reported, self._matched_in.get(bucket, 0))
+        answered = sum(self._answered_in.values())
+        return min(answered, queried), queried
 
     def on_owner_lost(self, owner: str) -> None:
         """The owner's replica died (or dropped the search): its open buckets are unreachable."""
@@ -163,7 +193,9 @@ def search_request(
     ).encode()
 
 
-Subscribe = Callable[[str, Callable[[Any], Awaitable[None]]], Awaitable[Any]]
+Fail = Callable[[BaseException], None]
+# subscribe(inbox, on_reply, fail): `fail(error)` ends the search with `error` (e.g. replies were lost).
+Subscribe = Callable[[str, Callable[[Any], Awaitable[None]], Fail], Awaitable[Any]]
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
@@ -177,32 +209,54 @@ async def gather(
     subscribe: Subscribe,
     publish: Publish,
     live_owners: Callable[[], set[str]] = lambda: set(),
-) -> AsyncIterator[list[str] | dict[str, int]]:
-    """Scatters the query and yields batches of new matched ids, then the summary (a dict) last."""
+) -> AsyncIterator[SearchUpdate | dict[str, int]]:
+    """Scatters the query and yields batches of new matched ids with the running counts (an empty
+    batch: progress only), then the summary (a dict) last."""
     tally = ClusterSearchTally(snapshot)
-    queue: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    queue: asyncio.Queue[list[str] | None] = asyncio.Queue()  # [] asks for a progress update
     failure: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    progress_due: asyncio.TimerHandle | None = None
+
+    def send_progress() -> None:
+        nonlocal progress_due
+        progress_due = None
+        queue.put_nowait([])
+
+    def progress_later() -> None:
+        """A progress update no sooner than PROGRESS_INTERVAL after the last message."""
+        nonlocal progress_due
+        if progress_due is None:
+            progress_due = loop.call_at(max(loop.time(), last_sent + PROGRESS_INTERVAL), send_progress)
 
     async def on_reply(message: Any) -> None:
         try:
             body = json.loads(message.data)
             if body.get("t") == "matches":
-                fresh = tally.on_matches(int(body["b"]), int(body["k"]), [str(i) for i in body["ids"]])
+                ids = [str(i) for i in body["ids"]]
+                fresh = tally.on_matches(int(body["b"]), int(body["k"]), ids, int(body.get("a", 0)))
                 if fresh:
                     queue.put_nowait(fresh)
             elif body.get("t") == "tally":
                 tally.on_tally(BucketTally.from_json(body))
+                if not tally.complete:
+                    progress_later()
             elif body.get("t") == "slow":
-                failure.append(
-                    Unavailable("a replica fell behind during the search", reason="SEARCH_OVERLOADED")
-                )
+                fail(Unavailable("a replica fell behind during the search", reason="SEARCH_OVERLOADED"))
+                return
         except (ValueError, KeyError, TypeError):
             return  # a malformed reply counts as no reply for its bucket
-        if tally.complete or failure:
+        if tally.complete:
+            queue.put_nowait(None)
+
+    def fail(error: BaseException) -> None:
+        if not failure:
+            failure.append(error)
             queue.put_nowait(None)
 
     query_id = secrets.token_hex(8)
-    subscription = await subscribe(inbox, on_reply)
+    subscription = await subscribe(inbox, on_reply, fail)
     try:
         by_owner: dict[str, dict[int, int]] = {}
         for bucket, shot in snapshot.items():
@@ -214,10 +268,10 @@ async def gather(
             )
         if tally.complete or not by_owner:
             queue.put_nowait(None)
-        loop = asyncio.get_running_loop()
         timer = loop.call_later(timeout, queue.put_nowait, None)
         try:
             ended = False
+            answered_sent = -1
             while not ended and (batch := await queue.get()) is not None:
                 while not queue.empty():  # everything that arrived while the last batch was written
                     more = queue.get_nowait()
@@ -225,9 +279,15 @@ async def gather(
                         ended = True
                         break
                     batch.extend(more)
-                yield batch
+                answered, queried = tally.progress()
+                if batch or (answered != answered_sent and not ended):
+                    answered_sent = answered
+                    yield SearchUpdate(batch, answered, queried)
+                    last_sent = loop.time()
         finally:
             timer.cancel()
+            if progress_due is not None:
+                progress_due.cancel()
         if failure:
             raise failure[0]
         live = live_owners()

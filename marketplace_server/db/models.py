@@ -15,12 +15,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -180,8 +182,30 @@ class SearchMatchRow(Base):
     __table_args__ = (Index("ix_search_matches_request_instance", "data_request_id", "instance_id"),)
 
 
+# The live states (PENDING, ACCEPTED, ACTIVE): a data request holds at most one live permission per instance.
+LIVE_PERMISSION_STATES = (
+    access_pb2.Permission.STATE_PENDING,
+    access_pb2.Permission.STATE_ACCEPTED,
+    access_pb2.Permission.STATE_ACTIVE,
+)
+_LIVE = text("state IN ({})".format(", ".join(str(int(s)) for s in LIVE_PERMISSION_STATES)))
+
+
 class PermissionRow(Base):
     __tablename__ = "permissions"
+    # API.md (RequestAccess): an instance with a live permission for a data request gets that one back,
+    # never a second. The partial unique index makes that hold under concurrent requests on any replica:
+    # the loser of a race fails with IntegrityError and returns the winner's permission.
+    __table_args__ = (
+        Index(
+            "ux_permissions_live",
+            "data_request_id",
+            "instance_id",
+            unique=True,
+            sqlite_where=_LIVE,
+            postgresql_where=_LIVE,
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, unique=True)
@@ -272,6 +296,41 @@ class ReplicaRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class SigningKeyRow(Base):
+    """A key of the marketplace's signing key ring, shared by every process on the database.
+
+    PostgreSQL deployments (one process or a cluster) keep the ring here instead of in
+    --data-dir: the newest row is the current key, the oldest the device key AIIDAs pin
+    (marketplace_server.keyring). The private key is PKCS#8 PEM: protect the table like a
+    key file (database roles, encrypted backups).
+    """
+
+    __tablename__ = "signing_keys"
+
+    # Insertion order: the highest id is the current key, the lowest the device key.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(64), unique=True)
+    private_key_pem: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    retire_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class RateLimitRow(Base):
+    """Cluster mode: one rate-limit bucket (marketplace_server.ratelimit), shared by the replicas.
+
+    `level` is a token bucket's tokens (or a failure score that decays); `idle_at` is when the
+    row equals no row at all (a full bucket, a score decayed to 0), after which it is deleted.
+    """
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of (limit, key)
+    level: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    idle_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    allowed: Mapped[bool] = mapped_column(Boolean, default=True)  # the last take's answer
+
+
 class CounterRow(Base):
     """Named monotonic counters (for `seq` columns), portable across backends."""
 
@@ -294,8 +353,10 @@ __all__ = [
     "OutboxRow",
     "PermissionRow",
     "PermissionTransitionRow",
+    "RateLimitRow",
     "RefreshTokenRow",
     "ReplicaRow",
     "SearchMatchRow",
     "SearchRow",
+    "SigningKeyRow",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -69,7 +69,18 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Applies every alembic migration up to head."""
+    """Applies every alembic migration up to head.
+
+    On PostgreSQL one process at a time (a transaction-scoped advisory lock per schema): replicas
+    starting at once on an empty database would otherwise create the same tables side by side.
+    """
     async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(
+                text(
+                    "SELECT pg_advisory_xact_lock(hashtext('eddie-migrate:' || "
+                    "coalesce(current_schema(), '')))"
+                )
+            )
         await conn.run_sync(_upgrade)
     log_event(log, "database_migrated", backend=engine.dialect.name)

@@ -8,8 +8,9 @@ import grpc
 from google.protobuf import empty_pb2
 
 from eddie.marketplace.v1 import identity_pb2, identity_pb2_grpc
-from eddie_common.tokens import ALGORITHM, SigningKey
+from eddie_common.tokens import ALGORITHM
 from marketplace_server.auth import principal
+from marketplace_server.keyring import LiveKeys
 from marketplace_server.ratelimit import peer_host
 from marketplace_server.services.deletion import AccountDeletion
 from marketplace_server.services.identity import IdentityService
@@ -19,7 +20,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(
-        self, service: IdentityService, keys: list[SigningKey], issuer: str, deletion: AccountDeletion
+        self, service: IdentityService, keys: LiveKeys, issuer: str, deletion: AccountDeletion
     ) -> None:
         self.service = service
         self.keys = keys
@@ -49,10 +50,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def ListSigningKeys(
         self, request: identity_pb2.ListSigningKeysRequest, context: Context
     ) -> identity_pb2.ListSigningKeysResponse:
+        ring = await self.keys.fresh()  # a rotation at another replica is listed at once
         return identity_pb2.ListSigningKeysResponse(
             signing_keys=[
                 identity_pb2.SigningKey(key_id=k.key_id, algorithm=ALGORITHM, public_key_pem=k.public_pem)
-                for k in self.keys
+                for k in ring.keys
             ],
             issuer=self.issuer,
         )

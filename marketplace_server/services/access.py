@@ -7,6 +7,7 @@ import re
 from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from eddie.marketplace.v1 import access_pb2
@@ -18,6 +19,7 @@ from marketplace_server.clock import utcnow
 from marketplace_server.db.chunks import chunked
 from marketplace_server.db.counters import reserve
 from marketplace_server.db.models import (
+    LIVE_PERMISSION_STATES,
     InstanceRow,
     PermissionRow,
     PermissionTransitionRow,
@@ -57,7 +59,10 @@ METHOD_REQUEST = "RequestAccess"
 METHOD_LIST = "ListPermissions"
 SEQ_COUNTER = "permissions"
 MAX_INSTANCES = 1000
-LIVE_STATES = (PENDING, *ACTIVE_STATES)
+LIVE_STATES = LIVE_PERMISSION_STATES
+# A RequestAccess that loses a race retries; each loss means another call committed, so this bounds
+# the retries only against a pathological storm (many concurrent calls for the same instances).
+MAX_CREATE_ATTEMPTS = 20
 MAX_SINK_URI = 300
 _SINK_URI = re.compile(r"(?:grpc|mqtt)s?://(.+)", re.ASCII)  # DataSinkService or an MQTT broker
 
@@ -192,10 +197,32 @@ class AccessService:
             METHOD_REQUEST,
             request_id,
             fingerprint,
-            lambda: self._create(caller, data_request_id, request, fingerprint),
+            lambda: self._create_or_join(caller, data_request_id, request, fingerprint),
             replay,
         )
         return access_pb2.RequestAccessResponse(permissions=[permission_to_proto(r) for r in rows])
+
+    async def _create_or_join(
+        self, caller: str, data_request_id: str, request: access_pb2.RequestAccessRequest, fingerprint: str
+    ) -> list[PermissionRow]:
+        """`_create`, retried after losing a race to a concurrent call (this replica's or another's).
+
+        The unique index on live permissions (`ux_permissions_live`) lets only one of two concurrent
+        inserts for the same (data request, instance) commit; the other fails with IntegrityError and
+        its whole transaction rolls back. The retry reads the winner's permission as live and returns it,
+        creating only those of the batch's instances that still have none. A lost race for the request
+        id (`idempotency.remember`) ends the same way: the retry finds the winner's stored result.
+        """
+        for attempt in range(1, MAX_CREATE_ATTEMPTS + 1):
+            try:
+                return await self._create(caller, data_request_id, request, fingerprint)
+            except IntegrityError:
+                if attempt == MAX_CREATE_ATTEMPTS:
+                    raise
+                log_event(
+                    log, "access_request_raced", logging.DEBUG, data_request=data_request_id, attempt=attempt
+                )
+        raise AssertionError("unreachable")
 
     async def _create(
         self, caller: str, data_request_id: str, request: access_pb2.RequestAccessRequest, fingerprint: str

@@ -12,7 +12,9 @@ permission history name, so receipts stay verifiable.
 
 After the commit, the access tokens of the account are refused at once in this process
 (not after the authentication cache's window), its open streams end, and the connection
-manager drops the unclaimed instances' streams.
+manager drops the unclaimed instances' streams. In cluster mode the deletion is then
+announced to the other replicas (`on_deleted`, over NATS) before the call returns, and
+they refuse the tokens and end the streams too.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class AccountDeletion:
         # Run in the deletion's transaction for each permission it revokes: the consent receipt of
         # the revocation (`revoke_receipts`, wired in server.py), like any RevokePermission.
         self.on_revoked_by_deletion: list[OnRevokedByDeletion] = []
+        # Awaited after the commit with the deleted account's id (cluster mode: tell the other replicas).
+        self.on_deleted: list[Callable[[str], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def delete(self, name: str) -> None:
@@ -130,6 +134,11 @@ class AccountDeletion:
         self.hub.end_streams(
             account_id, Unauthenticated("the account was deleted", reason="ACCOUNT_DISABLED")
         )
+        for announce in self.on_deleted:
+            try:
+                await announce(account_id)
+            except Exception as exc:  # committed; elsewhere the authentication cache's window still ends
+                log_event(log, "account_deletion_announce_failed", logging.WARNING, error=repr(exc)[:200])
         if unclaimed:
             told = [row.id for row in tx.deliveries]
             task = asyncio.create_task(self._drop_streams(unclaimed, told), name=f"unclaim:{account_id}")

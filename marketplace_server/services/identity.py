@@ -110,8 +110,8 @@ class IdentityService:
     async def login(self, email: str, password: str, peer: str) -> identity_pb2.Token:
         normalized = email.strip().lower()[:254]
         throttle = self.login_throttle
-        throttle.ensure_allowed(peer)
-        if (delay := throttle.delay(normalized)) > 0:
+        await throttle.attempt(peer)
+        if (delay := await throttle.delay(normalized)) > 0:
             await asyncio.sleep(delay)
         row: AccountRow | None = None
         if "\x00" not in normalized:  # no account has one, and PostgreSQL refuses NUL in text
@@ -121,10 +121,10 @@ class IdentityService:
                 )
         ok = await verify_password(row.password_hash if row else None, password[:1024])
         if row is None or not ok or row.disabled:
-            throttle.record_failure(peer, normalized)
+            await throttle.record_failure(normalized)
             log_event(log, "login_failed", logging.WARNING, peer=peer)
             raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
-        throttle.record_success(normalized)
+        await throttle.record_success(peer, normalized)
         async with self.sessions.begin() as session:
             tokens = self._issue(session, row, family_id=new_id())
         log_event(log, "login", account=row.id)

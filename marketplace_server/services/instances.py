@@ -17,7 +17,7 @@ from marketplace_server.auth import principal, require_customer
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import InstanceRow
 from marketplace_server.errors import AlreadyExists, NotFound, PermissionDenied, Validator
-from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.ratelimit import Limiter
 from marketplace_server.resources import instance_to_proto, is_instance_id, parse_instance_name
 from marketplace_server.security import (
     digests_equal,
@@ -76,7 +76,7 @@ class InstanceService:
         self,
         sessions: async_sessionmaker[AsyncSession],
         manager: ConnectionManager,
-        claim_limiter: RateLimiter,
+        claim_limiter: Limiter,
         pages: PageTokenCodec,
         trust: instance_pb2.RegisterInstanceResponse,
     ) -> None:
@@ -157,11 +157,13 @@ class InstanceService:
         if row.owner_id == caller.account_id:
             return self.to_proto(row)
         limits = (f"instance:{row.instance_id}", f"peer:{peer}")
-        self.claim_limiter.ensure_allowed(*limits, what="pairing attempts")
+        # An attempt is taken first (concurrent guesses at several replicas all count) and given
+        # back when the code is right: only wrong codes use up the limit.
+        await self.claim_limiter.acquire(*limits, what="pairing attempts")
         if not await verify_pairing_code(row.pairing_code_hash, request.pairing_code):
-            self.claim_limiter.record_failure(*limits)
             log_event(log, "claim_refused", logging.WARNING, instance=row.instance_id, why="wrong_code")
             raise PermissionDenied("wrong pairing code", reason="INVALID_PAIRING_CODE")
+        await self.claim_limiter.refund(*limits)
         if row.owner_id is not None:
             raise AlreadyExists(
                 "this instance is claimed by another customer", reason="INSTANCE_ALREADY_CLAIMED"

@@ -67,9 +67,9 @@ _COUNTER_PREFIX = "receipts:"
 _COUNTER_NAME_MAX = 32
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReceiptSigner:
-    """Signs receipts with the marketplace's current key."""
+    """Signs receipts with the marketplace's current key (`key` follows the ring's rotations)."""
 
     key: SigningKey
     issuer: str

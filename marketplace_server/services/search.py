@@ -3,6 +3,10 @@
 The data need goes to every claimed, connected instance at once; each AIIDA
 answers with one bit. Matches stream back as they arrive; the summary comes
 last, after the search is stored, so RequestAccess can rely on it at once.
+Every `matches` message carries the running `answered` / `queried`. A caller that
+asks for `progress` also gets progress-only messages (no ids), only when the count
+changed and at most one every PROGRESS_INTERVAL (see `aiida.fanout`); without it
+every `matches` message carries ids.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_common.logging import log_event
+from marketplace_server.aiida.fanout import PROGRESS_INTERVAL, SearchUpdate
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import to_duration, to_timestamp, utcnow
 from marketplace_server.config import Config
 from marketplace_server.db.models import DataRequestRow, SearchMatchRow, SearchRow
 from marketplace_server.errors import InvalidArgument, NotFound
-from marketplace_server.ratelimit import RateLimiter
+from marketplace_server.ratelimit import Limiter, RateLimiter
 from marketplace_server.resources import (
     ensure_owned_open,
     load_data_request,
@@ -41,8 +46,9 @@ log = logging.getLogger(__name__)
 _MATCHES = cast(Table, SearchMatchRow.__table__)
 
 
-# A search's output: batches of matched ids as they arrive, then the counts of the summary.
-Results = AsyncGenerator[list[str] | dict[str, int], None]
+# A search's output: batches of matched ids (with the running counts) as they arrive, then the counts
+# of the summary.
+Results = AsyncGenerator[SearchUpdate | dict[str, int], None]
 
 
 class ClusterSearch(Protocol):
@@ -60,7 +66,8 @@ class SearchService:
         self.sessions = sessions
         self.manager = manager
         self.config = config
-        self.limiter = RateLimiter(config.search_rate_per_minute)
+        # Searches per account; in cluster mode the server swaps in the database-backed limiter.
+        self.limiter: Limiter = RateLimiter(config.search_rate_per_minute)
         self.cluster: ClusterSearch | None = None  # set in cluster mode (marketplace_server.cluster.node)
         # Called with every summary (the metrics); they must not block.
         self.observers: list[Callable[[data_request_pb2.SearchSummary], None]] = []
@@ -96,27 +103,37 @@ class SearchService:
         data_request_id = parse_data_request_name(request.data_request, "data_request")
         timeout = self._timeout(request, remaining)
         row = await self._load_owned_open(data_request_id)
-        self.limiter.acquire(f"account:{row.owner_id}", what="searches")
+        await self.limiter.acquire(f"account:{row.owner_id}", what="searches")
         need = energy_pb2.DataNeed.FromString(row.data_need)
         floor = MatchFloor(self.config.min_match_set)
         remaining_time = timeout - (time.perf_counter() - started)
         source: Results
         if self.cluster is None:
-            source = self._local(need, remaining_time)
+            source = self._local(need, remaining_time, request.progress)
         else:
             source = self.cluster.search(need, max(0.0, remaining_time))
         matched_ids: list[str] = []
         counts: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        last_sent, answered_sent = loop.time(), -1
         async with contextlib.aclosing(source):
             async for item in source:
                 if isinstance(item, dict):
                     counts = item
                     continue
-                matched_ids.extend(item)
-                if released := floor.admit(item):
-                    yield data_request_pb2.SearchInstancesResponse(
-                        matches=data_request_pb2.InstanceMatches(instance_ids=released)
+                matched_ids.extend(item.ids)
+                released = floor.admit(item.ids)
+                if not released:  # progress only (or ids the floor holds back): only when it says something
+                    if not request.progress or item.answered == answered_sent:
+                        continue
+                    if item.ids and loop.time() - last_sent < PROGRESS_INTERVAL:
+                        continue  # a held batch goes out no sooner than a progress message would
+                yield data_request_pb2.SearchInstancesResponse(
+                    matches=data_request_pb2.InstanceMatches(
+                        instance_ids=released, answered=item.answered, queried=item.queried
                     )
+                )
+                last_sent, answered_sent = loop.time(), item.answered
         summary = data_request_pb2.SearchSummary(
             queried=counts["queried"],
             matched=counts["matched"],
@@ -142,13 +159,13 @@ class SearchService:
             observe(summary)
         yield data_request_pb2.SearchInstancesResponse(summary=summary)
 
-    async def _local(self, need: energy_pb2.DataNeed, timeout: float) -> Results:
+    async def _local(self, need: energy_pb2.DataNeed, timeout: float, progress: bool) -> Results:
         """This process's fan-out: batches of matched ids, then the counts (as a cluster search)."""
         tally = self.manager.begin_search(need)
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async for batch in tally.batches(deadline):
-                yield batch
+            async for batch in tally.batches(deadline, PROGRESS_INTERVAL if progress else None):
+                yield tally.update(batch)
         finally:
             timed_out = self.manager.end_search(tally)
         yield {

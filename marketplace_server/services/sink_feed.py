@@ -29,6 +29,7 @@ from eddie_common.logging import log_event
 from eddie_common.tokens import TokenVerifier
 from marketplace_server.clock import to_timestamp
 from marketplace_server.db.models import PermissionRow
+from marketplace_server.keyring import LiveKeys
 from marketplace_server.services.events import Event, PermissionChanged
 from marketplace_server.services.permissions import TERMINAL_STATES
 
@@ -64,9 +65,15 @@ class _Watch:
 class PermissionEndFeed:
     """Streams the end of each subscribed permission; fed by the event hub after every commit."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        verifier: TokenVerifier,
+        keys: LiveKeys | None = None,
+    ) -> None:
         self.sessions = sessions
         self.verifier = verifier
+        self.keys = keys  # the ring the verifier follows (a sink token signed at another replica)
         self._watches: dict[str, set[_Watch]] = {}  # permission id -> feeds following it
         self._open: set[_Watch] = set()
 
@@ -131,7 +138,7 @@ class PermissionEndFeed:
             feed.push(Unauthenticated("the feed's request stream failed", reason="TOKEN_INVALID"))
 
     async def _subscribe(self, feed: _Watch, token: str) -> None:
-        permission_id = self._permission_of(token)
+        permission_id = await self._permission_of(token)
         if permission_id is None:
             feed.invalid += 1
             if feed.invalid > MAX_INVALID:
@@ -166,12 +173,15 @@ class PermissionEndFeed:
             )
         )
 
-    def _permission_of(self, token: str) -> str | None:
+    async def _permission_of(self, token: str) -> str | None:
         """The permission a valid sink token names, or None."""
         if not token or len(token) > 4096:
             return None
         try:
-            claims: dict[str, Any] = self.verifier.verify(token)
+            if self.keys is not None:
+                claims: dict[str, Any] = await self.keys.verify(self.verifier, token)
+            else:
+                claims = self.verifier.verify(token)
         except Unauthenticated:
             return None
         permission_id = claims.get("permission_id")

@@ -17,8 +17,7 @@ def cast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
     try:
         yield running
     finally:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ The real `eddie` runs on a pseudo-terminal; the test reads the screen and types.
 
 from __future__ import annotations
 
+import signal
 import stat
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def test_login_asks_the_password_without_echo(cast: Cast) -> None:
     assert alice.json("whoami")["email"] == "alice-tty@cli.example"
 
 
+# Slow: the no-echo prompt is the login's (test above, same prompt); this adds only the confirmation.
+@pytest.mark.slow
 def test_signup_asks_the_password_twice_without_echo(cast: Cast) -> None:
     bernd = cast.person("bernd")
     terminal = on_terminal(
@@ -122,3 +125,33 @@ def test_ctrl_c_at_the_consent_question_ends_at_once_and_decides_nothing(cast: C
     assert terminal.wait(timeout=20) == 130
     assert "interrupted" in terminal.screen and "Traceback" not in terminal.screen
     assert [p["state"] for p in bernd.json("permissions", "list")["permissions"]] == ["STATE_PENDING"]
+
+
+@pytest.mark.timeout(300)
+def test_search_on_a_terminal_shows_answers_against_queried_live(cast: Cast) -> None:
+    """The bar counts answers while the search still waits: one AIIDA is frozen (SIGSTOP), so its
+    stream stays open but it answers only once the test lets it run again (SIGCONT)."""
+    ep = cast.person("ep")
+    ep.signup("ep-bar@cli.example", "Energy Institute Vienna", "eligible-party")
+    for instance_id, code in cast.aiidas.items():  # both claimed (the tests above may own them already)
+        owner = cast.person("owner")
+        owner.signup(f"owner-{instance_id}@cli.example", "Owner", "customer")
+        claimed = owner.run("instances", "claim", instance_id, "--pairing-code", code)
+        if claimed.returncode == 0:
+            claim_connected(owner, instance_id, code)
+        else:
+            assert "ALREADY_EXISTS" in claimed.stderr, claimed.stderr
+    name = ep.json("data-requests", "create", "--file", str(EXAMPLES / "data_request.json"))["name"]
+    frozen = cast.aiida_procs["aiida-bernd"].popen
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        terminal = on_terminal(ep, "search", name, "--timeout", "30")
+        # Alice has answered (a match), frozen Bernd has not: the bar says so while the search waits.
+        terminal.expect(r"searching.*?1/2 answered, 1 matched", timeout=30)
+        assert "Matches (" not in terminal.screen
+    finally:
+        frozen.send_signal(signal.SIGCONT)  # Bernd reads the query and answers: the search ends
+    terminal.expect(r"Matches \(2\)")  # Bernd's household fits the request too
+    assert terminal.wait() == 0
+    assert "2/2 answered, 2 matched" in terminal.screen  # the bar's end: the summary's counts
+    assert "Traceback" not in terminal.screen

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eddie_client import procs
 from tests.support.cli import Cast, claim_connected, failure, start_cast
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +28,7 @@ def floored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cast]:
     try:
         yield running
     finally:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)
 
 
 @pytest.mark.timeout(300)  # real processes on a shared machine; the first test also starts them

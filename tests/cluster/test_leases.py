@@ -156,3 +156,29 @@ async def test_a_graceful_stop_hands_every_bucket_over_at_once(
 def test_an_instance_always_hashes_to_the_same_bucket() -> None:
     assert bucket_of("aiida-fleet-7") == bucket_of("aiida-fleet-7")
     assert {bucket_of(f"i-{n}", 16) for n in range(500)} == set(range(16))
+
+
+async def test_a_poke_runs_a_round_at_once_so_a_leaving_replicas_buckets_move_without_waiting(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """What `{prefix}.rebalance` does: the remaining replicas take the released buckets on the poke,
+    not at their next renewal (an hour away here)."""
+    stays, leaves = (
+        LeaseKeeper(sessions, name, buckets=BUCKETS, lease_seconds=7200, renew_seconds=3600)
+        for name in ("stays", "leaves")
+    )
+    await stays.start()
+    await leaves.start()
+    await stays.tick()  # both live now: stays gives up half of its buckets, leaves takes them
+    await leaves.tick()
+    assert sorted((len(stays.held), len(leaves.held))) == [6, 6]
+    try:
+        await leaves.stop()  # the handover: every lease released at once
+        stays.poke()
+        for _ in range(200):
+            if len(stays.held) == BUCKETS:
+                break
+            await asyncio.sleep(0.01)
+        assert len(stays.held) == BUCKETS, "the poke should have run a round"
+    finally:
+        await stays.stop()

@@ -41,8 +41,8 @@ FLEET = 60
 def replica_config(tmp_path: Path, schema: str, prefix: str, index: int) -> Config:
     return test_config(
         tmp_path,
-        # One key directory: tokens signed by one replica verify at every replica.
-        data_dir=tmp_path / "keys",
+        # A data dir each: the signing keys live in the database, shared by the replicas.
+        data_dir=tmp_path / f"replica-{index}",
         database_url=POSTGRES_URL,
         database_schema=schema,
         nats_url=NATS_URL,

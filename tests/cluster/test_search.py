@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from eddie_common.errors import Unavailable
+from marketplace_server.aiida.fanout import SearchUpdate
 from marketplace_server.cluster.search import BucketSnapshot, BucketTally, ClusterSearchTally, gather
 
 Handler = Callable[[Any], Awaitable[None]]
@@ -26,9 +27,11 @@ class Bus:
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.fail: dict[str, Callable[[BaseException], None]] = {}
 
-    async def subscribe(self, subject: str, handler: Handler) -> None:
+    async def subscribe(self, subject: str, handler: Handler, fail: Callable[[BaseException], None]) -> None:
         self.handlers[subject] = handler
+        self.fail[subject] = fail
 
     async def publish(self, subject: str, data: bytes) -> None:
         handler = self.handlers.get(subject)
@@ -46,6 +49,7 @@ def owner(
     token_shift: int = 0,
     tally: bool = True,
     duplicate: bool = False,
+    tally_after: float = 0.0,
 ) -> None:
     """An owner replica: per bucket, (matched ids, not matched count)."""
 
@@ -55,10 +59,13 @@ def owner(
             bucket = int(bucket_text)
             ids, not_matched = answers[bucket]
             for _ in range(2 if duplicate else 1):
+                sent = 0
                 for half in (ids[: len(ids) // 2], ids[len(ids) // 2 :]):
-                    body = {"t": "matches", "b": bucket, "k": token + token_shift, "ids": half}
+                    sent += len(half)
+                    body = {"t": "matches", "b": bucket, "k": token + token_shift, "ids": half, "a": sent}
                     await bus.publish(request["reply"], json.dumps(body).encode())
             if tally:
+                await asyncio.sleep(tally_after)
                 t = BucketTally(
                     bucket, token + token_shift, len(ids) + not_matched, len(ids), not_matched, 0, 0
                 )
@@ -68,7 +75,11 @@ def owner(
 
 
 async def run(
-    bus: Bus, snapshot: dict[int, BucketSnapshot], timeout: float = 0.5, live: set[str] | None = None
+    bus: Bus,
+    snapshot: dict[int, BucketSnapshot],
+    timeout: float = 0.5,
+    live: set[str] | None = None,
+    updates: list[SearchUpdate] | None = None,
 ) -> tuple[list[list[str]], dict[str, int]]:
     batches: list[list[str]] = []
     summary: dict[str, int] = {}
@@ -85,7 +96,10 @@ async def run(
         if isinstance(item, dict):
             summary = item
         else:
-            batches.append(item)
+            if item.ids:
+                batches.append(item.ids)
+            if updates is not None:
+                updates.append(item)
     return batches, summary
 
 
@@ -163,3 +177,58 @@ def test_claimed_instances_an_owner_holds_no_stream_for_yet_count_as_unreachable
     tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 5)})
     tally.on_tally(BucketTally(0, 1, 3, 1, 2, 0, 0))  # it linked 3 of the 5 claimed so far
     assert tally.summary() == {"queried": 5, "matched": 1, "not_matched": 2, "unreachable": 2, "timed_out": 0}
+
+
+async def test_replies_lost_on_the_inbox_fail_the_search_even_when_every_tally_arrives() -> None:
+    """A slow consumer dropped a `matches` batch: the tallies alone would give an exact-looking summary
+    over a short match set, so the search ends with the error instead of a summary."""
+
+    class LossyBus(Bus):
+        lost = False
+
+        async def publish(self, subject: str, data: bytes) -> None:
+            if subject == "inbox.1" and json.loads(data)["t"] == "matches" and not self.lost:
+                self.lost = True  # what the node does on nats-py's SlowConsumerError for the inbox
+                self.fail[subject](Unavailable("lost", reason="SEARCH_INCOMPLETE"))
+                return
+            await super().publish(subject, data)
+
+    bus = LossyBus()
+    owner(bus, "a", {0: (["i1", "i2"], 1)})
+    with pytest.raises(Unavailable) as caught:
+        await run(bus, {0: BucketSnapshot(0, "a", 1, 3)})
+    assert caught.value.reason == "SEARCH_INCOMPLETE" and bus.lost
+
+
+async def test_progress_adds_up_the_buckets_never_decreases_and_ends_at_the_answers() -> None:
+    bus = Bus()
+    owner(bus, "a", {0: (["i1", "i2"], 3)})
+    owner(bus, "b", {1: ([], 2)}, tally_after=0.2)  # no match: its tally is the only news, later
+    owner(bus, "slow", {2: ([], 0)}, tally=False)  # its 4 instances never answer
+    snapshot = {
+        0: BucketSnapshot(0, "a", 5, 5),
+        1: BucketSnapshot(1, "b", 2, 2),
+        2: BucketSnapshot(2, "slow", 1, 4),
+    }
+    updates: list[SearchUpdate] = []
+    batches, summary = await run(bus, snapshot, timeout=0.8, live={"a", "b", "slow"}, updates=updates)
+    assert sorted(i for b in batches for i in b) == ["i1", "i2"]
+    assert all(u.queried == 11 for u in updates)
+    answered = [u.answered for u in updates]
+    assert answered == sorted(answered) and answered[-1] <= 11
+    # The buckets' tallies came without a match: the last update says so, with no ids.
+    assert updates[-1].ids == [] and updates[-1].answered == 7
+    assert summary["queried"] - summary["timed_out"] == 7
+
+
+def test_the_progress_of_a_bucket_is_the_most_any_message_reported() -> None:
+    tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 6), 1: BucketSnapshot(1, "b", 1, 4)})
+    assert tally.progress() == (0, 10)
+    tally.on_matches(0, 1, ["i1"], answered=3)
+    assert tally.progress() == (3, 10)
+    tally.on_matches(0, 1, ["i2"], answered=2)  # an older count arriving late does not go back
+    assert tally.progress() == (3, 10)
+    tally.on_matches(1, 2, ["x"], answered=4)  # under another token: not counted
+    assert tally.progress() == (3, 10)
+    tally.on_tally(BucketTally(0, 1, 6, 2, 3, 0, 1))  # one timed out
+    assert tally.progress() == (5, 10)

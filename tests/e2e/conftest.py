@@ -17,12 +17,11 @@ def cast(tmp_path: Path) -> Iterator[Cast]:
     try:
         mp = procs.start_marketplace(tmp_path / "mp", tmp_path)
         started.append(mp)
-        sink = procs.start_sink(mp.address, tmp_path / "sink", tmp_path, name="sink")
-        started.append(sink)
-        aiidas = {}
-        for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
+        people = [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]
+
+        def aiida(who: str, profile: str) -> procs.Proc:
             code = f"{who.upper()}-2026"
-            p = procs.start_aiida(
+            return procs.start_aiida(
                 mp.address,
                 tmp_path / who,
                 PROFILES / profile,
@@ -30,9 +29,16 @@ def cast(tmp_path: Path) -> Iterator[Cast]:
                 *("--instance-id", f"aiida-{who}", "--pairing-code", code, "--time-scale", "60"),
                 name=f"aiida-{who}",
             )
-            started.append(p)
-            aiidas[who] = (p, code)
+
+        # The sink and the AIIDAs need only the marketplace: they start together.
+        sink, *aiida_procs = procs.start_all(
+            [
+                lambda: procs.start_sink(mp.address, tmp_path / "sink", tmp_path, name="sink"),
+                *(lambda who=who, profile=profile: aiida(who, profile) for who, profile in people),
+            ]
+        )
+        started += [sink, *aiida_procs]
+        aiidas = {who: (p, f"{who.upper()}-2026") for (who, _), p in zip(people, aiida_procs, strict=True)}
         yield Cast(mp, sink, aiidas)
     finally:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)

@@ -140,6 +140,9 @@ async def _state_is(ep: Session, name: str, state: int) -> bool:
     return (await ep.get_permission(name)).state == state
 
 
+# Slow: the same revocation with real processes is in tests/e2e/test_sink_ends.py (a hostile publisher
+# refused a second after it, the readings stopped) and in process in tests/aiida_stub/test_data_access.py.
+@pytest.mark.slow
 async def test_revocation_stops_the_readings_within_a_second(cast: Cast) -> None:
     mp, ep, customers = await _setup(cast)
     need = data_need("ELECTRICITY", ["1-0:1.8.0", "1-0:1.7.0"], 60, 900, 0, 86400, ["AT-9"])

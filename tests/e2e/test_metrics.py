@@ -51,20 +51,23 @@ def watched(tmp_path: Path) -> Iterator[Watched]:
     try:
         mp = procs.start_marketplace(tmp_path / "mp", tmp_path, *METRICS)
         started.append(mp)
-        sink = procs.start_sink(mp.address, tmp_path / "sink", tmp_path, *METRICS)
-        started.append(sink)
-        aiida = procs.start_aiida(
-            mp.address,
-            tmp_path / "alice",
-            PROFILES / "vienna-p1.toml",
-            tmp_path,
-            *("--instance-id", "aiida-alice", "--pairing-code", "ALICE-2026", "--time-scale", "60", *METRICS),
+        sink, aiida = procs.start_all(  # both need only the marketplace: they start together
+            [
+                lambda: procs.start_sink(mp.address, tmp_path / "sink", tmp_path, *METRICS),
+                lambda: procs.start_aiida(
+                    mp.address,
+                    tmp_path / "alice",
+                    PROFILES / "vienna-p1.toml",
+                    tmp_path,
+                    *("--instance-id", "aiida-alice", "--pairing-code", "ALICE-2026", "--time-scale", "60"),
+                    *METRICS,
+                ),
+            ]
         )
-        started.append(aiida)
+        started += [sink, aiida]
         yield Watched(mp, sink, aiida)
     finally:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)
 
 
 async def scrape(proc: procs.Proc) -> Samples:

@@ -128,36 +128,80 @@ USAGE_CASES: list[tuple[str, list[str], int, list[str]]] = [
 ]
 
 
-CASE_IDS = [f"{c[0]}:{' '.join(c[1]).replace('{tmp}', '')}" for c in USAGE_CASES]
+Case = tuple[str, list[str], int, list[str]]
 
 
-@pytest.fixture(scope="module")
-def usage_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Outcome]]:
-    """Every usage case run once, several processes at a time (each start costs seconds of imports)."""
+def case_id(case: Case) -> str:
+    return f"{case[0]}:{' '.join(case[1]).replace('{tmp}', '')}"
 
-    def one(case: tuple[str, list[str], int, list[str]]) -> tuple[Path, Outcome]:
+
+# `make test` runs one case of each kind of check, and each program at least twice (each start of a
+# process costs seconds of imports); the other cases run the same shared start-up checks
+# (eddie_common.startup, eddie_common.flags, whose messages tests/test_flags.py checks in process) in
+# another program or with another value, and are `slow` (`make test-all`).
+FAST_CASE_IDS = {
+    "marketplace-server:--tls-cert /missing.pem --tls-key /missing.key",  # a missing TLS file
+    "aiida-stub:--marketplace-ca /missing.pem",
+    "eddie-sink:--tls-key /missing.pem --tls-cert /file",
+    "aiida-stub:--listen 999.1.1.1:80",  # a bad address
+    "marketplace-server:--tls-cert  --tls-key ",  # a directory for a file
+    "marketplace-server:--data-dir /file/data",  # a file for a directory
+    "aiida-stub:--profile /bad.toml",  # a profile without sources
+    "eddie-sink:--grace-period soon",  # not a number
+    "marketplace-server:--database-url mysql://x@h/db",  # an unsupported database
+    "eddie-sink:--metrics-listen 999.1.1.1:9",
+    "marketplace-server:--listen 1.2.3.4:0",  # an address it cannot listen on
+}
+FAST_CASES = [c for c in USAGE_CASES if case_id(c) in FAST_CASE_IDS]
+SLOW_CASES = [c for c in USAGE_CASES if case_id(c) not in FAST_CASE_IDS]
+assert len(FAST_CASES) == len(FAST_CASE_IDS), "a fast case id names no case"
+
+
+def run_cases(tmp_path_factory: pytest.TempPathFactory, cases: list[Case]) -> dict[str, tuple[Path, Outcome]]:
+    """Every case run once, several processes at a time (each start costs seconds of imports)."""
+
+    def one(case: Case) -> tuple[Path, Outcome]:
         tmp = tmp_path_factory.mktemp("startup")
         (tmp / "file").write_text("a regular file, not a directory\n")
         (tmp / "bad.toml").write_text(BAD_PROFILE)
         return tmp, run_program(case[0], tmp, *case[1])
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(CASE_IDS, pool.map(one, USAGE_CASES), strict=True))
+        return dict(zip(map(case_id, cases), pool.map(one, cases), strict=True))
+
+
+@pytest.fixture(scope="module")
+def fast_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Outcome]]:
+    return run_cases(tmp_path_factory, FAST_CASES)
+
+
+@pytest.fixture(scope="module")
+def slow_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Outcome]]:
+    return run_cases(tmp_path_factory, SLOW_CASES)
+
+
+def check_case(outcomes: dict[str, tuple[Path, Outcome]], case: Case) -> None:
+    program, _, status, names = case
+    tmp, outcome = outcomes[case_id(case)]
+    assert_one_line(outcome, program, status, *(n.replace("{tmp}", str(tmp)) for n in names))
+    assert not (tmp / CREATES[program]).exists()
 
 
 @pytest.mark.timeout(900)  # the first case's setup runs all of them (the module fixture)
-@pytest.mark.parametrize(("program", "args", "status", "names"), USAGE_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", FAST_CASES, ids=[case_id(c) for c in FAST_CASES])
 def test_bad_input_is_one_line_and_nothing_is_created(
-    usage_outcomes: dict[str, tuple[Path, Outcome]],
-    request: pytest.FixtureRequest,
-    program: str,
-    args: list[str],
-    status: int,
-    names: list[str],
+    fast_outcomes: dict[str, tuple[Path, Outcome]], case: Case
 ) -> None:
-    tmp, outcome = usage_outcomes[request.node.callspec.id]
-    assert_one_line(outcome, program, status, *(n.replace("{tmp}", str(tmp)) for n in names))
-    assert not (tmp / CREATES[program]).exists()
+    check_case(fast_outcomes, case)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", SLOW_CASES, ids=[case_id(c) for c in SLOW_CASES])
+def test_bad_input_in_the_other_programs_and_values(
+    slow_outcomes: dict[str, tuple[Path, Outcome]], case: Case
+) -> None:
+    check_case(slow_outcomes, case)
 
 
 def test_bad_environment_variable_is_named(tmp_path: Path) -> None:
@@ -165,7 +209,15 @@ def test_bad_environment_variable_is_named(tmp_path: Path) -> None:
     assert_one_line(outcome, "eddie-sink", 2, "EDDIE_SINK_GRACE_PERIOD", "'x'")
 
 
-@pytest.mark.parametrize("program", ["marketplace-server", "aiida-stub", "eddie-sink"])
+@pytest.mark.parametrize(
+    "program",
+    [
+        "marketplace-server",
+        # The same shared check (eddie_common.startup); aiida-stub's also in process in tests/aiida_stub.
+        pytest.param("aiida-stub", marks=pytest.mark.slow),
+        pytest.param("eddie-sink", marks=pytest.mark.slow),
+    ],
+)
 def test_port_taken_says_which_port_and_what_to_do(tmp_path: Path, taken_port: int, program: str) -> None:
     outcome = run_program(program, tmp_path, "--listen", f"127.0.0.1:{taken_port}")
     assert_one_line(outcome, program, 2, f"127.0.0.1:{taken_port}", "in use", "HOST:0")

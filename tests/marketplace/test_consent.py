@@ -357,9 +357,11 @@ async def test_too_many_streams_per_account_are_refused(tmp_path: Path, aiida: R
 
 async def test_a_subscriber_that_falls_behind_is_dropped_without_blocking_others() -> None:
     hub = EventHub(max_streams_per_account=4, queue_size=2)
-    event = PermissionChanged(access_pb2.Permission(name="permissions/p"), 1, "customer", "ep", "dr")
     with hub.subscribe("customer") as slow, hub.subscribe("customer") as fast:
-        for _ in range(3):
+        for i in range(3):  # three permissions (a stream takes each version of one permission once)
+            event = PermissionChanged(
+                access_pb2.Permission(name=f"permissions/p{i}"), 1, "customer", "ep", "dr"
+            )
             hub.publish([event])
             assert await fast.next() == event
         assert slow.dropped
@@ -367,3 +369,20 @@ async def test_a_subscriber_that_falls_behind_is_dropped_without_blocking_others
             await slow.next()
         assert caught.value.reason == "SUBSCRIBER_TOO_SLOW"
         assert hub.stream_count("customer") == 1
+
+
+async def test_a_stream_takes_each_version_of_a_permission_once_and_never_an_older_one() -> None:
+    """An event published and also repaired (cluster mode), or arriving after a newer one, is skipped."""
+    hub = EventHub(max_streams_per_account=4)
+    P = access_pb2.Permission
+
+    def changed(state: int) -> PermissionChanged:
+        return PermissionChanged(
+            P(name="permissions/p", state=state), P.STATE_PENDING, "customer", "ep", "dr"
+        )  # type: ignore[arg-type]
+
+    with hub.subscribe("customer") as stream:
+        for state in (P.STATE_ACCEPTED, P.STATE_ACCEPTED, P.STATE_ACTIVE, P.STATE_ACCEPTED, P.STATE_REVOKED):
+            hub.publish([changed(state)])
+        got = [stream._queue.get_nowait() for _ in range(stream._queue.qsize())]
+    assert [e.permission.state for e in got] == [P.STATE_ACCEPTED, P.STATE_ACTIVE, P.STATE_REVOKED]  # type: ignore[union-attr]

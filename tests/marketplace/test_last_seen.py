@@ -76,3 +76,25 @@ async def test_a_ping_round_records_the_instances_that_answered_and_not_the_sile
     await engine.dispose()
     assert seen["answering"] > LONG_AGO
     assert seen["silent"] == LONG_AGO
+
+
+async def test_a_stream_that_answered_since_the_last_round_is_not_pinged(tmp_path: Path) -> None:
+    """Pings are for idle streams: one that answers searches all the time costs no pings."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await migrate(engine)
+    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
+    manager = ConnectionManager(Config(ping_interval=0.02), issuer, create_sessionmaker(engine))
+    busy, idle = _Link("busy", False), _Link("idle", True)
+    manager.links.update({"busy": busy, "idle": idle})
+    pinging = asyncio.create_task(manager._ping_forever())
+    try:
+        while idle.pings < 6:
+            busy.last_seen = time.time()  # it answers a search now and then: always recently seen
+            await asyncio.sleep(0.005)
+    finally:
+        pinging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinging
+    await engine.dispose()
+    assert busy.pings == 0
+    assert "busy" in manager._seen

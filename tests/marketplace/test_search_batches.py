@@ -81,14 +81,45 @@ async def test_nothing_to_ask_ends_at_once() -> None:
     assert await _collect(tally.batches(asyncio.get_running_loop().time() + 10)) == []
 
 
+async def test_progress_only_updates_come_when_the_count_changed_and_no_faster_than_the_interval() -> None:
+    tally = _tally("a", "b", "c", "d")
+    loop = asyncio.get_running_loop()
+    interval = 0.05
+    batches = tally.batches(loop.time() + 10, progress_interval=interval)
+    tally.on_reply("a", True)
+    assert (await anext(batches), tally.answered) == (["a"], 1)  # counts ride on the batch
+    # Nothing new: no update however long the stream waits (several intervals here).
+    pending = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(interval * 4)
+    assert not pending.done()
+    # Two non-matches: one progress-only update (no ids), carrying both.
+    tally.on_reply("b", False)
+    tally.on_reply("c", False)
+    assert await pending == []
+    assert tally.answered == 3
+    tally.on_lost("d")  # unreachable counts as accounted for; the tally closes, the stream ends
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+    assert (tally.answered, tally.queried) == (4, 4)
+
+
+async def test_without_a_progress_interval_only_matches_are_yielded() -> None:
+    tally = _tally("a", "b")
+    loop = asyncio.get_running_loop()
+    batches = tally.batches(loop.time() + 0.2)
+    tally.on_reply("a", False)
+    assert await _collect(batches) == []  # the deadline ended it; the non-match made no update
+    assert tally.answered == 1
+
+
 # --- end to end ---
 
 
 async def _search_messages(
-    scene: Scene, timeout: float = 5.0
+    scene: Scene, timeout: float = 5.0, progress: bool = False
 ) -> AsyncIterator[data_request_pb2.SearchInstancesResponse]:
     request = data_request_pb2.SearchInstancesRequest(
-        data_request=scene.data_request.name, timeout=Duration(seconds=int(timeout))
+        data_request=scene.data_request.name, timeout=Duration(seconds=int(timeout)), progress=progress
     )
     async for response in scene.ep.data_requests.SearchInstances(request, metadata=scene.ep.metadata):
         yield response
@@ -112,8 +143,8 @@ async def test_the_union_of_the_batches_is_exactly_the_matched_set(
         async for response in _search_messages(scene):
             if response.HasField("matches"):
                 assert summary is None, "a batch after the summary"
-                assert response.matches.instance_ids, "an empty batch"
-                batches.append(list(response.matches.instance_ids))
+                if response.matches.instance_ids:  # else progress only
+                    batches.append(list(response.matches.instance_ids))
             else:
                 summary = response.summary
         ids = [i for batch in batches for i in batch]
@@ -136,7 +167,59 @@ async def test_one_match_is_one_message(market: RunningMarketplace, aiida: Runni
     kinds = [r.WhichOneof("result") for r in responses]
     assert kinds == ["matches", "summary"]
     assert list(responses[0].matches.instance_ids) == list(yes)
+    assert responses[0].matches.queried == 5
     assert (responses[1].summary.matched, responses[1].summary.not_matched) == (1, 4)
+
+
+async def test_without_progress_no_message_comes_without_ids(
+    market: RunningMarketplace, aiida: RunningAiida
+) -> None:
+    """Stragglers answering no match 300 ms apart would be progress messages if asked for; not asked,
+    the stream is the match and the summary only."""
+    scene, yes, no = await _scene_with(market, aiida, matched=1, unmatched=2)
+    gates = {i: asyncio.Event() for i in no}
+    scene.double.gates.update(gates)
+    stream = _search_messages(scene)
+    first = await asyncio.wait_for(anext(stream), 5)
+    assert list(first.matches.instance_ids) == list(yes)
+    for gate in gates.values():
+        await asyncio.sleep(0.3)
+        gate.set()
+    rest = [r async for r in stream]
+    assert [r.WhichOneof("result") for r in rest] == ["summary"]
+    assert rest[0].summary.not_matched == 2
+
+
+async def test_every_message_carries_the_running_answers_and_progress_comes_without_matches(
+    market: RunningMarketplace, aiida: RunningAiida
+) -> None:
+    scene, yes, no = await _scene_with(market, aiida, matched=1, unmatched=3)
+    late_no, last_no = sorted(no)[:2]
+    gates = {late_no: asyncio.Event(), last_no: asyncio.Event()}
+    scene.double.gates.update(gates)  # these two answer (no match) only when the test lets them
+    stream = _search_messages(scene, progress=True)
+    seen = [await asyncio.wait_for(anext(stream), 5)]
+    first = seen[0].matches
+    assert list(first.instance_ids) == list(yes) and first.queried == 4
+    assert 1 <= first.answered <= 2  # the match, and maybe the ungated non-match
+    # The early non-match is reported as progress (no ids) if the first batch did not carry it.
+    while seen[-1].matches.answered < 2:
+        seen.append(await asyncio.wait_for(anext(stream), 5))
+    gates[late_no].set()
+    # No match arrives now: the count still moves, in a progress-only message.
+    seen.append(await asyncio.wait_for(anext(stream), 5))
+    progress = seen[-1]
+    assert progress.HasField("matches") and not progress.matches.instance_ids
+    assert (progress.matches.answered, progress.matches.queried) == (3, 4)
+    gates[last_no].set()
+    seen += [r async for r in stream]
+    summary = seen[-1].summary
+    messages = [r.matches for r in seen[:-1]]
+    assert all(m.queried == summary.queried == 4 for m in messages)
+    answered = [m.answered for m in messages]
+    assert answered == sorted(answered), "the count went back"
+    assert answered[-1] <= summary.queried - summary.timed_out
+    assert [i for m in messages for i in m.instance_ids] == list(yes)
 
 
 async def test_the_first_match_arrives_before_the_last_answer(

@@ -41,21 +41,25 @@ def programs(tmp_path: Path, broker: str) -> Iterator[tuple[procs.Proc, procs.Pr
     try:
         mp = procs.start_marketplace(tmp_path / "mp", tmp_path)
         started.append(mp)
-        sink = procs.start_sink(mp.address, tmp_path / "sink", tmp_path, "--mqtt-url", broker, name="sink")
-        started.append(sink)
-        aiida = procs.start_aiida(
-            mp.address,
-            tmp_path / "alice",
-            PROFILES / "vienna-p1.toml",
-            tmp_path,
-            *("--instance-id", "aiida-alice", "--pairing-code", "ALICE-MQTT", "--time-scale", "60"),
-            name="aiida-alice",
+        sink, aiida = procs.start_all(  # both need only the marketplace: they start together
+            [
+                lambda: procs.start_sink(
+                    mp.address, tmp_path / "sink", tmp_path, "--mqtt-url", broker, name="sink"
+                ),
+                lambda: procs.start_aiida(
+                    mp.address,
+                    tmp_path / "alice",
+                    PROFILES / "vienna-p1.toml",
+                    tmp_path,
+                    *("--instance-id", "aiida-alice", "--pairing-code", "ALICE-MQTT", "--time-scale", "60"),
+                    name="aiida-alice",
+                ),
+            ]
         )
-        started.append(aiida)
+        started += [sink, aiida]
         yield mp, sink
     finally:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)
 
 
 async def test_an_approved_mqtt_permission_delivers_and_terminate_ends_it(

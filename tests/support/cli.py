@@ -153,6 +153,7 @@ class Marketplace:
 class Cast(Marketplace):
     sink: procs.Proc
     aiidas: dict[str, str]  # instance id -> pairing code
+    aiida_procs: dict[str, procs.Proc] = field(default_factory=dict)  # instance id -> its process
 
 
 def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Proc]]:
@@ -160,20 +161,25 @@ def start_cast(work: Path, *marketplace_flags: str) -> tuple[Cast, list[procs.Pr
     try:
         mp = procs.start_marketplace(work / "mp", work, *marketplace_flags)
         started.append(mp)
-        sink = procs.start_sink(mp.address, work / "sink", work, name="sink")
-        started.append(sink)
-        aiidas = {}
-        for who, profile in [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]:
-            code = f"{who.upper()}-2026"
-            flags = ("--instance-id", f"aiida-{who}", "--pairing-code", code, "--time-scale", "60")
-            started.append(
-                procs.start_aiida(
-                    mp.address, work / who, PROFILES / profile, work, *flags, name=f"aiida-{who}"
-                )
-            )
-            aiidas[f"aiida-{who}"] = code
-        return Cast(mp, work, sink, aiidas), started
+        people = [("alice", "vienna-p1.toml"), ("bernd", "graz-gas.toml")]
+
+        def aiida(who: str, profile: str) -> procs.Proc:
+            flags = ("--instance-id", f"aiida-{who}", "--pairing-code", f"{who.upper()}-2026")
+            flags += ("--time-scale", "60")
+            profile_path = PROFILES / profile
+            return procs.start_aiida(mp.address, work / who, profile_path, work, *flags, name=f"aiida-{who}")
+
+        # The sink and the AIIDAs need only the marketplace: they start together.
+        sink, *aiida_list = procs.start_all(
+            [
+                lambda: procs.start_sink(mp.address, work / "sink", work, name="sink"),
+                *(lambda who=who, profile=profile: aiida(who, profile) for who, profile in people),
+            ]
+        )
+        started += [sink, *aiida_list]
+        aiidas = {f"aiida-{who}": f"{who.upper()}-2026" for who, _ in people}
+        aiida_procs = {f"aiida-{who}": p for (who, _), p in zip(people, aiida_list, strict=True)}
+        return Cast(mp, work, sink, aiidas, aiida_procs), started
     except BaseException:
-        for p in started:
-            p.stop()
+        procs.stop_all(started)
         raise

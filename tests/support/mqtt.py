@@ -46,6 +46,7 @@ class PrivateBroker:
     directory: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""  # more mosquitto.conf lines, e.g. "log_type all" to see every packet in the log
 
     @property
     def uri(self) -> str:
@@ -57,6 +58,7 @@ class PrivateBroker:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.directory}/\n"
             f"user {getpass.getuser()}\n"  # run as root, mosquitto would drop to a user who cannot write here
+            f"{self.extra_config}\n"
         )
         self.process = subprocess.Popen(
             ["mosquitto", "-c", str(config)],
@@ -68,6 +70,10 @@ class PrivateBroker:
             assert self.process.poll() is None, "mosquitto exited; see mosquitto.log"
             assert time.monotonic() < deadline, "mosquitto did not start"
             time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        return (self.directory / "mosquitto.log").read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -308,8 +308,14 @@ class SearchInstancesRequest(_message.Message):
 
     DATA_REQUEST_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     data_request: _builtins.str
     """Required. `dataRequests/{id}` whose data need is searched."""
+    progress: _builtins.bool
+    """Also send progress-only messages (`matches` without ids) while no match
+    arrives, for a live progress bar. Off by default: then every `matches`
+    message carries at least one id, and a search with one match sends one.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """How long to wait for answers; default 3 s, 0.1 s to 60 s. The caller's
@@ -321,10 +327,11 @@ class SearchInstancesRequest(_message.Message):
         *,
         data_request: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_request", b"data_request", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_request", b"data_request", "progress", b"progress", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,23 +374,42 @@ class InstanceMatches(_message.Message):
     """A batch of instances that match a search: every id that arrived while the
     previous message was being written. The union of all batches of a search is
     its matched set; no id appears twice.
+
+    Every message also carries the search's running progress, `answered` of
+    `queried`, for a live progress bar. When the request asked for `progress`,
+    the marketplace also sends, while no match arrives, a progress-only message
+    (no ids) when `answered` has changed, at most one every 200 ms; a search whose
+    AIIDAs all answer at once sends none.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_IDS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    QUERIED_FIELD_NUMBER: _builtins.int
+    answered: _builtins.int
+    """Instances accounted for so far: matched, not matched or unreachable
+    (the summary's `queried - timed_out` once the search is over). Never
+    decreases during a search, and never exceeds `queried`.
+    """
+    queried: _builtins.int
+    """Claimed instances the query was meant for, as far as known so far (the
+    summary's `queried` at the end).
+    """
     @_builtins.property
     def instance_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The instance ids, in arrival order."""
+        """The instance ids, in arrival order (none in a progress-only message)."""
 
     def __init__(
         self,
         *,
         instance_ids: _abc.Iterable[_builtins.str] | None = ...,
+        answered: _builtins.int = ...,
+        queried: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_ids", b"instance_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "instance_ids", b"instance_ids", "queried", b"queried"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
