@@ -248,6 +248,9 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     )
     if metrics is not None:
         metrics.watch(manager, permissions.events, sessions)
+        metrics.watch_database(engine)
+        if nc is not None:
+            metrics.watch_nats(nc)
         search.observers.append(metrics.on_search)
         if node is not None:
             node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)
