@@ -157,6 +157,8 @@ class InstanceLink:
         that was abandoned (the stream broke) finds another future pending and does nothing.
         """
         if done is not self._write_waits_on:
+            if done is not None and not done.cancelled():
+                done.exception()  # an abandoned write's failure: retrieved, or asyncio logs it at exit
             return
         writing = self._writing
         while writing is not None:
