@@ -165,9 +165,7 @@ def test_nothing_local_is_tracked() -> None:
     `.venv` as a symlink to one developer's checkout, and every other checkout's venv broke)."""
     import subprocess
 
-    listed = subprocess.run(
-        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=False)
     if listed.returncode != 0:
         pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
     local = (".venv", "var", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
