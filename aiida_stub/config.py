@@ -8,7 +8,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eddie_common.flags import LOG_LEVELS, Program, at_least, flag, host_port, non_negative, positive
+from eddie_common.flags import (
+    Program,
+    at_least,
+    file_flag,
+    flag,
+    grace_period_flag,
+    host_port,
+    log_level_flag,
+    metrics_listen_flag,
+    positive,
+    tls_problems,
+)
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,63}")
 PAIRING_CODE = re.compile(r"[A-Za-z0-9-]{6,64}")
@@ -43,20 +54,16 @@ class Config:
         metavar="HOST:PORT",
         check=host_port,
     )
-    tls_cert: Path | None = flag("PEM certificate to serve TLS with", default=None, metavar="FILE")
-    tls_key: Path | None = flag("PEM private key of --tls-cert", default=None, metavar="FILE")
-    tls_client_ca: Path | None = flag(
+    tls_cert: Path | None = file_flag("PEM certificate to serve TLS with")
+    tls_key: Path | None = file_flag("PEM private key of --tls-cert")
+    tls_client_ca: Path | None = file_flag(
         "PEM CA bundle; when set, callers (the marketplace) must present a certificate it signed "
-        "(mutual TLS; needs --tls-cert)",
-        default=None,
-        metavar="FILE",
+        "(mutual TLS; needs --tls-cert)"
     )
-    marketplace_ca: Path | None = flag(
-        "PEM CA to dial the marketplace over TLS with (default: plaintext)", default=None, metavar="FILE"
+    marketplace_ca: Path | None = file_flag(
+        "PEM CA to dial the marketplace over TLS with (default: plaintext)"
     )
-    sink_ca: Path | None = flag(
-        "PEM CA for grpcs:// sinks (default: the system roots)", default=None, metavar="FILE"
-    )
+    sink_ca: Path | None = file_flag("PEM CA for grpcs:// sinks (default: the system roots)")
     state_dir: Path = flag(
         "directory of the persistent state (instance ids, secrets, pairing codes, data accesses)",
         default=Path("var/aiida"),
@@ -99,19 +106,11 @@ class Config:
     registration_concurrency: int = flag(
         "registrations in flight at once (fleet)", default=64, metavar="N", check=at_least(1)
     )
-    log_level: str = flag("log level", default="info", choices=LOG_LEVELS)
-    grace_period: float = flag(
-        "how long in-flight calls may finish on SIGINT/SIGTERM",
-        default=5.0,
-        metavar="SECONDS",
-        check=non_negative,
+    log_level: str = log_level_flag()
+    grace_period: float = grace_period_flag(
+        "how long in-flight calls may finish on SIGINT/SIGTERM", default=5.0
     )
-    metrics_listen: str | None = flag(
-        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
-        default=None,
-        metavar="HOST:PORT",
-        check=host_port,
-    )
+    metrics_listen: str | None = metrics_listen_flag()
     # Not flags: retry pacing of registration and of sink connections (tests shorten them).
     retry_initial_delay: float = 0.2
     retry_max_delay: float = 5.0
@@ -144,10 +143,7 @@ def _check(config: Config) -> list[str]:
             f"--id-prefix: instance ids must be 3-64 of [A-Za-z0-9._-], starting with a letter or digit, "
             f"got {config.id_prefix!r}"
         )
-    if (config.tls_cert is None) != (config.tls_key is None):
-        problems.append("--tls-cert and --tls-key go together")
-    if config.tls_client_ca is not None and config.tls_cert is None:
-        problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+    problems.extend(tls_problems(config.tls_cert, config.tls_key, config.tls_client_ca))
     return problems
 
 

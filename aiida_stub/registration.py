@@ -18,6 +18,7 @@ from aiida_stub.instance import AiidaInstance
 from aiida_stub.trust import trust_for
 from eddie.marketplace.v1 import instance_pb2, instance_pb2_grpc
 from eddie_common import tokens
+from eddie_common.channels import dial
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff, retry_log_level
 
@@ -118,6 +119,4 @@ async def register_all(
 
 def marketplace_channel(target: str, ca_file_pem: bytes | None) -> grpc.aio.Channel:
     """The channel to the marketplace: TLS with the given CA, else plaintext."""
-    if ca_file_pem is not None:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_file_pem))
-    return grpc.aio.insecure_channel(target)
+    return dial(target, grpc.ssl_channel_credentials(ca_file_pem) if ca_file_pem is not None else None)

@@ -145,12 +145,6 @@ def _advertise(config: Config, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _tls(config: Config) -> TlsFiles | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    return TlsFiles(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
-
-
 async def create_server(config: Config) -> tuple[AiidaApp, int]:
     """Loads profiles and state and binds the port; `start()` then serves and registers."""
     profiles = _profiles(config)
@@ -171,7 +165,7 @@ async def create_server(config: Config) -> tuple[AiidaApp, int]:
     )
     aiida_pb2_grpc.add_AiidaServiceServicer_to_server(AiidaServiceServicer(), server)
     health_servicer: health.aio.HealthServicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, config.listen, _tls(config))
+    port = bind(server, config.listen, TlsFiles.given(config.tls_cert, config.tls_key, config.tls_client_ca))
     ca = config.marketplace_ca.read_bytes() if config.marketplace_ca else None
     app = AiidaApp(
         config,

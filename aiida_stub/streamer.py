@@ -31,6 +31,7 @@ from aiida_stub.state import AccessRecord, StateValue
 from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
+from eddie_common.channels import dial
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff, retry_log_level
 
@@ -83,12 +84,8 @@ class SinkChannels:
         channel = self._channels.get(sink_uri)
         if channel is None:
             scheme, _, target = sink_uri.partition("://")
-            if scheme == "grpcs":
-                credentials = grpc.ssl_channel_credentials(root_certificates=self.sink_ca)
-                channel = grpc.aio.secure_channel(target, credentials)
-            else:
-                channel = grpc.aio.insecure_channel(target)
-            self._channels[sink_uri] = channel
+            tls = grpc.ssl_channel_credentials(self.sink_ca) if scheme == "grpcs" else None
+            channel = self._channels[sink_uri] = dial(target, tls)
         return data_sink_pb2_grpc.DataSinkServiceStub(channel)
 
     async def close(self) -> None:

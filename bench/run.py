@@ -2,9 +2,12 @@
 
 Prints a table and writes bench/results/bench.json. Usage:
     python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access] [--sink-churn]
+                        [--cluster [--cluster-sizes 10000] [--cluster-searches 15] [--cluster-idle 30]]
 
 `--sink-churn` adds the sink-under-churn soak (bench/sink_churn.py, issue 15.7);
-`--sizes '' --skip-access --sink-churn` runs only that.
+`--sizes '' --skip-access --sink-churn` runs only that. `--cluster` adds the cluster figures
+(bench/cluster.py, issue 14.7: 1, 2 and 3 replicas on the local PostgreSQL and NATS, then
+kill -9 -> full reach); `--sizes '' --skip-access --cluster` runs only those.
 """
 
 from __future__ import annotations
@@ -108,6 +111,23 @@ def main() -> None:
     parser.add_argument(
         "--sink-churn", action="store_true", help="also run the sink soak: 1,000 reconnecting publish streams"
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also run the cluster figures (needs PostgreSQL 127.0.0.1:5432 and NATS 127.0.0.1:4222)",
+    )
+    parser.add_argument(
+        "--cluster-sizes", default="10000", help="comma-separated fleet sizes of the cluster figures"
+    )
+    parser.add_argument(
+        "--cluster-searches", type=int, default=15, help="timed searches per replica count (cluster)"
+    )
+    parser.add_argument(
+        "--cluster-idle",
+        type=float,
+        default=30.0,
+        help="seconds of each idle window (leases, heartbeats; a resync every 15 s)",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -140,6 +160,16 @@ def main() -> None:
 
             print("sink under churn: 1,000 reconnecting publish streams, EPs listing ...", flush=True)
             report["sink_churn"] = sink_churn.run(work / "sink-churn")
+        if args.cluster:
+            from bench import cluster
+
+            reason = cluster.unavailable_reason()
+            if reason is None:
+                sizes = [int(s) for s in args.cluster_sizes.split(",") if s]
+                report["cluster"] = cluster.run(sizes, args.cluster_searches, args.cluster_idle, work)
+            else:
+                print(f"cluster figures skipped: {reason}", flush=True)
+                report["cluster"] = {"skipped": reason}
         if not args.skip_access:
             from bench import access
 
@@ -152,6 +182,10 @@ def main() -> None:
         from bench import sink_churn
 
         sink_churn.print_figures(report["sink_churn"])
+    if report.get("cluster", {}).get("sizes"):
+        from bench import cluster
+
+        cluster.print_figures(report["cluster"])
     if "access" in report:
         a = report["access"]
         print()

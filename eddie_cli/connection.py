@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -23,6 +23,7 @@ from eddie.marketplace.v1 import (
 )
 from eddie_cli.errors import SignedOut, Unreachable, from_rpc_error
 from eddie_cli.session_store import StoredSession, load_session, save_session
+from eddie_common.channels import dial
 from eddie_common.interceptors import error_info
 
 DEFAULT_MARKETPLACE = "127.0.0.1:50051"
@@ -32,6 +33,17 @@ CALL_TIMEOUT = 30.0  # deadline of every unary call
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 UnaryCall = Callable[..., Awaitable[Response]]
+
+
+class ListResponse(Protocol):
+    """A page of an AIP-158 List RPC."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+Page = TypeVar("Page", bound=ListResponse)
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -71,11 +83,8 @@ class Connection:
 
     def __init__(self, target: Target) -> None:
         self.address = target.address
-        if target.tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(target.tls_ca.read_bytes())
-            self.channel = grpc.aio.secure_channel(target.address, credentials)
-        else:
-            self.channel = grpc.aio.insecure_channel(target.address)
+        tls = grpc.ssl_channel_credentials(target.tls_ca.read_bytes()) if target.tls_ca is not None else None
+        self.channel = dial(target.address, tls)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
         self.instances = instance_pb2_grpc.InstanceServiceStub(self.channel)
         self.data_requests = data_request_pb2_grpc.DataRequestServiceStub(self.channel)
@@ -158,6 +167,28 @@ class SignedIn:
             return await method(request, metadata=self.metadata, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, self.connection.address) from None
+
+    async def pages(
+        self,
+        method: UnaryCall[Page],
+        request: Any,
+        items: Callable[[Page], Iterable[Item]],
+        *,
+        page_size: int,
+        limit: int | None = None,
+    ) -> tuple[list[Item], Page | None]:
+        """The `items` of `method`'s pages, one call a page (each of at most `page_size`), until the
+        last page or `limit` items; and the last page read. Sets the List `request`'s page fields."""
+        found: list[Item] = []
+        page: Page | None = None
+        while limit is None or len(found) < limit:
+            request.page_size = page_size if limit is None else min(page_size, limit - len(found))
+            page = await self.call(method, request)
+            found.extend(items(page))
+            request.page_token = page.next_page_token
+            if not page.next_page_token:
+                break
+        return found, page
 
 
 def signed_in(connection: Connection) -> SignedIn:

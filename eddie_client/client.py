@@ -28,6 +28,7 @@ from eddie.marketplace.v1 import (
     instance_pb2,
     instance_pb2_grpc,
 )
+from eddie_common.channels import dial
 
 ROLE_CUSTOMER = identity_pb2.ROLE_CUSTOMER
 ROLE_ELIGIBLE_PARTY = identity_pb2.ROLE_ELIGIBLE_PARTY
@@ -201,10 +202,7 @@ class MarketplaceClient:
 
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        if credentials is not None:
-            self.channel = grpc.aio.secure_channel(address, credentials)
-        else:
-            self.channel = grpc.aio.insecure_channel(address)
+        self.channel = dial(address, credentials)
         self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
 
     async def __aenter__(self) -> MarketplaceClient:

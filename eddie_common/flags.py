@@ -88,6 +88,45 @@ def at_least(low: int, high: int | None = None) -> Check:
     return check
 
 
+# -- options the three programs share ---------------------------------------------------------
+# The kind of value, default, metavar and check of each shared option, declared once; the help
+# text stays the program's own where its wording differs.
+
+METRICS_LISTEN_HELP = (
+    "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)"
+)
+
+
+def log_level_flag(help: str = "log level") -> Any:
+    """`--log-level`: one of LOG_LEVELS, default info."""
+    return flag(help, default="info", choices=LOG_LEVELS)
+
+
+def grace_period_flag(help: str, *, default: float) -> Any:
+    """`--grace-period`: seconds (0 or more) in-flight calls may finish on shutdown."""
+    return flag(help, default=default, metavar="SECONDS", check=non_negative)
+
+
+def metrics_listen_flag() -> Any:
+    """`--metrics-listen`: where to serve Prometheus metrics (default: off)."""
+    return flag(METRICS_LISTEN_HELP, default=None, metavar="HOST:PORT", check=host_port)
+
+
+def file_flag(help: str, *, name: str | None = None, metavar: str = "FILE") -> Any:
+    """An optional file, e.g. `--tls-cert`, `--tls-key`, `--tls-client-ca` or a CA to dial with."""
+    return flag(help, name=name, default=None, metavar=metavar)
+
+
+def tls_problems(cert: Path | None, key: Path | None, client_ca: Path | None = None) -> list[str]:
+    """What is wrong with a server's `--tls-cert`, `--tls-key` and `--tls-client-ca` together."""
+    problems = []
+    if (cert is None) != (key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+    return problems
+
+
 # -- conversion -------------------------------------------------------------------------------
 
 

@@ -78,7 +78,42 @@ def rich_status(error: DomainError, domain: str) -> grpc.Status:
     return built
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+# Health and reflection calls pass through the interceptors untouched.
+UNWRAPPED_METHODS = ("/grpc.health.", "/grpc.reflection.")
+
+
+class WrapOnceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once (`wrap`) and hands every call of it the same wrapper, anew
+    only when the server hands over another handler: rewrapping per call is a cost on every RPC and
+    every AIIDA stream opened after a restart."""
+
+    def __init__(self) -> None:
+        # method -> (the servicer's handler, our wrapper). Only methods the server registered get
+        # here (unknown ones have no handler), so the dict stays small.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(UNWRAPPED_METHODS):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        """The handler to serve `method` with instead of `handler`."""
+        raise NotImplementedError
+
+
+class ServiceInterceptor(WrapOnceInterceptor):
     """Authenticates non-public methods and maps exceptions to gRPC statuses."""
 
     def __init__(
@@ -89,34 +124,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         public_methods: frozenset[str] = frozenset(),
         translate: Translator | None = None,
     ) -> None:
+        super().__init__()
         self.domain = domain
         self.authenticate = authenticate
         self.public_methods = public_methods
         self.translate = translate
-        # method -> (the servicer's handler, our wrapper): a call wraps nothing anew. Only methods
-        # the server registered get here (unknown ones have no handler), so the dict stays small.
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    async def intercept_service(  # type: ignore[override]
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    def wrap(self, handler: Any, method: str) -> Any:
         needs_auth = self.authenticate is not None and method not in self.public_methods
-        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method, needs_auth)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: Any, method: str, needs_auth: bool) -> Any:
         streaming = handler.request_streaming
         kind = (streaming, handler.response_streaming)
         new: Any

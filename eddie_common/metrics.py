@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from eddie_common.cli import split_host_port
 from eddie_common.failures import UsageError
+from eddie_common.interceptors import WrapOnceInterceptor
 from eddie_common.logging import log_event
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 # Unary calls take milliseconds; streams (consent, readings, AIIDA links) minutes or hours.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600)
 REFRESH_TIMEOUT = 5.0
-_SKIPPED = ("/grpc.health.", "/grpc.reflection.")
 
 Refresher = Callable[[], Awaitable[None]]
 
@@ -95,30 +95,15 @@ def _status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrapOnceInterceptor):
     """Measures every RPC but health and reflection; install it first (outermost)."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (inner handler, ours): wrapped once
 
-    async def intercept_service(  # type: ignore[override]
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(_SKIPPED):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        measured = self._measure(handler, method)
-        self._wrapped[method] = (handler, measured)
-        return measured
-
-    def _measure(self, handler: Any, method: str) -> Any:
+    def wrap(self, handler: Any, method: str) -> Any:
+        """`handler` measured: calls in progress, their latency and status."""
         if handler.response_streaming:
             behaviour = handler.unary_stream or handler.stream_stream
             wrapped: Any = self._stream(behaviour, method)

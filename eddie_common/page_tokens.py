@@ -14,8 +14,8 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -28,6 +28,8 @@ __all__ = ["MAX_PAGE_TOKEN_LENGTH", "PageTokenCodec", "invalid_page_token", "pag
 MAX_PAGE_TOKEN_LENGTH = 1024
 _MAC_BYTES = 16
 _FILTER_DIGEST_CHARS = 16
+
+T = TypeVar("T")
 
 
 def invalid_page_token() -> InvalidArgument:
@@ -100,6 +102,21 @@ class PageTokenCodec:
             raise invalid_page_token()
         cursor: dict[str, Any] = body["c"]
         return cursor
+
+    def page(
+        self,
+        rows: Sequence[T],
+        size: int,
+        method: str,
+        filters: Mapping[str, Any],
+        cursor: Callable[[T], Mapping[str, Any]],
+    ) -> tuple[list[T], str]:
+        """The first `size` of `rows` (read as `size + 1`: one more says another page follows) and
+        the token continuing after the last of them ("" when nothing follows)."""
+        if len(rows) <= size:
+            return list(rows), ""
+        page = list(rows[:size])
+        return page, self.encode(method, filters, cursor(page[-1]))
 
     def decode_int(self, token: str, method: str, filters: Mapping[str, Any], key: str) -> int | None:
         """The integer cursor field `key` of `token` (None for an empty token)."""

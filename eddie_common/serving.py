@@ -46,6 +46,14 @@ class TlsFiles:
     key: Path
     client_ca: Path | None = None
 
+    @classmethod
+    def given(cls, cert: Path | None, key: Path | None, client_ca: Path | None = None) -> TlsFiles | None:
+        """The files of `--tls-cert`, `--tls-key` (and `--tls-client-ca`); None, plaintext, unless
+        both the certificate and the key are given."""
+        if cert is None or key is None:
+            return None
+        return cls(cert, key, client_ca)
+
     def server_credentials(self) -> grpc.ServerCredentials:
         ca = self.client_ca.read_bytes() if self.client_ca else None
         return grpc.ssl_server_credentials(

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eddie_common.flags import LOG_LEVELS, Program, flag, host_port, non_negative
+from eddie_common.flags import (
+    Program,
+    file_flag,
+    flag,
+    grace_period_flag,
+    host_port,
+    log_level_flag,
+    metrics_listen_flag,
+    tls_problems,
+)
 from eddie_common.mqtt import check_broker_uri
 
 
@@ -29,19 +38,15 @@ class SinkConfig:
     data_dir: Path = flag(
         "directory of the SQLite database readings.db", default=Path("var/eddie-sink"), metavar="DIR"
     )
-    jsonl: Path | None = flag(
-        "also append each newly stored reading to FILE as one JSON line", default=None, metavar="FILE"
+    jsonl: Path | None = file_flag("also append each newly stored reading to FILE as one JSON line")
+    log_level: str = log_level_flag()
+    grace_period: float = grace_period_flag("how long in-flight RPCs may drain on shutdown", default=5.0)
+    tls_cert: Path | None = file_flag(
+        "serve TLS with this certificate chain (needs --tls-key)", metavar="PEM"
     )
-    log_level: str = flag("log level", default="info", choices=LOG_LEVELS)
-    grace_period: float = flag(
-        "how long in-flight RPCs may drain on shutdown", default=5.0, metavar="SECONDS", check=non_negative
-    )
-    tls_cert: Path | None = flag(
-        "serve TLS with this certificate chain (needs --tls-key)", default=None, metavar="PEM"
-    )
-    tls_key: Path | None = flag("private key of --tls-cert", default=None, metavar="PEM")
-    marketplace_ca: Path | None = flag(
-        "dial the marketplace with TLS, trusting these CA certificates", default=None, metavar="PEM"
+    tls_key: Path | None = file_flag("private key of --tls-cert", metavar="PEM")
+    marketplace_ca: Path | None = file_flag(
+        "dial the marketplace with TLS, trusting these CA certificates", metavar="PEM"
     )
     mqtt_url: str | None = flag(
         "also take readings from this MQTT broker (mqtt://host:port or mqtts://host:port), "
@@ -52,12 +57,7 @@ class SinkConfig:
     )
     # Not a flag: how long the broker keeps the sink's MQTT session (queueing its messages) while away.
     mqtt_session_expiry: int = 7 * 86400
-    metrics_listen: str | None = flag(
-        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
-        default=None,
-        metavar="HOST:PORT",
-        check=host_port,
-    )
+    metrics_listen: str | None = metrics_listen_flag()
     # Not a flag: how often an unknown `kid` may trigger a refetch of the keys.
     key_refresh_interval: float = 30.0
 
@@ -67,9 +67,7 @@ class SinkConfig:
 
     def problems(self) -> list[str]:
         """What is wrong with the combination of options (each option is checked on its own first)."""
-        if (self.tls_cert is None) != (self.tls_key is None):
-            return ["--tls-cert and --tls-key go together"]
-        return []
+        return tls_problems(self.tls_cert, self.tls_key)
 
 
 PROGRAM = Program(

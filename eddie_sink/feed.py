@@ -20,7 +20,6 @@ from eddie.marketplace.v1 import access_pb2, sink_feed_pb2, sink_feed_pb2_grpc
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff, retry_log_level
 from eddie_sink.ends import PermissionEnds
-from eddie_sink.keys import CHANNEL_OPTIONS
 
 __all__ = ["EndFeed"]
 
@@ -33,16 +32,11 @@ Request = sink_feed_pb2.WatchPermissionEndsRequest
 class EndFeed:
     """Keeps the sink subscribed to the end of every permission it follows."""
 
-    def __init__(
-        self, target: str, credentials: grpc.ChannelCredentials | None, ends: PermissionEnds
-    ) -> None:
+    def __init__(self, channel: grpc.aio.Channel, target: str, ends: PermissionEnds) -> None:
+        """`channel` to the marketplace at `target` (named in the logs); its owner closes it."""
         self.target = target
         self.ends = ends
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-        self._stub = sink_feed_pb2_grpc.SinkFeedServiceStub(self._channel)
+        self._stub = sink_feed_pb2_grpc.SinkFeedServiceStub(channel)
         self._outgoing: asyncio.Queue[str] | None = None  # tokens for the current stream
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()  # set while a stream is open (for tests and health)
@@ -57,7 +51,6 @@ class EndFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._channel.close()
 
     def subscribe(self, sink_token: str) -> None:
         """Follows one more permission (sent at once if the stream is up, else on reconnect)."""

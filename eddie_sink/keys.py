@@ -33,31 +33,18 @@ log = logging.getLogger(__name__)
 REFRESH_INTERVAL_SECONDS = 30.0
 VERIFIED_CACHE_SIZE = 20_000
 FETCH_TIMEOUT_SECONDS = 3.0
-# Keep gRPC's own reconnect backoff short so a marketplace that appears is noticed quickly.
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
 
 
 class MarketplaceKeys:
     """Verifies marketplace-signed tokens of any audience with the current public keys."""
 
     def __init__(
-        self,
-        target: str,
-        credentials: grpc.ChannelCredentials | None = None,
-        *,
-        refresh_interval: float = REFRESH_INTERVAL_SECONDS,
+        self, channel: grpc.aio.Channel, target: str, *, refresh_interval: float = REFRESH_INTERVAL_SECONDS
     ) -> None:
+        """`channel` to the marketplace at `target` (named in the logs); its owner closes it."""
         self.target = target
         self.refresh_interval = refresh_interval
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-        self._stub = identity_pb2_grpc.IdentityServiceStub(self._channel)
+        self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self._issuer = ""
         self._verifiers: dict[str, TokenVerifier] = {}
@@ -110,7 +97,6 @@ class MarketplaceKeys:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._channel.close()
 
     async def verify(self, token: str, audience: str) -> dict[str, Any]:
         """The token's claims, or Unauthenticated; refetches keys once on an unknown `kid`."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from eddie.framework.v1 import data_sink_pb2, data_sink_pb2_grpc
+from eddie_common.channels import dial
 from eddie_common.cli import split_host_port
 from eddie_common.interceptors import Authenticator, ServiceInterceptor
 from eddie_common.logging import log_event
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 PROGRAM = "eddie-sink"
 ERROR_DOMAIN = "framework.eddie"
 SERVICE_NAME = data_sink_pb2.DESCRIPTOR.services_by_name["DataSinkService"].full_name
+# Keep gRPC's own reconnect backoff short so a marketplace that appears is noticed quickly.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 
 
 @dataclass
@@ -64,16 +71,11 @@ class SinkApp:
         await self.lifecycle.stop(grace)
 
 
-def marketplace_credentials(config: SinkConfig) -> grpc.ChannelCredentials | None:
-    if config.marketplace_ca is None:
-        return None
-    return grpc.ssl_channel_credentials(root_certificates=config.marketplace_ca.read_bytes())
-
-
-def tls_files(config: SinkConfig) -> TlsFiles | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    return TlsFiles(cert=config.tls_cert, key=config.tls_key)
+def marketplace_channel(config: SinkConfig) -> grpc.aio.Channel:
+    """The one channel to the marketplace: its signing keys and the permission-end feed share it."""
+    ca = config.marketplace_ca
+    tls = grpc.ssl_channel_credentials(ca.read_bytes()) if ca is not None else None
+    return dial(config.marketplace, tls, CHANNEL_OPTIONS)
 
 
 async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
@@ -81,12 +83,11 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     store = await ReadingStore.open(config.database_path, config.jsonl)
     page_tokens = ReadingPageTokens(await store.secret("page_token_key"))
     writer = ReadingWriter(store)
-    keys = MarketplaceKeys(
-        config.marketplace, marketplace_credentials(config), refresh_interval=config.key_refresh_interval
-    )
-    metrics = SinkMetrics() if config.metrics_listen is not None else None
     ends = await PermissionEnds.load(store)
-    feed = EndFeed(config.marketplace, marketplace_credentials(config), ends)
+    channel = marketplace_channel(config)
+    keys = MarketplaceKeys(channel, config.marketplace, refresh_interval=config.key_refresh_interval)
+    metrics = SinkMetrics() if config.metrics_listen is not None else None
+    feed = EndFeed(channel, config.marketplace, ends)
     authenticate: Authenticator = SinkAuthenticator(keys)
     if metrics is not None:
         metrics.watch(writer)
@@ -100,12 +101,13 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
     )
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
-        port = bind(server, config.listen, tls_files(config))
+        port = bind(server, config.listen, TlsFiles.given(config.tls_cert, config.tls_key))
         if metrics is not None and config.metrics_listen is not None:
             await metrics.endpoint.start(config.metrics_listen)
     except Exception:
         await feed.close()
         await keys.close()
+        await channel.close()
         await store.close()
         raise
     writer.start()
@@ -125,7 +127,13 @@ async def create_server(config: SinkConfig) -> tuple[SinkApp, int]:
         )
         mqtt.start()
     await server.start()
-    on_stop: list[Callable[[], Awaitable[None]]] = [writer.close, feed.close, keys.close, store.close]
+    on_stop: list[Callable[[], Awaitable[None]]] = [
+        writer.close,
+        feed.close,
+        keys.close,
+        channel.close,
+        store.close,
+    ]
     if mqtt is not None:
         on_stop.insert(0, mqtt.close)  # no new MQTT readings once the writer commits its last batch
     if metrics is not None:

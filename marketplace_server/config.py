@@ -10,7 +10,17 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from eddie_common.flags import LOG_LEVELS, Program, at_least, flag, host_port, non_negative, positive
+from eddie_common.flags import (
+    Program,
+    at_least,
+    file_flag,
+    flag,
+    grace_period_flag,
+    host_port,
+    log_level_flag,
+    metrics_listen_flag,
+    positive,
+)
 from eddie_common.serving import TlsFiles
 
 
@@ -167,32 +177,20 @@ class Config:
         metavar="N",
         check=at_least(0),
     )
-    grace_period: float = flag(
-        "seconds in-flight RPCs may finish after SIGTERM/SIGINT",
-        default=10.0,
-        metavar="SECONDS",
-        check=non_negative,
+    grace_period: float = grace_period_flag(
+        "seconds in-flight RPCs may finish after SIGTERM/SIGINT", default=10.0
     )
-    log_level: str = flag("log verbosity", default="info", choices=LOG_LEVELS)
-    tls_cert: Path | None = flag("PEM certificate chain to serve TLS with", default=None, metavar="FILE")
-    tls_key: Path | None = flag("PEM private key of --tls-cert", default=None, metavar="FILE")
-    tls_client_ca: Path | None = flag(
-        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
-        default=None,
-        metavar="FILE",
+    log_level: str = log_level_flag("log verbosity")
+    tls_cert: Path | None = file_flag("PEM certificate chain to serve TLS with")
+    tls_key: Path | None = file_flag("PEM private key of --tls-cert")
+    tls_client_ca: Path | None = file_flag(
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)"
     )
-    aiida_tls_ca: Path | None = flag(
-        "PEM CA bundle to verify AIIDAs with; when set, AIIDAs are dialled over TLS",
-        name="aiida-ca",
-        default=None,
-        metavar="FILE",
+    aiida_tls_ca: Path | None = file_flag(
+        "PEM CA bundle to verify AIIDAs with; when set, AIIDAs are dialled over TLS", name="aiida-ca"
     )
-    aiida_client_cert: Path | None = flag(
-        "PEM client certificate presented to AIIDAs (mutual TLS)", default=None, metavar="FILE"
-    )
-    aiida_client_key: Path | None = flag(
-        "PEM private key of --aiida-client-cert", default=None, metavar="FILE"
-    )
+    aiida_client_cert: Path | None = file_flag("PEM client certificate presented to AIIDAs (mutual TLS)")
+    aiida_client_key: Path | None = file_flag("PEM private key of --aiida-client-cert")
     ping_interval: float = flag(
         "seconds between liveness pings on each AIIDA stream", default=30.0, metavar="SECONDS", check=positive
     )
@@ -213,12 +211,7 @@ class Config:
         default="eddie_role",
         metavar="CLAIM",
     )
-    metrics_listen: str | None = flag(
-        "HOST:PORT to serve Prometheus metrics on at /metrics (port 0 picks a free port; default: off)",
-        default=None,
-        metavar="HOST:PORT",
-        check=host_port,
-    )
+    metrics_listen: str | None = metrics_listen_flag()
     # Cluster mode (see marketplace_server.cluster): replicas on one PostgreSQL, talking over NATS.
     nats_url: str | None = flag(
         "NATS server (nats://host:port) of a cluster of replicas; needs a PostgreSQL --database-url "
@@ -252,8 +245,8 @@ class Config:
     key_refresh_seconds: float = 5.0  # re-reading the signing key ring (marketplace_server.keyring)
 
     def __post_init__(self) -> None:
-        if self.tls is None and self.tls_cert is not None and self.tls_key is not None:
-            object.__setattr__(self, "tls", TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca))
+        if self.tls is None:
+            object.__setattr__(self, "tls", TlsFiles.given(self.tls_cert, self.tls_key, self.tls_client_ca))
 
     def problems(self) -> list[str]:
         """What is wrong with the combination of options (each option is checked on its own first)."""

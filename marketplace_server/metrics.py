@@ -2,23 +2,36 @@
 
 Nothing here is on a hot path: connected instances and open consent streams are counted when
 Prometheus scrapes, the outbox and the permissions by state are two small queries right before
-the scrape, and a search adds one histogram observation when it ends.
+the scrape, and a search adds one histogram observation when it ends. The database statements
+this process sends are one counter increment each; in cluster mode the NATS client's own
+message and byte counts are read at scrape time (what `make bench --cluster` divides per search).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy import false, func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import event, false, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
 from marketplace_server.aiida.manager import ConnectionManager
-from marketplace_server.db.models import OutboxRow, PermissionRow
+from marketplace_server.db.models import Base, OutboxRow, PermissionRow
 from marketplace_server.services.events import EventHub
 
+# The first word of a statement and the first table it names (bounded labels: this schema's
+# tables); anything else counts as "other".
+STATEMENT_VERBS = ("select", "insert", "update", "delete")
+STATEMENT_TABLES = frozenset(Base.metadata.tables)
+_TABLE = re.compile(r'\b(?:FROM|INTO|UPDATE)\s+"?(?:\w+"?\."?)?(\w+)', re.IGNORECASE)
 SEARCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
 ANSWER_KINDS = ("matched", "not_matched", "unreachable", "timed_out")
 PERMISSION_STATES = {
@@ -70,8 +83,28 @@ class MarketplaceMetrics:
             "marketplace_outbox_oldest_age_seconds", "age of the oldest unacknowledged delivery", registry=r
         )
         self.permissions = Gauge("marketplace_permissions", "permissions by state", ["state"], registry=r)
+        self.db_statements = Counter(
+            "marketplace_db_statements", "SQL statements sent to the database, by first word and table",
+            ["verb", "table"], registry=r,
+        )  # fmt: skip
         self._answers = {kind: self.search_answers.labels(kind) for kind in ANSWER_KINDS}
         self.endpoint = MetricsEndpoint(self.registry)
+
+    def watch_database(self, engine: AsyncEngine) -> None:
+        """Counts every statement the engine sends (an executemany counts once)."""
+        children: dict[tuple[str, str], Any] = {}
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def _count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            labels = statement_labels(statement)
+            child = children.get(labels)
+            if child is None:
+                child = children[labels] = self.db_statements.labels(*labels)
+            child.inc()
+
+    def watch_nats(self, nc: Any) -> None:
+        """Cluster mode: the NATS client's messages and bytes in and out (nats-py `Client.stats`)."""
+        self.registry.register(NatsStats(nc))
 
     def watch(
         self, manager: ConnectionManager, hub: EventHub, sessions: async_sessionmaker[AsyncSession]
@@ -114,3 +147,41 @@ class MarketplaceMetrics:
         self.outbox_oldest.set((datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0)
         for value, name in PERMISSION_STATES.items():
             self.permissions.labels(name).set(states.get(value, 0))
+
+
+@functools.lru_cache(maxsize=1024)
+def statement_labels(statement: str) -> tuple[str, str]:
+    """(verb, table) of a SQL statement: its first word and the first of this schema's tables it
+    reads or writes (`other` for anything else), e.g. ("update", "bucket_leases")."""
+    head = statement.lstrip(" \t\r\n(").split(None, 1)
+    verb = head[0].lower() if head else ""
+    match = _TABLE.search(statement)
+    table = match.group(1).lower() if match else ""
+    return (
+        verb if verb in STATEMENT_VERBS else "other",
+        table if table in STATEMENT_TABLES else "other",
+    )
+
+
+class NatsStats(Collector):
+    """`marketplace_nats_messages_total{direction}` and `marketplace_nats_bytes_total{direction}`,
+    read from the client's counters at scrape time (payload bytes, as nats-py counts them)."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.nc.stats
+        messages = CounterMetricFamily(
+            "marketplace_nats_messages", "NATS messages this replica published (out) and received (in)",
+            labels=["direction"],
+        )  # fmt: skip
+        payload = CounterMetricFamily(
+            "marketplace_nats_bytes", "NATS payload bytes this replica published (out) and received (in)",
+            labels=["direction"],
+        )  # fmt: skip
+        for direction in ("in", "out"):
+            messages.add_metric([direction], float(stats.get(f"{direction}_msgs", 0)))
+            payload.add_metric([direction], float(stats.get(f"{direction}_bytes", 0)))
+        yield messages
+        yield payload

@@ -77,7 +77,7 @@ SERVICE_NAMES = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class PermissionServices:
     """Workflow 6's parts: the ledger and its events, the workers, the services and the receipts."""
 
@@ -92,9 +92,9 @@ class PermissionServices:
     sink_feed: PermissionEndFeed
 
 
-@dataclass
-class Marketplace:
-    """A built marketplace: its server, its parts and shutdown hooks."""
+@dataclass(kw_only=True)
+class Marketplace(PermissionServices):
+    """A built marketplace: its server, its parts (workflow 6's among them) and shutdown hooks."""
 
     config: Config
     server: grpc.aio.Server
@@ -110,16 +110,7 @@ class Marketplace:
     data_requests: DataRequestService
     search: SearchService
     pages: PageTokenCodec
-    events: EventHub
-    permissions: PermissionLedger
-    timeouts: DecisionTimeouts
-    statuses: StatusApplier
-    outbox: OutboxWorker
-    access: AccessService
-    consent: ConsentService
-    receipts: ReceiptService
     deletion: AccountDeletion
-    sink_feed: PermissionEndFeed
     metrics: MarketplaceMetrics | None = None  # with --metrics-listen
     idempotency_janitor: idempotency.KeyJanitor | None = None
     cluster: ClusterNode | None = None  # with --nats-url
@@ -237,13 +228,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     lifecycle.before_stop.append(permissions.sink_feed.close)
     lifecycle.before_stop.append(permissions.events.close)
     app = Marketplace(
-        config,
-        server,
-        engine,
-        sessions,
-        keys,
-        issuer,
-        lifecycle,
+        **vars(permissions),
+        config=config,
+        server=server,
+        engine=engine,
+        sessions=sessions,
+        keys=keys,
+        issuer=issuer,
+        lifecycle=lifecycle,
         identity=identity,
         deletion=deletion,
         authenticator=authenticator,
@@ -252,20 +244,14 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
         data_requests=data_requests,
         search=search,
         pages=pages,
-        events=permissions.events,
-        permissions=permissions.permissions,
-        timeouts=permissions.timeouts,
-        statuses=permissions.statuses,
-        outbox=permissions.outbox,
-        access=permissions.access,
-        consent=permissions.consent,
-        receipts=permissions.receipts,
-        sink_feed=permissions.sink_feed,
         metrics=metrics,
         cluster=node,
     )
     if metrics is not None:
         metrics.watch(manager, permissions.events, sessions)
+        metrics.watch_database(engine)
+        if nc is not None:
+            metrics.watch_nats(nc)
         search.observers.append(metrics.on_search)
         if node is not None:
             node.on_search_incomplete.append(metrics.cluster_searches_incomplete.inc)

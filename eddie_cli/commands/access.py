@@ -38,14 +38,9 @@ def show_permissions(options: Options, permissions: list[access_pb2.Permission],
 async def all_permissions(
     me: SignedIn, request: access_pb2.ListPermissionsRequest
 ) -> list[access_pb2.Permission]:
-    found: list[access_pb2.Permission] = []
-    request.page_size = PAGE_SIZE
-    while True:
-        page = await me.call(me.connection.access.ListPermissions, request)
-        found.extend(page.permissions)
-        request.page_token = page.next_page_token
-        if not page.next_page_token:
-            return found
+    method = me.connection.access.ListPermissions
+    found, _ = await me.pages(method, request, lambda page: page.permissions, page_size=PAGE_SIZE)
+    return found
 
 
 @cli.group()

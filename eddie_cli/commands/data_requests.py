@@ -103,16 +103,15 @@ async def first_pages(
     me: SignedIn, request: data_request_pb2.ListDataRequestsRequest, limit: int
 ) -> data_request_pb2.ListDataRequestsResponse:
     """Up to `limit` data requests (as many pages as that takes) and the total."""
-    found = data_request_pb2.ListDataRequestsResponse()
-    while len(found.data_requests) < limit:
-        request.page_size = min(PAGE_SIZE, limit - len(found.data_requests))
-        page = await me.call(me.connection.data_requests.ListDataRequests, request)
-        found.data_requests.extend(page.data_requests)
-        found.total_size = page.total_size
-        request.page_token = page.next_page_token
-        if not page.next_page_token:
-            break
-    return found
+    found, last = await me.pages(
+        me.connection.data_requests.ListDataRequests,
+        request,
+        lambda page: page.data_requests,
+        page_size=PAGE_SIZE,
+        limit=limit,
+    )
+    total = last.total_size if last is not None else 0
+    return data_request_pb2.ListDataRequestsResponse(data_requests=found, total_size=total)
 
 
 def show_list(options: Options, found: data_request_pb2.ListDataRequestsResponse) -> None:

@@ -24,17 +24,9 @@ def instance_row(instance: instance_pb2.Instance) -> list[str]:
 
 
 async def all_instances(me: SignedIn) -> list[instance_pb2.Instance]:
-    found: list[instance_pb2.Instance] = []
-    page_token = ""
-    while True:
-        page = await me.call(
-            me.connection.instances.ListInstances,
-            instance_pb2.ListInstancesRequest(page_size=PAGE_SIZE, page_token=page_token),
-        )
-        found.extend(page.instances)
-        page_token = page.next_page_token
-        if not page_token:
-            return found
+    method, request = me.connection.instances.ListInstances, instance_pb2.ListInstancesRequest()
+    found, _ = await me.pages(method, request, lambda page: page.instances, page_size=PAGE_SIZE)
+    return found
 
 
 @cli.group()

@@ -56,14 +56,13 @@ def activity(options: Options, instance_id: str, limit: int) -> None:
         async with options.connect() as connection:
             me = signed_in(connection)
             request = consent_pb2.ListActivitiesRequest(instance=resource_name(INSTANCES, instance_id))
-            found: list[consent_pb2.Activity] = []
-            while len(found) < limit:
-                request.page_size = min(PAGE_SIZE, limit - len(found))
-                page = await me.call(connection.consent.ListActivities, request)
-                found.extend(page.activities)
-                request.page_token = page.next_page_token
-                if not page.next_page_token:
-                    break
+            found, _ = await me.pages(
+                connection.consent.ListActivities,
+                request,
+                lambda page: page.activities,
+                page_size=PAGE_SIZE,
+                limit=limit,
+            )
             if options.json:
                 output.print_json(consent_pb2.ListActivitiesResponse(activities=found))
                 return
@@ -88,14 +87,9 @@ def receipt_claims(receipt: consent_pb2.ConsentReceipt) -> dict[str, Any]:
 
 
 async def all_receipts(me: SignedIn) -> list[consent_pb2.ConsentReceipt]:
-    found: list[consent_pb2.ConsentReceipt] = []
-    request = consent_pb2.ListConsentReceiptsRequest(page_size=PAGE_SIZE)
-    while True:
-        page = await me.call(me.connection.consent.ListConsentReceipts, request)
-        found.extend(page.consent_receipts)
-        request.page_token = page.next_page_token
-        if not page.next_page_token:
-            return found
+    method, request = me.connection.consent.ListConsentReceipts, consent_pb2.ListConsentReceiptsRequest()
+    found, _ = await me.pages(method, request, lambda page: page.consent_receipts, page_size=PAGE_SIZE)
+    return found
 
 
 @cli.group()

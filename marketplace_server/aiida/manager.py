@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.energy.v1 import energy_pb2
+from eddie_common.channels import dial
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
 from eddie_common.tokens import AUDIENCE_AIIDA, TokenIssuer
@@ -29,6 +30,7 @@ from marketplace_server.aiida.heap import HeapFreezer
 from marketplace_server.aiida.link import CONNECT_METHOD, InstanceLink
 from marketplace_server.config import Config
 from marketplace_server.db.chunks import chunked
+from marketplace_server.db.instances import claimed_instances
 from marketplace_server.db.models import InstanceRow
 from marketplace_server.resources import instance_name
 
@@ -81,14 +83,7 @@ class ConnectionManager:
 
     async def start(self) -> None:
         """Connects to every claimed instance."""
-        async with self.sessions() as session:
-            rows = (
-                await session.execute(
-                    select(InstanceRow.instance_id, InstanceRow.address).where(
-                        InstanceRow.owner_id.is_not(None)
-                    )
-                )
-            ).all()
+        rows = await claimed_instances(self.sessions)
         for instance_id, address in rows:
             if self.owns(instance_id) and instance_id not in self.links:  # a cluster may have linked it
                 self.link(instance_id, address)
@@ -158,14 +153,12 @@ class ConnectionManager:
     def channel_for(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
+            creds = None
             if self.config.aiida_tls_ca is not None:
                 cert = self.config.aiida_client_cert.read_bytes() if self.config.aiida_client_cert else None
                 key = self.config.aiida_client_key.read_bytes() if self.config.aiida_client_key else None
                 creds = grpc.ssl_channel_credentials(self.config.aiida_tls_ca.read_bytes(), key, cert)
-                channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            channel = self._channels[address] = dial(address, creds, CHANNEL_OPTIONS)
         return channel
 
     def connect_method_for(self, address: str) -> Any:

@@ -41,6 +41,7 @@ from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.cluster.leases import LeaseKeeper, bucket_of
 from marketplace_server.cluster.search import BucketSnapshot, BucketTally, Fail, gather
+from marketplace_server.db.instances import claimed_instances
 from marketplace_server.db.models import BucketLeaseRow, InstanceRow, OutboxRow
 
 __all__ = ["ClusterNode", "ClusterUnavailable", "NatsSignals", "connect_nats"]
@@ -259,14 +260,7 @@ class ClusterNode:
     async def resync(self) -> None:
         """Links every claimed instance of the buckets owned now; drops the other streams (another
         replica's, or of an instance no longer claimed, e.g. its owner deleted her account elsewhere)."""
-        async with self.sessions() as session:
-            rows = (
-                await session.execute(
-                    select(InstanceRow.instance_id, InstanceRow.address).where(
-                        InstanceRow.owner_id.is_not(None)
-                    )
-                )
-            ).all()
+        rows = await claimed_instances(self.sessions)
         # No await between the ownership check and the link: both see the same leases.
         linked = 0
         for instance_id, address in rows:

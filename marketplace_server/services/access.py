@@ -350,10 +350,7 @@ class AccessService:
             if data_request_id:  # an unknown data request is NOT_FOUND, as in every other RPC naming one
                 await load_data_request(session, data_request_id)
             rows = list(await session.scalars(query.order_by(PermissionRow.seq.desc()).limit(size + 1)))
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = self.pages.encode(METHOD_LIST, bound, {"seq": rows[-1].seq})
+        rows, token = self.pages.page(rows, size, METHOD_LIST, bound, lambda r: {"seq": r.seq})
         return access_pb2.ListPermissionsResponse(
             permissions=[permission_to_proto(r) for r in rows], next_page_token=token
         )

@@ -118,10 +118,7 @@ class ActivityFeed:
             entries = await _searches(session, instance, before, size + 1)
             entries += await _steps(session, instance_id, caller, before, size + 1)
         entries.sort(key=lambda e: e.key, reverse=True)
-        token = ""
-        if len(entries) > size:
-            entries = entries[:size]
-            token = self.pages.encode(METHOD_LIST, bound, entries[-1].key.cursor())
+        entries, token = self.pages.page(entries, size, METHOD_LIST, bound, lambda e: e.key.cursor())
         return consent_pb2.ListActivitiesResponse(
             activities=[e.activity for e in entries], next_page_token=token
         )

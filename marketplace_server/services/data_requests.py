@@ -218,10 +218,7 @@ class DataRequestService:
         async with self.sessions() as session:
             rows = (await session.execute(page)).all()
             total = (await session.execute(count)).scalar_one()
-        next_token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            next_token = self.page_tokens.encode(METHOD_LIST, bound, {"seq": rows[-1][0].seq})
+        rows, next_token = self.page_tokens.page(rows, size, METHOD_LIST, bound, lambda r: {"seq": r[0].seq})
         return data_request_pb2.ListDataRequestsResponse(
             data_requests=[data_request_to_proto(row, owner_name) for row, owner_name in rows],
             next_page_token=next_token,

@@ -214,10 +214,7 @@ class InstanceService:
                     .limit(limit + 1)
                 )
             )
-        token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            token = self.pages.encode(METHOD_LIST, scope, {"after": rows[-1].instance_id})
+        rows, token = self.pages.page(rows, limit, METHOD_LIST, scope, lambda r: {"after": r.instance_id})
         return instance_pb2.ListInstancesResponse(
             instances=[self.to_proto(r) for r in rows], next_page_token=token
         )

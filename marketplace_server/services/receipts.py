@@ -194,10 +194,7 @@ class ReceiptService:
                     .limit(size + 1)
                 )
             )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = self.pages.encode(METHOD_LIST, bound, {"sequence": rows[-1].sequence})
+        rows, token = self.pages.page(rows, size, METHOD_LIST, bound, lambda r: {"sequence": r.sequence})
         return consent_pb2.ListConsentReceiptsResponse(
             consent_receipts=[receipt_to_proto(r) for r in rows], next_page_token=token
         )

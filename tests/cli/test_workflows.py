@@ -64,6 +64,8 @@ def _publish_and_browse(ep: Person, alice: Person, work: Path) -> str:
     by_text = alice.json("data-requests", "list", "--text", "heat-pump")
     assert [r["name"] for r in by_text["dataRequests"]] == [service["name"]]
     assert alice.json("data-requests", "show", request["name"].removeprefix("dataRequests/")) == request
+    first = alice.json("data-requests", "list", "--limit", "1")  # one page of one, and the total
+    assert len(first["dataRequests"]) == 1 and first["totalSize"] >= 2
     return str(request["name"])
 
 

@@ -112,6 +112,8 @@ async def test_metrics_follow_searches_and_readings(watched: Watched) -> None:
     assert value(after_search, "marketplace_search_seconds_count") == 1
     assert value(after_search, "marketplace_search_answers_total", kind="matched") == 1
     assert value(after_search, "marketplace_searches_withheld_total") == 0
+    stored = ("marketplace_db_statements_total", {"verb": "insert", "table": "searches"})
+    assert value(after_search, stored[0], **stored[1]) - value(before, stored[0], **stored[1]) == 1
     search_calls = {
         "grpc_service": "eddie.marketplace.v1.DataRequestService",
         "grpc_method": "SearchInstances",

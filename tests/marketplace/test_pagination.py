@@ -42,6 +42,14 @@ def test_an_empty_token_is_the_first_page(codec: PageTokenCodec) -> None:
     assert codec.decode_int("", "List", FILTERS, "seq") is None
 
 
+def test_a_page_is_cut_at_its_size_and_continues_after_its_last_row(codec: PageTokenCodec) -> None:
+    rows, token = codec.page([5, 4, 3], 2, "List", FILTERS, lambda seq: {"seq": seq})
+    assert rows == [5, 4]
+    assert codec.decode_int(token, "List", FILTERS, "seq") == 4
+    assert codec.page([5, 4], 2, "List", FILTERS, lambda seq: {"seq": seq}) == ([5, 4], "")
+    assert codec.page([], 2, "List", FILTERS, lambda seq: {"seq": seq}) == ([], "")
+
+
 def test_tokens_survive_a_restart_with_the_same_key() -> None:
     key = SigningKey.generate()
     token = PageTokenCodec.from_signing_key(key).encode("List", FILTERS, {"seq": 1})
