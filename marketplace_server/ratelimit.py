@@ -147,6 +147,7 @@ class Attempts:
         self.limiter = limiter
         self.patience = patience
         self._checking: Counter[str] = Counter()
+        self._settled = 0  # attempts settled so far (a refusal read before one settled is stale)
         self._waiters: list[tuple[tuple[str, ...], asyncio.Future[None]]] = []
 
     @contextlib.asynccontextmanager
@@ -160,18 +161,24 @@ class Attempts:
             for key in keys:
                 if self._checking[key] <= 0:
                     del self._checking[key]
+            self._settled += 1
             self._wake(keys)
 
     async def _take(self, keys: tuple[str, ...], what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.patience
         while True:
+            settled = self._settled
             try:
                 await self.limiter.acquire(*keys, what=what)
                 return
             except ResourceExhausted:
                 remaining = deadline - loop.time()
-                if remaining <= 0 or not any(self._checking[key] for key in keys):
+                if remaining <= 0:
+                    raise
+                if self._settled != settled:
+                    continue  # an attempt settled (perhaps giving its event back) while we asked: ask again
+                if not any(self._checking[key] for key in keys):
                     raise
             entry = (keys, loop.create_future())
             self._waiters.append(entry)
