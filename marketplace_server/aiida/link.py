@@ -102,7 +102,19 @@ class InstanceLink:
     # --- lifecycle ---
 
     def start(self) -> None:
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"link:{self.instance_id}")
+        self._supervisor = task = asyncio.create_task(self._supervise(), name=f"link:{self.instance_id}")
+        task.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        """A supervisor ends only when the link is stopped; one that died is logged and restarted,
+        or the instance would stay unreachable for good (a later re-registration finds no one to wake)."""
+        if self._stopped or task.cancelled():
+            return
+        exc = task.exception()
+        log.error("aiida_link_supervisor_died", exc_info=exc, extra={"instance": self.instance_id})
+        self.connected = False
+        self._call = None
+        self.start()
 
     async def stop(self) -> None:
         self._stopped = True
@@ -145,6 +157,8 @@ class InstanceLink:
         that was abandoned (the stream broke) finds another future pending and does nothing.
         """
         if done is not self._write_waits_on:
+            if done is not None and not done.cancelled():
+                done.exception()  # an abandoned write's failure: retrieved, or asyncio logs it at exit
             return
         writing = self._writing
         while writing is not None:
@@ -216,10 +230,13 @@ class InstanceLink:
             call = connect(metadata=metadata, wait_for_ready=False)
             self._call = call
             self._ping_seq += 1
-            await call.write(
-                aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString()
-            )
+            # The first write is bounded too: grpc.aio's write waits for the call's initial metadata
+            # to be sent, and a call cancelled before that (re-addressed while connecting) or one to a
+            # peer that never completes the HTTP/2 handshake leaves it waiting for good.
             async with asyncio.timeout(self.manager.connect_timeout):
+                await call.write(
+                    aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString()
+                )
                 first: Any = await call.read()
         if first is grpc.aio.EOF:
             return False
