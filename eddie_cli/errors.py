@@ -57,5 +57,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, address: str) -> CliError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return CliError(f"{text} (marketplace {address})", EXIT_UNREACHABLE)
     if code == grpc.StatusCode.UNAUTHENTICATED:
+        info = error_info(error)
+        if info is not None and info.reason == "INVALID_CREDENTIALS":
+            return SignedOut(text)  # a failed `eddie login` itself: "sign in again" would go in a circle
         return SignedOut(f"{text}; sign in again with `eddie login`")
     return CliError(text)

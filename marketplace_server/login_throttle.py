@@ -9,7 +9,8 @@ own address is cut off, the victim's is not.
 
 Each sign-in takes one of its peer's attempts first (`attempt`) and gives it back when the
 password was right (`record_success`), so only failures count, and concurrent guesses
-cannot all pass the check before one of them is counted. In cluster mode the peer limit and
+cannot all pass the check before one of them is counted; right passwords arriving together
+are not refused for each other (`ratelimit.Attempts`). In cluster mode the peer limit and
 the accounts' failure scores live in the database (`rate_limits`), so they hold across
 replicas; otherwise in this process.
 """
@@ -20,6 +21,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select
@@ -28,6 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace_server.db.models import RateLimitRow
 from marketplace_server.ratelimit import (
+    Attempt,
+    Attempts,
     DatabaseRateLimiter,
     Limiter,
     RateLimiter,
@@ -147,11 +151,13 @@ class LoginThrottle:
         else:
             self.peers = RateLimiter(attempts_per_minute)
             self.failures = MemoryFailureScores(decay, clock)
+        self._attempts = Attempts(self.peers)
         self.max_delay = max_delay
 
-    async def attempt(self, peer: str) -> None:
-        """Takes one of the peer's attempts; RESOURCE_EXHAUSTED (RATE_LIMITED) when it has none left."""
-        await self.peers.acquire(f"peer:{peer}", what="login attempts")
+    def attempt(self, peer: str) -> AbstractAsyncContextManager[Attempt]:
+        """Takes one of the peer's attempts for the block; RESOURCE_EXHAUSTED (RATE_LIMITED) when it
+        has none left and none of its attempts is still being checked."""
+        return self._attempts.attempt(f"peer:{peer}", what="login attempts")
 
     async def delay(self, account: str) -> float:
         """How long a sign-in for `account` waits before its password is checked."""
@@ -164,7 +170,7 @@ class LoginThrottle:
         """The password was wrong (the peer's attempt stays taken)."""
         await self.failures.bump(account)
 
-    async def record_success(self, peer: str, account: str) -> None:
+    async def record_success(self, attempt: Attempt, account: str) -> None:
         """The owner signed in: the attempt is given back and the account's slow-down ends."""
-        await self.peers.refund(f"peer:{peer}")
+        await attempt.succeeded()
         await self.failures.reset(account)

@@ -11,15 +11,21 @@ One interface (`Limiter`) whatever the backing:
 
 Limits that count failed attempts only (pairing codes, sign-ins) take an attempt first and
 give it back (`refund`) when the attempt succeeds: concurrent wrong guesses cannot pass a
-check together before any of them is counted.
+check together before any of them is counted. `Attempts` does this, and lets an attempt that
+finds its key exhausted wait for the attempts still being checked: right ones arriving together
+(a customer app's backend signing its users in from one address, an installer claiming a
+household's devices at once) are not refused for each other's company.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from sqlalchemy import Float, case, cast, delete, func, update
@@ -32,6 +38,8 @@ from marketplace_server.background import Loop
 from marketplace_server.db.models import RateLimitRow
 
 __all__ = [
+    "Attempt",
+    "Attempts",
     "DatabaseRateLimiter",
     "Limiter",
     "RateLimitJanitor",
@@ -47,6 +55,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLEANUP_SECONDS = 60.0
+PATIENCE_SECONDS = 5.0  # how long an attempt may wait for others still being checked
+SETTLE_POLL_SECONDS = 0.5  # a waiter re-checks at least this often (no wake-up can be missed for long)
 
 
 def _limited(what: str) -> ResourceExhausted:
@@ -105,6 +115,92 @@ class RateLimiter:
     async def refund(self, *keys: str) -> None:
         for key in keys:
             self.give_back(key)
+
+
+class Attempt:
+    """One attempt taken by `Attempts.attempt`; `succeeded` gives its event back (once)."""
+
+    def __init__(self, limiter: Limiter, keys: tuple[str, ...]) -> None:
+        self._limiter = limiter
+        self._keys = keys
+        self._refunded = False
+
+    async def succeeded(self) -> None:
+        if not self._refunded:
+            self._refunded = True
+            await self._limiter.refund(*self._keys)
+
+
+class Attempts:
+    """Take-first attempts that count only when they fail, on any `Limiter`.
+
+    An attempt takes one event of every key before it is checked and gives it back when it
+    succeeds. One that finds a key exhausted while attempts on that key are still being checked in
+    this process waits for them to settle (at most `patience` seconds) and tries again, so right
+    attempts are not refused for arriving together; it is refused once none is left in flight (wrong
+    ones keep their events). Attempts in flight at other replicas are not waited for. Each settled
+    attempt wakes one waiter, the last one on a key wakes all of them: linear in the waiters, also
+    for a flood of wrong guesses against the database-backed limiter.
+    """
+
+    def __init__(self, limiter: Limiter, patience: float = PATIENCE_SECONDS) -> None:
+        self.limiter = limiter
+        self.patience = patience
+        self._checking: Counter[str] = Counter()
+        self._settled = 0  # attempts settled so far (a refusal read before one settled is stale)
+        self._waiters: list[tuple[tuple[str, ...], asyncio.Future[None]]] = []
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, *keys: str, what: str) -> AsyncIterator[Attempt]:
+        await self._take(keys, what)
+        self._checking.update(keys)
+        try:
+            yield Attempt(self.limiter, keys)
+        finally:
+            self._checking.subtract(keys)
+            for key in keys:
+                if self._checking[key] <= 0:
+                    del self._checking[key]
+            self._settled += 1
+            self._wake(keys)
+
+    async def _take(self, keys: tuple[str, ...], what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.patience
+        while True:
+            settled = self._settled
+            try:
+                await self.limiter.acquire(*keys, what=what)
+                return
+            except ResourceExhausted:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+                if self._settled != settled:
+                    continue  # an attempt settled (perhaps giving its event back) while we asked: ask again
+                if not any(self._checking[key] for key in keys):
+                    raise
+            entry = (keys, loop.create_future())
+            self._waiters.append(entry)
+            try:
+                await asyncio.wait_for(asyncio.shield(entry[1]), min(remaining, SETTLE_POLL_SECONDS))
+            except TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+
+    def _wake(self, keys: tuple[str, ...]) -> None:
+        """After an attempt on `keys` settled: the first waiter sharing a key may now succeed; when a
+        key has nothing left in flight, every waiter on it learns its answer."""
+        idle = {key for key in keys if not self._checking[key]}
+        woken_one = False
+        for waiting_keys, future in list(self._waiters):
+            if future.done() or not set(waiting_keys) & set(keys):
+                continue
+            if idle & set(waiting_keys) or not woken_one:
+                future.set_result(None)
+                woken_one = True
 
 
 def row_key(limit: str, key: str) -> str:

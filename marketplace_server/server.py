@@ -226,6 +226,7 @@ async def create_server(config: Config) -> tuple[Marketplace, int]:
     port = bind(server, config.listen, config.tls)
     lifecycle = Lifecycle(server, health, SERVICE_NAMES)
     lifecycle.before_stop.append(permissions.sink_feed.close)
+    lifecycle.before_stop.append(permissions.events.close)
     app = Marketplace(
         **vars(permissions),
         config=config,

@@ -158,3 +158,23 @@ def test_imports_flow_one_way(importer: str, forbidden: str) -> None:
         if _within(target, forbidden)
     )
     assert offending == []
+
+
+def test_nothing_local_is_tracked() -> None:
+    """No virtualenv, cache or symlink leaving the checkout is committed (44da5a6 once committed
+    `.venv` as a symlink to one developer's checkout, and every other checkout's venv broke)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    local = (".venv", "var", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache")
+    wrong = []
+    for line in listed.stdout.splitlines():
+        mode, _, rest = line.partition(" ")
+        path = rest.split("\t", 1)[1]
+        if path.split("/")[0] in local or "/__pycache__/" in f"/{path}":
+            wrong.append(f"{path}: local state")
+        elif mode == "120000" and not (ROOT / path).resolve().is_relative_to(ROOT):
+            wrong.append(f"{path}: a symlink out of the checkout")
+    assert not wrong, wrong

@@ -161,10 +161,11 @@ def show_event(options: Options, event: access_pb2.PermissionEvent) -> None:
         return
     p = event.permission
     reason = output.escape(f" ({p.state_reason})") if p.state_reason else ""
-    before, after = permission_state(event.previous_state), permission_state(p.state)
+    # The opening events carry the current state and no previous one: no transition to show.
+    moved = f"{permission_state(event.previous_state)} -> " if event.previous_state else ""
     output.say(
-        f"{output.when(p.update_time)}  {output.escape(p.instance_id)}  {before} -> [bold]{after}[/]{reason}"
-        f"  {output.escape(p.name)}"
+        f"{output.when(p.update_time)}  {output.escape(p.instance_id)}  {moved}"
+        f"[bold]{permission_state(p.state)}[/]{reason}  {output.escape(p.name)}"
     )
 
 

@@ -28,7 +28,7 @@ from eddie.marketplace.v1 import access_pb2, data_request_pb2
 from eddie_common.logging import log_event
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import PermissionState
-from marketplace_server.errors import ResourceExhausted
+from marketplace_server.errors import ResourceExhausted, Unavailable
 
 __all__ = [
     "AccessRequested",
@@ -153,6 +153,7 @@ class EventHub:
         self.max_streams_per_account = max_streams_per_account
         self.queue_size = queue_size
         self._subscribers: dict[str, set[Subscriber]] = {}
+        self._closed = False  # the marketplace is stopping: no new streams
         # Called with every published batch, whoever it concerns (e.g. the sinks' feed of ends).
         self.listeners: list[Callable[[list[Event]], None]] = []
 
@@ -168,6 +169,8 @@ class EventHub:
         self, account_id: str, accepts: Callable[[Event], bool] = lambda _: True
     ) -> Iterator[Subscriber]:
         """A subscriber for the events of `account_id` for the duration of the block."""
+        if self._closed:
+            raise _shutting_down()
         subscribers = self._subscribers.setdefault(account_id, set())
         if len(subscribers) >= self.max_streams_per_account:
             raise ResourceExhausted(
@@ -187,6 +190,14 @@ class EventHub:
         """Ends every live stream of the account with `error` (e.g. the account was deleted)."""
         for subscriber in list(self._subscribers.get(account_id, ())):
             subscriber.fail(error)
+
+    def close(self) -> None:
+        """Ends every open consent and watch stream (the marketplace is stopping): the clients
+        reconnect, to another replica behind a load balancer, instead of waiting out the grace period."""
+        self._closed = True
+        for subscribers in list(self._subscribers.values()):
+            for subscriber in list(subscribers):
+                subscriber.fail(_shutting_down())
 
     def publish(self, events: list[Event]) -> None:
         for listener in self.listeners:
@@ -210,6 +221,10 @@ class EventHub:
                 self._subscribers.get(account_id, set()).discard(subscriber)
                 log_event(log, "subscriber_dropped", logging.WARNING, account=account_id, why="too_slow")
         return queued
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the marketplace is shutting down; reconnect", reason="SHUTTING_DOWN")
 
 
 def accounts_of(event: Event) -> list[str]:

@@ -110,21 +110,21 @@ class IdentityService:
     async def login(self, email: str, password: str, peer: str) -> identity_pb2.Token:
         normalized = email.strip().lower()[:254]
         throttle = self.login_throttle
-        await throttle.attempt(peer)
-        if (delay := await throttle.delay(normalized)) > 0:
-            await asyncio.sleep(delay)
-        row: AccountRow | None = None
-        if "\x00" not in normalized:  # no account has one, and PostgreSQL refuses NUL in text
-            async with self.sessions() as session:
-                row = await session.scalar(
-                    select(AccountRow).where(AccountRow.email_normalized == normalized)
-                )
-        ok = await verify_password(row.password_hash if row else None, password[:1024])
-        if row is None or not ok or row.disabled:
-            await throttle.record_failure(normalized)
-            log_event(log, "login_failed", logging.WARNING, peer=peer)
-            raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
-        await throttle.record_success(peer, normalized)
+        async with throttle.attempt(peer) as attempt:
+            if (delay := await throttle.delay(normalized)) > 0:
+                await asyncio.sleep(delay)
+            row: AccountRow | None = None
+            if "\x00" not in normalized:  # no account has one, and PostgreSQL refuses NUL in text
+                async with self.sessions() as session:
+                    row = await session.scalar(
+                        select(AccountRow).where(AccountRow.email_normalized == normalized)
+                    )
+            ok = await verify_password(row.password_hash if row else None, password[:1024])
+            if row is None or not ok or row.disabled:
+                await throttle.record_failure(normalized)
+                log_event(log, "login_failed", logging.WARNING, peer=peer)
+                raise Unauthenticated(INVALID_CREDENTIALS, reason="INVALID_CREDENTIALS")
+            await throttle.record_success(attempt, normalized)
         async with self.sessions.begin() as session:
             tokens = self._issue(session, row, family_id=new_id())
         log_event(log, "login", account=row.id)

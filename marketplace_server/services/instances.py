@@ -17,7 +17,7 @@ from marketplace_server.auth import principal, require_customer
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import InstanceRow
 from marketplace_server.errors import AlreadyExists, NotFound, PermissionDenied, Validator
-from marketplace_server.ratelimit import Limiter
+from marketplace_server.ratelimit import Attempts, Limiter
 from marketplace_server.resources import instance_to_proto, is_instance_id, parse_instance_name
 from marketplace_server.security import (
     digests_equal,
@@ -83,6 +83,7 @@ class InstanceService:
         self.sessions = sessions
         self.manager = manager
         self.claim_limiter = claim_limiter
+        self.claim_attempts = Attempts(claim_limiter)
         self.pages = pages
         # What every registration learns: the marketplace's public key and issuer.
         self.trust = trust
@@ -158,12 +159,12 @@ class InstanceService:
             return self.to_proto(row)
         limits = (f"instance:{row.instance_id}", f"peer:{peer}")
         # An attempt is taken first (concurrent guesses at several replicas all count) and given
-        # back when the code is right: only wrong codes use up the limit.
-        await self.claim_limiter.acquire(*limits, what="pairing attempts")
-        if not await verify_pairing_code(row.pairing_code_hash, request.pairing_code):
-            log_event(log, "claim_refused", logging.WARNING, instance=row.instance_id, why="wrong_code")
-            raise PermissionDenied("wrong pairing code", reason="INVALID_PAIRING_CODE")
-        await self.claim_limiter.refund(*limits)
+        # back when the code is right: only wrong codes use up the limit (`ratelimit.Attempts`).
+        async with self.claim_attempts.attempt(*limits, what="pairing attempts") as attempt:
+            if not await verify_pairing_code(row.pairing_code_hash, request.pairing_code):
+                log_event(log, "claim_refused", logging.WARNING, instance=row.instance_id, why="wrong_code")
+                raise PermissionDenied("wrong pairing code", reason="INVALID_PAIRING_CODE")
+            await attempt.succeeded()
         if row.owner_id is not None:
             raise AlreadyExists(
                 "this instance is claimed by another customer", reason="INSTANCE_ALREADY_CLAIMED"

@@ -71,7 +71,9 @@ def test_a_wrong_password_is_unauthenticated(lone_marketplace: Marketplace, cust
     stranger.password = "not the right password"
     result = stranger.run("login", "--email", "customer-errors@cli.example")
     assert result.returncode == 4
-    assert failure(result).startswith("error: UNAUTHENTICATED")
+    line = failure(result)
+    assert line.startswith("error: UNAUTHENTICATED (INVALID_CREDENTIALS)")
+    assert "sign in again" not in line, "the person just tried to sign in: the hint sends them in a circle"
 
 
 def test_a_refused_marketplace_is_said_at_once(lone_marketplace: Marketplace) -> None:

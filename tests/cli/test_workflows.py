@@ -108,6 +108,11 @@ def _access(cast: Cast, ep: Person, alice: Person, bernd: Person, name: str) -> 
         ("access", "list", name),
         lambda d: _states(d) == {"aiida-alice": "STATE_ACTIVE", "aiida-bernd": "STATE_REJECTED"},
     )
+    # A person's `access watch` opens with each permission's current state (no transition yet): it
+    # reads as that state, not as a move from an unspecified one.
+    opening = ep.ok("access", "watch", name, "--count", "2").splitlines()
+    assert len(opening) == 2 and not any("UNSPECIFIED" in line for line in opening), opening
+    assert {"aiida-alice", "aiida-bernd"} == {line.split()[2] for line in opening}, opening
     events = _watch_lines(watch)
     seen = {(e["permission"]["instanceId"], e["permission"]["state"]) for e in events}
     assert {("aiida-alice", "STATE_ACTIVE"), ("aiida-bernd", "STATE_REJECTED")} <= seen

@@ -303,6 +303,40 @@ async def test_sign_in_pairing_code_and_search_limits_hold_across_replicas(tmp_p
         await expect_error(search(as_client(c, ep), request.name, timeout=1.0), LIMITED, "RATE_LIMITED")
 
 
+async def test_right_pairing_codes_and_passwords_sent_at_once_are_not_refused(tmp_path: Path) -> None:
+    """An installer claims nine devices at once through one replica, a backend signs nine users in at
+    once: each attempt is counted before it is checked (database buckets of 3), but right ones give it
+    back and those still waiting for a bucket wait for them instead of being refused."""
+    async with cluster(tmp_path, claim_attempts_per_minute=3.0, login_attempts_per_minute=3.0) as (
+        replicas,
+        _,
+        _,
+    ):
+        a = replicas[0]
+        users = [await a.customer() for _ in range(9)]
+        for i in range(9):
+            await register(a, f"house-{i}")
+
+        async def outcome(call: Any) -> str:
+            try:
+                await call
+            except grpc.aio.AioRpcError as error:
+                return str(error.code().name)
+            return "OK"
+
+        owner = users[0]
+        claims = [
+            owner.instances.ClaimInstance(
+                instance_pb2.ClaimInstanceRequest(instance_id=f"house-{i}", pairing_code=f"CODE-house-{i}"),
+                metadata=owner.metadata,
+            )
+            for i in range(9)
+        ]
+        assert await asyncio.gather(*(outcome(c) for c in claims)) == ["OK"] * 9
+        logins = [log_in(a.channel, u.account.email, PASSWORD) for u in users]
+        assert await asyncio.gather(*(outcome(c) for c in logins)) == ["OK"] * 9
+
+
 async def test_a_database_bucket_is_taken_atomically_and_its_idle_rows_are_cleaned_up() -> None:
     """Twenty takes at once from five engines (as from five replicas): exactly the burst is allowed.
     A bucket that has refilled is deleted by the janitor, so the table does not grow."""

@@ -138,18 +138,18 @@ async def test_failed_sign_ins_limit_the_peer_and_only_slow_the_account() -> Non
     clock = _Clock()
     throttle = LoginThrottle(10, max_delay=1.0, clock=clock)
     for _ in range(FREE_FAILURES):
-        await throttle.attempt("attacker")
-        await throttle.record_failure("victim@example.org")
+        async with throttle.attempt("attacker"):
+            await throttle.record_failure("victim@example.org")
     assert await throttle.delay("victim@example.org") > 0
     for _ in range(100):
-        await throttle.attempt(f"botnet-{_}")
-        await throttle.record_failure("victim@example.org")
+        async with throttle.attempt(f"botnet-{_}"):
+            await throttle.record_failure("victim@example.org")
     assert await throttle.delay("victim@example.org") == 1.0  # capped: the owner still gets in
-    await throttle.attempt("victims-phone")  # another peer is not limited
-    assert await throttle.delay("bystander@example.org") == 0.0
-    # The slow-down wears off, and ends when the owner signs in.
-    clock.now += 3600
-    assert await throttle.delay("victim@example.org") == 0.0
-    await throttle.record_failure("victim@example.org")
-    await throttle.record_success("victims-phone", "victim@example.org")
+    async with throttle.attempt("victims-phone") as attempt:  # another peer is not limited
+        assert await throttle.delay("bystander@example.org") == 0.0
+        # The slow-down wears off, and ends when the owner signs in.
+        clock.now += 3600
+        assert await throttle.delay("victim@example.org") == 0.0
+        await throttle.record_failure("victim@example.org")
+        await throttle.record_success(attempt, "victim@example.org")
     assert await throttle.delay("victim@example.org") == 0.0

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from eddie.marketplace.v1 import identity_pb2
+from eddie.marketplace.v1 import access_pb2, identity_pb2
+from eddie_common.interceptors import error_info
 from marketplace_server.server import SERVICE_NAMES
+from tests.support.expect import eventually
 from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
 
 
@@ -37,6 +42,52 @@ async def test_health_goes_not_serving_on_shutdown(tmp_path: Path) -> None:
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
     await running.channel.close()
     await running.app.stop(0)
+
+
+async def _stream_end(call: Any, within: float) -> grpc.aio.AioRpcError | None:
+    """How a stream ended (None: OK); fails the test if it is still open after `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    except TimeoutError:
+        raise AssertionError(f"the stream was still open {within:g} s into the stop") from None
+    except grpc.aio.AioRpcError as error:
+        return error
+    return None
+
+
+async def test_shutdown_ends_consent_and_watch_streams_at_once(tmp_path: Path) -> None:
+    """A customer's consent stream and an EP's watch end when the stop begins, UNAVAILABLE
+    (SHUTTING_DOWN: reconnect, e.g. to another replica), instead of holding the whole grace period
+    open and then being cut off."""
+    grace = 20.0
+    running = await start_marketplace(test_config(tmp_path, grace_period=grace))
+    customer, ep = await running.customer(), await running.eligible_party()
+    consent = customer.consent.Connect(metadata=customer.metadata)
+    while not (await consent.read()).HasField("ready"):
+        pass
+    watch = ep.access.WatchPermissions(access_pb2.WatchPermissionsRequest(), metadata=ep.metadata)
+
+    async def both_open() -> bool:
+        return running.app.events.open_streams() == 2
+
+    await eventually(both_open, 10, "the consent and the watch stream are open")
+    began = time.monotonic()
+    stopping = asyncio.create_task(running.app.lifecycle.stop(grace))
+    try:
+        for name, call in (("consent", consent), ("watch", watch)):
+            ended = await _stream_end(call, grace / 2)
+            assert ended is not None, f"the {name} stream ended without a status to reconnect on"
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE, (name, ended)
+            info = error_info(ended)
+            assert info is not None and info.reason == "SHUTTING_DOWN", (name, info)
+        await asyncio.wait_for(stopping, grace)
+        print(f"streams ended and server stopped {time.monotonic() - began:.2f} s after the stop began")
+    finally:
+        stopping.cancel()
+        await running.channel.close()
+        await running.app.stop(0)
 
 
 async def test_reflection_lists_every_service(marketplace: RunningMarketplace) -> None:

@@ -107,6 +107,36 @@ async def test_successful_logins_do_not_count(market: RunningMarketplace) -> Non
         assert (await login(market.channel, user.account.email, PASSWORD)).access_token  # type: ignore[union-attr]
 
 
+async def _outcomes(calls: list[Any]) -> list[str]:
+    """Runs the calls at once; each one's status code name."""
+
+    async def outcome(call: Any) -> str:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            return str(error.code().name)
+        return "OK"
+
+    return list(await asyncio.gather(*(outcome(c) for c in calls)))
+
+
+async def test_concurrent_right_passwords_from_one_peer_are_not_refused(market: RunningMarketplace) -> None:
+    """A customer app's backend signs many users in at once from its one address: an attempt counts
+    before its password is checked, but a right one gives it back, so none may be refused for the
+    mere company of other right ones still being checked."""
+    users = [await _account(market) for _ in range(LIMIT * 3)]
+    codes = await _outcomes([login(market.channel, u.account.email, PASSWORD) for u in users])  # type: ignore[union-attr]
+    assert codes == ["OK"] * len(users)
+
+
+async def test_concurrent_wrong_passwords_from_one_peer_stay_limited(market: RunningMarketplace) -> None:
+    codes = await _outcomes(
+        [login(market.channel, f"nobody{i}@example.org", "wrong password!!") for i in range(12)]
+    )
+    assert codes.count("UNAUTHENTICATED") == LIMIT, codes  # only LIMIT guesses were checked
+    assert codes.count("RESOURCE_EXHAUSTED") == 12 - LIMIT, codes
+
+
 async def _register(market: RunningMarketplace, instance_id: str, code: str) -> None:
     await market.client().instances.RegisterInstance(
         instance_pb2.RegisterInstanceRequest(
@@ -149,6 +179,26 @@ async def test_pairing_code_attempts_are_limited_per_peer(
     )
     owner = Session(v6, (await _account(market)).token)
     assert (await claim(owner, last, f"RIGHT-CODE-{LIMIT}")).state == instance_pb2.Instance.STATE_CLAIMED
+
+
+async def test_concurrent_right_pairing_codes_from_one_peer_are_not_refused(
+    market: RunningMarketplace,
+) -> None:
+    """An installer claims a household's devices at once: right codes are not refused as guesses."""
+    for i in range(LIMIT * 3):
+        await _register(market, f"house-{i}", f"RIGHT-CODE-{i}")
+    owner = await _account(market)
+    codes = await _outcomes([claim(owner, f"house-{i}", f"RIGHT-CODE-{i}") for i in range(LIMIT * 3)])
+    assert codes == ["OK"] * (LIMIT * 3)
+
+
+async def test_concurrent_wrong_pairing_codes_from_one_peer_stay_limited(market: RunningMarketplace) -> None:
+    for i in range(12):
+        await _register(market, f"guess-{i}", f"RIGHT-CODE-{i}")
+    attacker = await _account(market)
+    codes = await _outcomes([claim(attacker, f"guess-{i}", "GUESS-0000") for i in range(12)])
+    assert codes.count("PERMISSION_DENIED") == LIMIT, codes
+    assert codes.count("RESOURCE_EXHAUSTED") == 12 - LIMIT, codes
 
 
 async def _search(ep: Session, name: str) -> list[data_request_pb2.SearchInstancesResponse]:
