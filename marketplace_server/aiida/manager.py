@@ -62,7 +62,12 @@ class ConnectionManager:
         self.issuer = issuer
         self.sessions = sessions
         self.reconnect_backoff = Backoff(initial=0.5, cap=config.reconnect_max_backoff)
-        self.connect_timeout = 10.0
+        # How long opening a stream (the first ping and its pong) may take. Generous on purpose:
+        # after a replica dies, the new owners open thousands of streams at once to AIIDAs that are
+        # busy answering searches; at 10 s a few hundred of 10,000 timed out under that load, backed
+        # off, timed out again and stayed unreachable for a minute (the bench's kill phase). A slow
+        # peer is better waited for than retried from scratch.
+        self.connect_timeout = 30.0
         self.connect_slots = asyncio.Semaphore(256)
         self.links: dict[str, InstanceLink] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
