@@ -103,8 +103,12 @@ async def assert_drained(
     return ended
 
 
-def count_started(app: Marketplace) -> Counter[str]:
-    """Counts the identity calls the server has begun to handle (the real service does the work)."""
+def count_started(app: Marketplace, gate: asyncio.Event | None = None) -> Counter[str]:
+    """Counts the identity calls the server has begun to handle (the real service does the work).
+
+    With `gate`, a call that has begun waits for it before doing its work: the test holds calls
+    inside the server until the stop has begun, so on a fast machine they cannot all be over
+    before it (they were, now and then, and the test then had nothing in flight to drain)."""
     identity = app.identity
     started: Counter[str] = Counter()
     for name in ("create_account", "login"):
@@ -112,6 +116,8 @@ def count_started(app: Marketplace) -> Counter[str]:
 
         async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
             started[_name] += 1
+            if gate is not None:
+                await gate.wait()
             return await _real(*args)
 
         setattr(identity, name, counted)
@@ -126,7 +132,8 @@ async def test_stop_under_load_drains_in_flight_calls_and_refuses_new_ones(tmp_p
     try:
         arena = await build_arena(market.channel, market.address, market.app, honest)
         await arena.add(honest, "silent-box")
-        started = count_started(market.app)
+        gate = asyncio.Event()
+        started = count_started(market.app, gate)
         load = await start_load(arena)
 
         # Client and server share this loop: under a busy machine the server may not have picked up
@@ -134,9 +141,15 @@ async def test_stop_under_load_drains_in_flight_calls_and_refuses_new_ones(tmp_p
         async def in_flight() -> bool:
             return started.total() - sum(task.done() for task in load.unary) >= 2
 
-        await eventually(in_flight, 10, "calls running inside the server", step=0.005)
+        try:
+            await eventually(in_flight, 10, "calls running inside the server", step=0.005)
+        except AssertionError as exc:  # say what the calls did instead
+            ended_early = Counter(task.result()[1].name for task in load.unary if task.done())
+            raise AssertionError(f"{exc}; started {dict(started)}, ended {dict(ended_early)}") from None
         signalled = time.monotonic()
         stopping = asyncio.create_task(market.app.stop())
+        await asyncio.sleep(0.05)  # the stop has begun with the calls inside the server
+        gate.set()
         ended = await assert_drained(load, signalled, grace, market.address)
         await asyncio.wait_for(stopping, grace + 5)
         assert time.monotonic() - signalled < grace + 5
