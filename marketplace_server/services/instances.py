@@ -155,8 +155,6 @@ class InstanceService:
             row = await session.get(InstanceRow, request.instance_id)
         if row is None:
             raise NotFound(f"instance {request.instance_id} not found", reason="INSTANCE_NOT_FOUND")
-        if row.owner_id == caller.account_id:
-            return self.to_proto(row)
         limits = (f"instance:{row.instance_id}", f"peer:{peer}")
         # An attempt is taken first (concurrent guesses at several replicas all count) and given
         # back when the code is right: only wrong codes use up the limit (`ratelimit.Attempts`).
@@ -165,6 +163,8 @@ class InstanceService:
                 log_event(log, "claim_refused", logging.WARNING, instance=row.instance_id, why="wrong_code")
                 raise PermissionDenied("wrong pairing code", reason="INVALID_PAIRING_CODE")
             await attempt.succeeded()
+        if row.owner_id == caller.account_id:  # a retry by the owner (with the right code): the claim
+            return self.to_proto(row)
         if row.owner_id is not None:
             raise AlreadyExists(
                 "this instance is claimed by another customer", reason="INSTANCE_ALREADY_CLAIMED"

@@ -116,6 +116,10 @@ async def test_claim_rules(marketplace: RunningMarketplace) -> None:
     assert instance.claim_time.seconds > 0
     again = await claim(alice)
     assert again.claim_time == instance.claim_time
+    # The owner's retry still needs the right code (API.md: a wrong code is PERMISSION_DENIED).
+    await expect_error(
+        claim(alice, code="WRONG-CODE"), grpc.StatusCode.PERMISSION_DENIED, "INVALID_PAIRING_CODE"
+    )
     await expect_error(claim(bob), grpc.StatusCode.ALREADY_EXISTS, "INSTANCE_ALREADY_CLAIMED")
 
 
