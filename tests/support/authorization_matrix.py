@@ -244,7 +244,7 @@ def instance_rows() -> dict[str, list[Row]]:
         snapshot = lambda ctx: read_instance_row(ctx, instance_id)  # noqa: E731
         return [
             # API.md: claimed by another customer is ALREADY_EXISTS, a wrong code PERMISSION_DENIED;
-            # retrying one's own claim is a no-op. Either way the owner stays.
+            # retrying one's own claim with its code is a no-op. Either way the owner stays.
             Row(
                 f"{own}'s instance, its pairing code",
                 _claim(own),
@@ -262,7 +262,8 @@ def instance_rows() -> dict[str, list[Row]]:
                 _claim(own, code="WRONG-0000"),
                 by_tenant(
                     own,
-                    customer=Ok(instance_of(own)),
+                    # Even the owner's retry needs the right code (API.md: a wrong code is PERMISSION_DENIED).
+                    customer=Err(Code.PERMISSION_DENIED, "INVALID_PAIRING_CODE"),
                     ep=ROLE,
                     other_customer=Err(Code.PERMISSION_DENIED, "INVALID_PAIRING_CODE"),
                     other_ep=ROLE,
