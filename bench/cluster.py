@@ -30,7 +30,6 @@ import signal
 import socket
 import statistics
 import time
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +39,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from bench.floor import _p95
+from bench.scrape import scrape
 from bench.search import BROAD_50, BROAD_80, PASSWORD, _claim_all, _wait_connected, fleet_profiles
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import ROLE_ELIGIBLE_PARTY, MarketplaceClient, Session, procs
@@ -84,16 +83,6 @@ NATS_KEYS = {
 
 
 # --- pure helpers (tests/test_bench_cluster.py) ---
-
-
-def parse_counters(text: str) -> dict[str, float]:
-    """Prometheus text -> {`name{label="v",...}`: value} for every sample (labels sorted)."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
-    return values
 
 
 def family_sum(values: dict[str, float], name: str) -> float:
@@ -199,9 +188,7 @@ class Replica:
         return f"replica-{self.index}"
 
     def scrape(self) -> dict[str, float]:
-        url = f"http://{self.metrics}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            values = parse_counters(response.read().decode())
+        values = scrape(self.metrics)
         values["cpu_s"] = sum(self.ps.cpu_times()[:2])
         return values
 

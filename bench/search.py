@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 
 from bench.floor import _p95
+from bench.scrape import scrape
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import ROLE_CUSTOMER, ROLE_ELIGIBLE_PARTY, MarketplaceClient, Session, data_need, procs
 from eddie_client.client import duration
@@ -199,16 +200,10 @@ def _free_port() -> int:
 async def _connected_gauge(port: int) -> float:
     """The restarted marketplace's `marketplace_connected_instances` (-1 while /metrics is not up)."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        body = (await reader.read()).decode()
-        writer.close()
+        values = await asyncio.to_thread(scrape, f"127.0.0.1:{port}", 2.0)
     except OSError:
         return -1.0
-    for line in body.splitlines():
-        if line.startswith("marketplace_connected_instances "):
-            return float(line.split()[-1])
-    return -1.0
+    return values.get("marketplace_connected_instances", -1.0)
 
 
 async def _restart_to_full_reach(

@@ -14,9 +14,9 @@ from bench.cluster import (
     is_exact,
     label_sums,
     net_per_search,
-    parse_counters,
     time_to_exact,
 )
+from bench.scrape import parse_counters
 from marketplace_server.metrics import NatsStats, statement_labels
 from tests.cluster.test_events import NATS_URL, nats_reachable
 
