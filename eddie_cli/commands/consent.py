@@ -50,10 +50,18 @@ class ConsentSession:
     skipped: int = 0
     backlog: list[consent_pb2.AccessRequest] = field(default_factory=list)  # pending, before `ready`
 
+    def decided(self) -> int:
+        """Decisions sent: answered, or still waiting for their answer (skips are no decision)."""
+        return self.answered + len(self.outstanding)
+
+    def count_reached(self) -> bool:
+        """--count N decisions are sent: decide nothing more (the rest stays pending)."""
+        return self.policy.count is not None and self.decided() >= self.policy.count
+
     def done(self) -> bool:
         if self.outstanding:
             return False
-        if self.policy.count is not None and self.answered >= self.policy.count:
+        if self.count_reached():
             return True
         return (
             self.policy.pending_only
@@ -115,6 +123,8 @@ async def on_access_request(
     session: ConsentSession,
     request: consent_pb2.AccessRequest,
 ) -> None:
+    if session.count_reached():
+        return  # --count N: N decisions are on their way; this one stays pending, not asked about
     choice = session.policy.fixed or await ask_person(request)
     name = request.permission.name
     if choice == SKIP:
@@ -174,7 +184,7 @@ async def on_ready(
     for pending in session.backlog:
         await on_access_request(call, session, pending)
     session.backlog.clear()
-    if not session.options.json and not session.policy.pending_only:
+    if not session.options.json and not session.policy.pending_only and not session.count_reached():
         output.stderr.print("waiting for new access requests (Ctrl-C stops)")
 
 
@@ -203,7 +213,11 @@ async def run_consent(me: SignedIn, session: ConsentSession) -> None:
 @click.option(
     "--pending-only", is_flag=True, help="decide what is pending now, then exit instead of waiting live"
 )
-@click.option("--count", type=click.IntRange(1), help="exit after this many decisions")
+@click.option(
+    "--count",
+    type=click.IntRange(1),
+    help="exit after this many decisions (pending requests first); the rest stay pending",
+)
 @common_options
 @click.pass_obj
 def consent(

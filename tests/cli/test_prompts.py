@@ -110,6 +110,18 @@ def test_consent_shows_pending_and_new_requests_and_asks_for_each(cast: Cast, tm
     assert states in (["STATE_ACCEPTED", "STATE_REJECTED"], ["STATE_ACTIVE", "STATE_REJECTED"])
     assert "Traceback" not in terminal.screen
 
+    # --count N is N decisions, pending ones included: of two pending requests one is decided, the
+    # other stays pending, and the command exits without announcing that it waits for more.
+    for _ in range(2):
+        _ask_for_access(ep, _second_request(tmp_path), "aiida-alice", sink)
+    once = alice.run("consent", "--approve-all", "--count", "1")
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.count(" is now ") == 1, once.stdout
+    assert "2 pending access request(s)" in once.stderr
+    assert "waiting for new access requests" not in once.stderr, once.stderr
+    states = [p["state"] for p in alice.json("permissions", "list")["permissions"]]
+    assert states.count("STATE_PENDING") == 1, states
+
 
 @pytest.mark.timeout(300)
 def test_ctrl_c_at_the_consent_question_ends_at_once_and_decides_nothing(cast: Cast) -> None:
