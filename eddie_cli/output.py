@@ -25,8 +25,10 @@ stderr = Console(stderr=True, highlight=False)
 
 
 def to_json(message: Message) -> object:
-    """The protobuf JSON form (camelCase names, enums by name, defaults left out)."""
-    return json_format.MessageToDict(message)
+    """The protobuf JSON form (camelCase names, enums by name). Fields without presence are printed
+    at their default too (`"matched": 0`, `"withheld": false`, `"permissions": []`), so a script
+    reads every field of the document it asked for; unset messages and oneof members stay out."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
 def print_json(document: object) -> None:

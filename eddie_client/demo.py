@@ -169,22 +169,22 @@ async def browse(alice: CommandLine, story: Story) -> None:
     heading("Workflow 3: a customer browses with a filter (on the command line)")
     await alice.show("data-requests", "list", "--region", "AT-9")
     page = await alice.json("data-requests", "list", "--region", "AT-9")
-    titles = [r["title"] for r in page.get("dataRequests", [])]
-    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page.get('totalSize', 0)})")
+    titles = [r["title"] for r in page["dataRequests"]]
+    story.step("W3", f"Alice filtered by region AT-9: {titles} (total {page['totalSize']})")
     assert "Austrian household load profiles" in titles and "Heat-pump optimiser" not in titles
 
 
 async def search(ep: CommandLine, request: data_request_pb2.DataRequest, story: Story) -> list[str]:
     heading("Workflow 5: the eligible party searches; each AIIDA answers match / no match")
     found = await ep.json("search", request.name, "--timeout", "3")
-    matches: list[str] = found.get("matchedInstanceIds", [])
+    matches: list[str] = found["matchedInstanceIds"]
     summary = found["summary"]
     story.step("W5", f"matches: {sorted(matches)}")
     story.step(
         "W5",
-        f"summary: queried {summary.get('queried', 0)}, matched {summary.get('matched', 0)}, not matched "
-        f"{summary.get('notMatched', 0)}, unreachable {summary.get('unreachable', 0)}, timed out "
-        f"{summary.get('timedOut', 0)}, {summary.get('elapsed', '0s')}",
+        f"summary: queried {summary['queried']}, matched {summary['matched']}, not matched "
+        f"{summary['notMatched']}, unreachable {summary['unreachable']}, timed out "
+        f"{summary['timedOut']}, {summary.get('elapsed', '0s')}",
     )
     assert sorted(matches) == ["aiida-alice", "aiida-bernd"], matches
     return matches

@@ -77,7 +77,8 @@ def test_output_json_before_or_after_the_command_is_the_same_document(lone_marke
     gus.signup("gus@cli.example", "Gus", "eligible-party")
     before = json.loads(gus.ok("--output", "json", "data-requests", "list"))
     after = json.loads(gus.ok("data-requests", "list", "-o", "json"))
-    assert before == after == {}  # no data request yet: the empty ListDataRequestsResponse
+    # No data request yet: the empty ListDataRequestsResponse, its fields printed at their defaults.
+    assert before == after == {"dataRequests": [], "nextPageToken": "", "totalSize": 0}
     table = gus.ok("data-requests", "list")
     assert "No data request matches." in table
 
