@@ -221,7 +221,7 @@ class PermissionRow(Base):
     decide_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     start_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     end_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
-    update_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    update_time: Mapped[datetime] = mapped_column(UtcDateTime, index=True)  # the cluster's event repair
 
 
 class PermissionTransitionRow(Base):
