@@ -20,6 +20,7 @@ from eddie.marketplace.v1 import access_pb2, sink_feed_pb2, sink_feed_pb2_grpc
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff, retry_log_level
 from eddie_sink.ends import PermissionEnds
+from eddie_sink.reach import describe_failure
 
 __all__ = ["EndFeed"]
 
@@ -36,6 +37,7 @@ class EndFeed:
         """`channel` to the marketplace at `target` (named in the logs); its owner closes it."""
         self.target = target
         self.ends = ends
+        self._channel = channel
         self._stub = sink_feed_pb2_grpc.SinkFeedServiceStub(channel)
         self._outgoing: asyncio.Queue[str] | None = None  # tokens for the current stream
         self._task: asyncio.Task[None] | None = None
@@ -69,7 +71,7 @@ class EndFeed:
                 await self._follow(outgoing)
                 error = "the marketplace ended the feed"
             except grpc.aio.AioRpcError as exc:
-                error = exc.code().name
+                error = describe_failure(exc, self._channel, self.target)
             finally:
                 self._outgoing = None
                 if self.connected.is_set():  # it was up: start the backoff over

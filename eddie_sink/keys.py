@@ -27,6 +27,7 @@ from eddie_common.errors import Unauthenticated, Unavailable
 from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
 from eddie_common.tokens import ALGORITHM, TokenVerifier, load_public_key
+from eddie_sink.reach import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class MarketplaceKeys:
         """`channel` to the marketplace at `target` (named in the logs); its owner closes it."""
         self.target = target
         self.refresh_interval = refresh_interval
+        self._channel = channel
         self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self._issuer = ""
@@ -88,7 +90,7 @@ class MarketplaceKeys:
                     marketplace=self.target,
                     attempt=attempt,
                     retry_in=f"{delay:.2f}s",
-                    error=_describe(exc),
+                    error=describe_failure(exc, self._channel, self.target),
                 )
                 await asyncio.sleep(delay)
 
@@ -140,7 +142,8 @@ class MarketplaceKeys:
             try:
                 await self._fetch()
             except (grpc.RpcError, ValueError) as exc:
-                log_event(log, "signing_keys_refresh_failed", logging.WARNING, error=_describe(exc))
+                error = describe_failure(exc, self._channel, self.target)
+                log_event(log, "signing_keys_refresh_failed", logging.WARNING, error=error)
                 return False
             return True
 
@@ -160,9 +163,3 @@ class MarketplaceKeys:
         self._verified.clear()  # a key that is gone no longer vouches for its tokens
         self._ready.set()
         log_event(log, "signing_keys_loaded", issuer=response.issuer, keys=",".join(sorted(keys)))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        return str(exc.code().name)  # type: ignore[attr-defined]
-    return str(exc)
