@@ -215,6 +215,10 @@ async def gather(
     tally = ClusterSearchTally(snapshot)
     queue: asyncio.Queue[list[str] | None] = asyncio.Queue()  # [] asks for a progress update
     failure: list[BaseException] = []
+    # Set when the search ends (deadline, every bucket settled, failure). What arrives later is not
+    # counted: the summary must add up to exactly the ids the EP was sent, and the EP may still be
+    # reading the last batch when a late reply lands (the generator is suspended in its yield).
+    closed = False
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     progress_due: asyncio.TimerHandle | None = None
@@ -230,7 +234,15 @@ async def gather(
         if progress_due is None:
             progress_due = loop.call_at(max(loop.time(), last_sent + PROGRESS_INTERVAL), send_progress)
 
+    def close() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            queue.put_nowait(None)
+
     async def on_reply(message: Any) -> None:
+        if closed:
+            return
         try:
             body = json.loads(message.data)
             if body.get("t") == "matches":
@@ -248,12 +260,12 @@ async def gather(
         except (ValueError, KeyError, TypeError):
             return  # a malformed reply counts as no reply for its bucket
         if tally.complete:
-            queue.put_nowait(None)
+            close()
 
     def fail(error: BaseException) -> None:
         if not failure:
             failure.append(error)
-            queue.put_nowait(None)
+            close()
 
     query_id = secrets.token_hex(8)
     subscription = await subscribe(inbox, on_reply, fail)
@@ -267,8 +279,8 @@ async def gather(
                 f"{prefix}.search.{owner}", search_request(query_id, data_need, buckets, inbox, timeout)
             )
         if tally.complete or not by_owner:
-            queue.put_nowait(None)
-        timer = loop.call_later(timeout, queue.put_nowait, None)
+            close()
+        timer = loop.call_later(timeout, close)
         try:
             ended = False
             answered_sent = -1

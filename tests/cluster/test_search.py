@@ -165,6 +165,35 @@ async def test_a_replica_that_fell_behind_fails_the_search_loudly() -> None:
         await run(bus, {0: BucketSnapshot(0, "a", 1, 3)})
 
 
+async def test_replies_after_the_deadline_are_not_counted_while_the_ep_reads_the_last_batch() -> None:
+    """A batch and a tally landing after the deadline, while the EP is still reading (the generator
+    suspended in its yield), must not reach the summary: it adds up to exactly the ids sent."""
+    bus = Bus()
+    owner(bus, "a", {0: (["i1"], 1)})
+
+    async def late(message: Message) -> None:
+        request = json.loads(message.data)
+        await asyncio.sleep(0.3)  # past the 0.2 s deadline, while the EP still reads
+        body = {"t": "matches", "b": 1, "k": 4, "ids": ["late"], "a": 1}
+        await bus.publish(request["reply"], json.dumps(body).encode())
+        await bus.publish(request["reply"], json.dumps(BucketTally(1, 4, 2, 1, 1, 0, 0).to_json()).encode())
+
+    bus.handlers["p.search.b"] = late
+    snapshot = {0: BucketSnapshot(0, "a", 1, 2), 1: BucketSnapshot(1, "b", 4, 2)}
+    ids: list[str] = []
+    summary: dict[str, int] = {}
+    async for item in gather(
+        snapshot, b"need", 0.2, prefix="p", inbox="inbox.1", subscribe=bus.subscribe, publish=bus.publish
+    ):
+        if isinstance(item, dict):
+            summary = item
+        else:
+            ids.extend(item.ids)
+            await asyncio.sleep(0.5)  # a slow EP: the late replies land meanwhile
+    assert ids == ["i1"]
+    assert summary == {"queried": 4, "matched": 1, "not_matched": 1, "unreachable": 0, "timed_out": 2}
+
+
 def test_a_late_tally_or_batch_of_a_settled_bucket_changes_nothing() -> None:
     tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 2)})
     tally.on_tally(BucketTally(0, 1, 2, 1, 1, 0, 0))
