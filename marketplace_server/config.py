@@ -240,7 +240,7 @@ class Config:
     # The TLS listener; built from --tls-cert/--tls-key/--tls-client-ca, or given directly by tests.
     tls: TlsFiles | None = None
     reconnect_max_backoff: float = 30.0
-    lease_seconds: float = 10.0  # cluster bucket leases (marketplace_server.cluster.leases)
+    lease_seconds: float = 6.0  # cluster bucket leases (marketplace_server.cluster.leases)
     renew_seconds: float = 2.0
     key_refresh_seconds: float = 5.0  # re-reading the signing key ring (marketplace_server.keyring)
 

@@ -50,8 +50,13 @@ __all__ = ["BUCKETS", "LeaseKeeper", "LeaseLost", "assert_lease", "bucket_of"]
 log = logging.getLogger(__name__)
 
 BUCKETS = 256
-LEASE_SECONDS = 10.0
-RENEW_SECONDS = 2.0
+# A dead replica's buckets are free after at most LEASE_SECONDS + RENEW_SECONDS (its last renewal,
+# then the survivors' next round), which with the reopening of its streams must stay within the
+# 15 s a takeover may take. A live replica fences itself after LEASE_SECONDS - RENEW_SECONDS
+# without a renewal: four rounds (each bounded by TICK_SECONDS) in a row must fail first.
+LEASE_SECONDS = 6.0
+RENEW_SECONDS = 1.0
+TICK_SECONDS = 2.0
 
 Listener = Callable[[int, int], None]  # (bucket, token)
 
@@ -150,7 +155,9 @@ class LeaseKeeper:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                async with asyncio.timeout(self.renew_seconds * 1.5):  # a hung database must not stop fencing
+                # A hung database must not stop fencing; a slow round (a loaded machine) is not a failure.
+                limit = max(self.renew_seconds * 1.5, min(TICK_SECONDS, self.lease_seconds / 3))
+                async with asyncio.timeout(limit):
                     await self.tick()
             except asyncio.CancelledError:
                 raise
