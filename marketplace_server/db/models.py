@@ -20,15 +20,18 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     text,
 )
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from eddie.energy.v1 import energy_pb2
 from eddie.marketplace.v1 import access_pb2, data_request_pb2, identity_pb2
+from marketplace_server.db.buckets import instance_bucket
 
 # Enum columns hold the proto enum's numbers, typed as its value type so messages take them as they are.
 Role: TypeAlias = identity_pb2.Role.ValueType
@@ -99,7 +102,29 @@ class RefreshTokenRow(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+def _bucket_of_inserted(context: DefaultExecutionContext) -> int:
+    """The `instances.bucket` of a row being inserted through SQLAlchemy (ORM objects, executemany,
+    Core multi-row VALUES). SQLAlchemy 2.0 cannot hand a default the row of an ORM entity's
+    multi-row VALUES (`insert(InstanceRow).values([...])`, its keys are Columns): that fails loudly."""
+    try:
+        instance_id = context.get_current_parameters()["instance_id"]  # type: ignore[no-untyped-call]
+    except KeyError:
+        raise ValueError(
+            "instances.bucket cannot be computed for insert(InstanceRow).values([...]) with several "
+            "rows: use session.execute(insert(InstanceRow), rows) or insert(InstanceRow.__table__)"
+        ) from None
+    return instance_bucket(str(instance_id))
+
+
 class InstanceRow(Base):
+    """A registered AIIDA instance; claimed once it has an owner.
+
+    `bucket` is the cluster's bucket of the id (`db.buckets`), set on insert and never changed.
+    Triggers on this table (migration 0008_bucket_claims, PostgreSQL and SQLite) keep
+    `bucket_claims` in step with every insert, delete and change of `owner_id`, whichever code
+    (or SQL) makes it.
+    """
+
     __tablename__ = "instances"
 
     instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -110,6 +135,7 @@ class InstanceRow(Base):
     register_time: Mapped[datetime] = mapped_column(UtcDateTime)
     claim_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    bucket: Mapped[int] = mapped_column(SmallInteger, default=_bucket_of_inserted)
 
 
 class DataRequestRow(Base):
@@ -286,6 +312,21 @@ class BucketLeaseRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class BucketClaimRow(Base):
+    """How many claimed instances (owner_id set) each bucket holds: what a cluster search's
+    coordinator needs (`ClusterNode.snapshot`), in at most BUCKETS rows instead of every claimed id.
+
+    Kept by the database itself: triggers on `instances` (migration 0008_bucket_claims) add or
+    subtract one per row inserted, deleted or changing between claimed and unclaimed, in the
+    writer's transaction. A bucket whose count fell to 0 keeps its row (claimed = 0).
+    """
+
+    __tablename__ = "bucket_claims"
+
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    claimed: Mapped[int] = mapped_column(Integer)
+
+
 class ReplicaRow(Base):
     """Cluster mode: a live replica (its heartbeat decides the buckets' fair share)."""
 
@@ -343,6 +384,7 @@ class CounterRow(Base):
 __all__ = [
     "AccountRow",
     "Base",
+    "BucketClaimRow",
     "BucketLeaseRow",
     "ConsentReceiptRow",
     "CounterRow",

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, column, insert, select, table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -27,10 +27,10 @@ from eddie.marketplace.v1 import access_pb2
 from marketplace_server.db.models import (
     AccountRow,
     DataRequestRow,
-    InstanceRow,
     OutboxRow,
     PermissionRow,
     PermissionTransitionRow,
+    UtcDateTime,
 )
 from marketplace_server.db.session import MIGRATIONS_DIR, create_engine, create_sessionmaker, migrate
 from tests.support.access import Permission, Scene, aiida, market, matched_scene
@@ -189,6 +189,13 @@ def _permission(permission_id: str, data_request: str, instance: str, state: int
     )
 
 
+INSTANCES_BEFORE_INDEX = table(
+    "instances",
+    *(column(name) for name in ("instance_id", "address", "secret_hash", "pairing_code_hash", "owner_id")),
+    *(column(name, UtcDateTime()) for name in ("register_time", "claim_time", "last_seen_time")),
+)
+
+
 async def migration_ends_duplicates(engine: AsyncEngine) -> None:
     await _upgrade_to(engine, *BEFORE_INDEX)
     sessions = create_sessionmaker(engine)
@@ -222,20 +229,24 @@ async def migration_ends_duplicates(engine: AsyncEngine) -> None:
                     create_time=T0,
                 )
             )
-        for instance in ("i1", "i2", "i3"):
-            session.add(
-                InstanceRow(
-                    instance_id=instance,
-                    address="127.0.0.1:1",
-                    secret_hash="x",
-                    pairing_code_hash="x",
-                    owner_id="customer",
-                    register_time=T0,
-                    claim_time=T0,
-                    last_seen_time=T0,
-                )
-            )
         await session.flush()
+        # The instances table as it was before the index (the model has columns of later revisions).
+        await session.execute(
+            insert(INSTANCES_BEFORE_INDEX),
+            [
+                {
+                    "instance_id": instance,
+                    "address": "127.0.0.1:1",
+                    "secret_hash": "x",
+                    "pairing_code_hash": "x",
+                    "owner_id": "customer",
+                    "register_time": T0,
+                    "claim_time": T0,
+                    "last_seen_time": T0,
+                }
+                for instance in ("i1", "i2", "i3")
+            ],
+        )
         S = Permission
         rows = [
             # i1 / dr1: three pending duplicates; the newest stays.
