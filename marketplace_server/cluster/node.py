@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import secrets
-from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Any
 
@@ -41,8 +40,9 @@ from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.aiida.outbox import OutboxWorker
 from marketplace_server.cluster.leases import LeaseKeeper, bucket_of
 from marketplace_server.cluster.search import BucketSnapshot, BucketTally, Fail, gather
+from marketplace_server.db.buckets import BUCKETS
 from marketplace_server.db.instances import claimed_instances
-from marketplace_server.db.models import BucketLeaseRow, InstanceRow, OutboxRow
+from marketplace_server.db.models import BucketClaimRow, BucketLeaseRow, OutboxRow
 
 __all__ = ["ClusterNode", "ClusterUnavailable", "NatsSignals", "connect_nats"]
 
@@ -127,6 +127,8 @@ class ClusterNode:
         prefix: str,
         signals: NatsSignals | None = None,
     ) -> None:
+        if leases.buckets != BUCKETS:  # the stored buckets and their counts (db.buckets) are of BUCKETS
+            raise ValueError(f"a cluster has {BUCKETS} buckets, not {leases.buckets}")
         self.nc = nc
         self.leases = leases
         self.sessions = sessions
@@ -298,26 +300,29 @@ class ClusterNode:
     # --- search: the coordinator's side ---
 
     async def snapshot(self) -> dict[int, BucketSnapshot]:
-        """Each bucket with claimed instances: its live owner (or None), token and claimed count."""
+        """Each bucket with claimed instances: its live owner (or None), token and claimed count.
+
+        One statement (one read snapshot of the database) over at most BUCKETS rows of each table:
+        the counts are `bucket_claims`, which triggers on `instances` keep in step with every claim,
+        unclaim, insert and delete (migration 0008_bucket_claims), not a read of every claimed id.
+        """
         async with self.sessions() as session:
-            leases = (
+            rows = (
                 await session.execute(
                     select(
                         BucketLeaseRow.bucket,
                         BucketLeaseRow.owner,
                         BucketLeaseRow.token,
                         BucketLeaseRow.expires_at > func.now(),
+                        BucketClaimRow.claimed,
                     )
+                    .join(BucketClaimRow, BucketClaimRow.bucket == BucketLeaseRow.bucket)
+                    .where(BucketClaimRow.claimed > 0)
                 )
             ).all()
-            claimed = await session.scalars(
-                select(InstanceRow.instance_id).where(InstanceRow.owner_id.is_not(None))
-            )
-            counts = Counter(bucket_of(i, self.leases.buckets) for i in claimed)
         return {
-            int(bucket): BucketSnapshot(int(bucket), owner if live else None, int(token), counts[bucket])
-            for bucket, owner, token, live in leases
-            if counts[bucket]
+            int(bucket): BucketSnapshot(int(bucket), owner if live else None, int(token), int(claimed))
+            for bucket, owner, token, live, claimed in rows
         }
 
     async def search(
