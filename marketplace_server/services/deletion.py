@@ -33,6 +33,7 @@ from marketplace_server.auth import AccessTokenAuthenticator, principal, role_na
 from marketplace_server.clock import utcnow
 from marketplace_server.db.models import (
     AccountRow,
+    BucketClaimRow,
     DataRequestRow,
     ExternalIdentityRow,
     IdempotencyKeyRow,
@@ -215,6 +216,20 @@ class AccountDeletion:
             )
         )
         if ids:
+            # Each unclaimed row makes a trigger update its bucket's `bucket_claims` row (locked until
+            # the commit), in whatever order the UPDATE meets the rows. Two deletions at once could
+            # thus lock two buckets in opposite orders (a deadlock, one of them failing): lock them
+            # in bucket order first. (SQLite has no row locks: FOR UPDATE is left out there.)
+            await tx.session.execute(
+                select(BucketClaimRow.bucket)
+                .where(
+                    BucketClaimRow.bucket.in_(
+                        select(InstanceRow.bucket).where(InstanceRow.owner_id == account_id)
+                    )
+                )
+                .order_by(BucketClaimRow.bucket)
+                .with_for_update()
+            )
             await tx.session.execute(
                 update(InstanceRow)
                 .where(InstanceRow.owner_id == account_id)
