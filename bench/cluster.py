@@ -78,8 +78,18 @@ PG_FIELDS = (
 STATEMENTS = "marketplace_db_statements_total"
 LEASE_TABLES = ("bucket_leases", "replicas")
 # What a search reads and writes: the caller (token check), the data request, the snapshot of the
-# leases and the claimed instances, the stored search and its match set.
-SEARCH_TABLES = ("accounts", "data_requests", "bucket_leases", "instances", "searches", "search_matches")
+# leases and the claimed counts per bucket (one statement, named by `bucket_leases`, which it
+# joins to `bucket_claims`), the stored search and its match set. `instances` stays listed: the
+# search no longer reads it, and a statement there would show a regression.
+SEARCH_TABLES = (
+    "accounts",
+    "data_requests",
+    "bucket_leases",
+    "bucket_claims",
+    "instances",
+    "searches",
+    "search_matches",
+)
 NATS_KEYS = {
     "nats_in_msgs": 'marketplace_nats_messages_total{direction="in"}',
     "nats_out_msgs": 'marketplace_nats_messages_total{direction="out"}',
