@@ -14,6 +14,7 @@ import pytest
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2
 from marketplace_server.cluster.events import ClusterEventHub
+from marketplace_server.cluster.leases import BUCKETS
 from tests.cluster.test_replicas import as_client, claimed_on_double, create_request, search
 from tests.support.access import SINK_URI
 from tests.support.aiida_double import AiidaDouble, start_aiida
@@ -51,6 +52,66 @@ async def test_a_search_whose_inbox_dropped_replies_fails_with_search_incomplete
         matched, summary = await search(as_client(b, ep), request.name)
         assert len(matched) == 1 and summary.unreachable == 0 and summary.timed_out == 0
         assert node.searches_incomplete == 1
+    finally:
+        await double.stop()
+
+
+async def test_a_replica_no_one_serves_on_nats_loses_its_buckets_at_the_next_search_not_at_expiry(
+    replicas: list[RunningMarketplace],
+) -> None:
+    """C stops as a kill -9 looks to the others (no more lease rounds, no search subscription at the
+    NATS server): a search through B gets "no responders" for C, counts C's instance unreachable
+    without waiting for its deadline, and B expires C's leases: A and B own every bucket well
+    before C's 8 s leases could run out, and the next searches find the instance again."""
+    a, b, c = replicas
+    node_a, node_b, node_c = (r.app.cluster for r in replicas)
+    assert node_a is not None and node_b is not None and node_c is not None
+    double = await start_aiida(AiidaDouble())
+    try:
+        customer = await a.customer()
+        ids = (f"g-{secrets.token_hex(4)}" for _ in range(100_000))
+        instance_id = next(i for i in ids if node_c.owns(i))  # C holds its stream
+        await claimed_on_double(replicas, double, customer, instance_id)
+        ep = await a.eligible_party()
+        request = await create_request(ep)
+        matched, summary = await search(as_client(b, ep), request.name)
+        assert matched == [instance_id] and summary.unreachable == 0
+
+        assert node_c.leases._task is not None
+        node_c.leases._task.cancel()  # no renewal, no self-fencing: as if the process were gone
+        await asyncio.gather(node_c.leases._task, return_exceptions=True)
+        for subscription in node_c._subscriptions:
+            if subscription.subject == f"{node_c.prefix}.search.{node_c.replica_id}":
+                await subscription.unsubscribe()
+        await node_c.nc.flush()
+        dead_at = time.monotonic()
+
+        matched, summary = await search(as_client(b, ep), request.name, timeout=5.0)
+        elapsed = time.monotonic() - dead_at
+        assert matched == [] and summary.queried == 1 and summary.unreachable == 1, summary
+        assert elapsed < 2.0, f"the search waited {elapsed:.2f}s for an owner NATS said no one serves"
+
+        def moved() -> bool:
+            held = [set(node_a.leases.held), set(node_b.leases.held)]
+            return len(held[0] | held[1]) == BUCKETS and not held[0] & held[1]
+
+        await until(moved, 5.0, "A and B own every bucket")
+        owned = time.monotonic() - dead_at
+        assert node_b.replicas_expired == 1 and node_a.replicas_expired == 0
+        exact = time.monotonic()
+        while True:
+            matched, summary = await search(as_client(a, ep), request.name)
+            if summary.unreachable == 0:
+                break
+            assert time.monotonic() - exact < 10, f"never reachable again: {summary}"
+            await asyncio.sleep(0.2)
+        again = time.monotonic() - dead_at
+        assert matched == [instance_id] and summary.matched == 1
+        print(
+            f"\nno responders: search ended after {elapsed:.2f}s (deadline 5 s), every bucket owned by "
+            f"A and B after {owned:.2f}s, the instance found again after {again:.2f}s (leases 8 s)"
+        )
+        assert owned < c.app.config.lease_seconds - c.app.config.renew_seconds
     finally:
         await double.stop()
 
