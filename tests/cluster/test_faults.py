@@ -10,11 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import func, select
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import access_pb2, consent_pb2
 from marketplace_server.cluster.events import ClusterEventHub
 from marketplace_server.cluster.leases import BUCKETS
+from marketplace_server.db.models import BucketLeaseRow
 from tests.cluster.test_replicas import as_client, claimed_on_double, create_request, search
 from tests.support.access import SINK_URI
 from tests.support.aiida_double import AiidaDouble, start_aiida
@@ -114,6 +116,45 @@ async def test_a_replica_no_one_serves_on_nats_loses_its_buckets_at_the_next_sea
         assert owned < c.app.config.lease_seconds - c.app.config.renew_seconds
     finally:
         await double.stop()
+
+
+async def test_no_responders_is_not_acted_on_for_itself_nor_right_after_its_own_nats_reconnect(
+    replicas: list[RunningMarketplace],
+) -> None:
+    """After a NATS restart the others resubscribe in their own time: B ignores "no responders" for C
+    while its own connection is down and for 2 s after it came back; never for itself; and then at
+    most once per lease period."""
+    _, b, c = replicas
+    node_b, node_c = b.app.cluster, c.app.cluster
+    assert node_b is not None and node_c is not None
+
+    async def live_leases_of_c() -> int:
+        async with node_b.sessions() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(BucketLeaseRow)
+                .where(BucketLeaseRow.owner == node_c.replica_id, BucketLeaseRow.expires_at > func.now())
+            )
+        return int(count or 0)
+
+    held_c = await live_leases_of_c()
+    assert held_c > 0
+
+    node_b._on_owner_gone(node_b.replica_id)
+    node_b._on_disconnected()
+    node_b._on_owner_gone(node_c.replica_id)
+    node_b._on_reconnected()
+    node_b._on_owner_gone(node_c.replica_id)
+    await asyncio.sleep(0.3)
+    assert node_b._expired_at == {} and node_b.replicas_expired == 0
+    assert await live_leases_of_c() == held_c
+
+    node_b._nats_up_since = time.monotonic() - 2.5  # reconnected long enough ago
+    node_b._on_owner_gone(node_c.replica_id)
+    node_b._on_owner_gone(node_c.replica_id)  # once per lease period
+    # replicas_expired counts an expiry that ended at least one live lease of C.
+    await until(lambda: node_b.replicas_expired == 1, 5.0, "C's leases expired by B")
+    assert list(node_b._expired_at) == [node_c.replica_id]
 
 
 async def collect(call: Any, into: list[Any]) -> None:
