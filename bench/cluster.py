@@ -47,6 +47,7 @@ from bench.search import BROAD_50, BROAD_80, PASSWORD, _claim_all, _wait_connect
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import ROLE_ELIGIBLE_PARTY, MarketplaceClient, Session, procs
 from eddie_client.client import duration
+from eddie_common.metrics import REFRESH_MIN_INTERVAL
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 NATS_URL = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
@@ -272,6 +273,7 @@ class Cluster:
         """A scrape refreshes two gauges from the database: its statements are not the cluster's."""
         for r in self.live:
             first = await asyncio.to_thread(r.scrape)
+            await asyncio.sleep(REFRESH_MIN_INTERVAL)  # closer scrapes reuse the last refresh
             second = await asyncio.to_thread(r.scrape)
             self.scrape_cost[r.replica_id] = _minus(
                 label_sums(second, STATEMENTS, "table"), label_sums(first, STATEMENTS, "table")

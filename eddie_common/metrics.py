@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Unary calls take milliseconds; streams (consent, readings, AIIDA links) minutes or hours.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600)
 REFRESH_TIMEOUT = 5.0
+# Scrapes closer together than this reuse the last refresh: a scraper polling every 50 ms (a
+# restart probe, several Prometheus servers) must not turn into a database query every 50 ms.
+REFRESH_MIN_INTERVAL = 0.5
 
 Refresher = Callable[[], Awaitable[None]]
 
@@ -152,6 +155,7 @@ class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry, refreshers: Sequence[Refresher] = ()) -> None:
         self.registry = registry
         self.refreshers = list(refreshers)
+        self._refreshed_at = float("-inf")
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
@@ -176,13 +180,20 @@ class MetricsEndpoint:
             self._server = None
 
     async def render(self) -> bytes:
-        """Refreshes the values read at scrape time, then renders every family."""
+        """Refreshes the values read at scrape time (at most every REFRESH_MIN_INTERVAL), then
+        renders every family."""
+        now = time.monotonic()
+        if now - self._refreshed_at >= REFRESH_MIN_INTERVAL:
+            self._refreshed_at = now
+            await self._refresh()
+        return generate_latest(self.registry)
+
+    async def _refresh(self) -> None:
         for refresh in self.refreshers:
             try:
                 await asyncio.wait_for(refresh(), REFRESH_TIMEOUT)
             except Exception as exc:  # a scrape still answers with what it has
                 log_event(log, "metrics_refresh_failed", logging.WARNING, error=type(exc).__name__)
-        return generate_latest(self.registry)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -241,7 +241,7 @@ class Config:
     tls: TlsFiles | None = None
     reconnect_max_backoff: float = 30.0
     lease_seconds: float = 6.0  # cluster bucket leases (marketplace_server.cluster.leases)
-    renew_seconds: float = 2.0
+    renew_seconds: float = 1.0
     key_refresh_seconds: float = 5.0  # re-reading the signing key ring (marketplace_server.keyring)
 
     def __post_init__(self) -> None:

@@ -110,7 +110,7 @@ class MarketplaceMetrics:
         self, manager: ConnectionManager, hub: EventHub, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
         """Reads the live parts at scrape time and the database right before it."""
-        self.connected.set_function(lambda: sum(1 for link in manager.links.values() if link.connected))
+        self.connected.set_function(lambda: manager.connected_count)
         self.consent_streams.set_function(hub.open_streams)
 
         async def refresh() -> None:

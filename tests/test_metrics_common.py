@@ -103,3 +103,26 @@ async def test_endpoint_serves_metrics_after_refreshing_and_survives_a_failing_r
             await MetricsEndpoint(registry).start(f"127.0.0.1:{port}")
     finally:
         await endpoint.stop()
+
+
+async def test_scrapes_closer_than_the_minimum_interval_reuse_the_last_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scraper polling every 50 ms costs the database one refresh per interval, not one per scrape."""
+    registry = CollectorRegistry()
+    gauge = Gauge("refreshed_total_value", "times refreshed", registry=registry)
+    calls = 0
+
+    async def refresh() -> None:
+        nonlocal calls
+        calls += 1
+        gauge.set(calls)
+
+    monkeypatch.setattr("eddie_common.metrics.REFRESH_MIN_INTERVAL", 0.3)
+    endpoint = MetricsEndpoint(registry, [refresh])
+    first = await endpoint.render()
+    second = await endpoint.render()
+    assert calls == 1 and b"refreshed_total_value 1.0" in first and b"refreshed_total_value 1.0" in second
+    await asyncio.sleep(0.35)
+    third = await endpoint.render()
+    assert calls == 2 and b"refreshed_total_value 2.0" in third

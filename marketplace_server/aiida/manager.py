@@ -70,6 +70,7 @@ class ConnectionManager:
         self.connect_timeout = 30.0
         self.connect_slots = asyncio.Semaphore(256)
         self.links: dict[str, InstanceLink] = {}
+        self.connected_count = 0  # links up now (kept by on_link_up / on_link_down: a scrape is O(1))
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._connect_methods: dict[str, Any] = {}
         self._tallies: dict[str, SearchTally] = {}
@@ -251,6 +252,7 @@ class ConnectionManager:
             _notify(listener, link.instance_id, status)
 
     async def on_link_up(self, link: InstanceLink) -> None:
+        self.connected_count += 1
         self._seen.add(link.instance_id)
         self.heap.changed()
         log_event(log, "aiida_connected", logging.DEBUG, instance=link.instance_id, address=link.address)
@@ -258,6 +260,7 @@ class ConnectionManager:
             _notify(listener, link.instance_id)
 
     async def on_link_down(self, link: InstanceLink) -> None:
+        self.connected_count -= 1
         self._seen.add(link.instance_id)
         self.heap.changed()
         for tally in list(self._tallies.values()):
@@ -292,7 +295,9 @@ class ConnectionManager:
         while True:
             await asyncio.sleep(self.config.ping_interval)
             this_round = time.time()
+            connected = 0
             for link in list(self.links.values()):
+                connected += link.connected
                 if link.last_seen >= previous_round:
                     # It answered since the last round (a search, a status, a pong): it is alive and
                     # seen, so it needs no ping. Busy streams thus cost no pings, and the pings of
@@ -300,6 +305,7 @@ class ConnectionManager:
                     self._seen.add(link.instance_id)
                 elif link.connected:
                     link.ping()
+            self.connected_count = connected  # the count repaired, should a path have missed it
             previous_round = this_round
 
 
