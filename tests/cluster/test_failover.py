@@ -1,11 +1,12 @@
 """SIGKILL or SIGTERM one of three replica processes while searches run every 0.5 s (PostgreSQL + NATS).
 
 Every summary balances and names no id twice while the replica is dead; its buckets
-are owned by the two others well before its leases could expire (the first search
-after the kill gets "no responders" from NATS for it, and the coordinator expires
-its leases); within 15 s of the kill searches are exact again (its instances taken
-over); the killed replica restarts and the rebalancing never double-counts. SIGTERM hands the buckets over at
-once: searches are exact again long before a lease could expire, and a search the
+are owned by the two others well before its leases could expire (a search after the
+kill gets "no responders" from NATS for it, and the coordinator expires its leases;
+the first one, unless it still reached the dying process and waits its deadline);
+within 15 s of the kill searches are exact again (its instances taken over); the
+killed replica restarts and the rebalancing never double-counts. SIGTERM hands the
+buckets over at once: searches are exact again long before a lease could expire, and a search the
 stopping replica was serving still ends with a balanced summary.
 """
 
@@ -254,7 +255,7 @@ async def test_sigkill_of_a_replica_during_searches_never_double_counts_and_its_
     print(f"\nkill -9 -> every bucket owned by a live replica after {owned:.2f}s")
     print(f"kill -9 -> every instance reachable again after {reach:.1f}s ({scenario.inexact} inexact)")
     print(f"the last inexact one: {scenario.last_inexact}".replace("\n", " "))
-    # "No responders" for p2 at the first search after the kill: its leases were expired by a
+    # "No responders" for p2 at a search after the kill: its leases were expired by a
     # coordinator, not left to run out (that takes LEASE_SECONDS - RENEW_SECONDS at the very least).
     expired = [r.index for r in processes[:2] if "leases_replica_expired" in r.log.read_text()]
     assert expired, "no survivor expired the dead replica's leases"
