@@ -23,6 +23,13 @@ Replicas tell each other when buckets come free (a replica joined, left or
 released above its share; `ClusterNode` does it over NATS); `poke()` then runs a
 round at once instead of at the next interval, so a rolling restart moves
 buckets within a round trip rather than a renewal interval.
+
+A replica NATS says is gone (a search's scatter to it got "no responders": its
+process died and the server closed its connection) need not be waited for:
+`expire_replica` ends its live leases and its heartbeat now, in one
+transaction, and the others take its buckets at their next round (poked at once)
+instead of up to LEASE_SECONDS + RENEW_SECONDS later. Why that is safe even when
+the replica is in fact alive is in `expire_replica`.
 """
 
 from __future__ import annotations
@@ -147,6 +154,73 @@ class LeaseKeeper:
 
     def owns(self, bucket: int) -> bool:
         return bucket in self.held
+
+    async def expire_replica(self, replica_id: str) -> int:
+        """Ends another replica's live leases and its heartbeat now, in one transaction; returns how
+        many buckets it held (0: nothing of it was live any more, e.g. another replica did it first).
+
+        For a replica that NATS says no one serves (`ClusterNode._on_owner_gone`): its buckets are
+        free at once (owner and token stay: a takeover still increments the token) and its heartbeat
+        no longer counts, so the fair share of the others covers its buckets.
+
+        Safe even if that replica is alive (cut off from NATS, or its subscription briefly gone): it
+        could not serve searches then anyway, and ownership stays fenced by the tokens.
+
+        - Searches: a coordinator counts a bucket's tally only under the token of its snapshot, and
+          its snapshot names only live leases; a bucket expired here is unreachable until taken
+          over, then searched under the new token; an answer under the old one is never counted.
+        - Writes that take the bucket's lease into their transaction (`assert_lease`) check owner,
+          token and expiry, so they are refused from now on. (Today nothing but the lease rounds
+          writes under a lease: the streams, the outbox deliveries over them and the statuses
+          they report follow `held`, i.e. they stop at the replica's next round below.)
+        - The replica finds out at its next round (within `renew_seconds` plus one round): a bucket
+          another replica took meanwhile is not renewed (its token changed), so it is dropped and
+          its streams stop, as for any takeover. Until then both may hold a stream to the same
+          AIIDA and both may deliver one outbox row; deliveries are at least once already (a
+          replica that dies mid-delivery leaves the row to be sent again), and configure / revoke
+          name their permission, so a second one changes nothing.
+        - A bucket nobody took yet is renewed by that round (`_renew` matches owner and token, not
+          `expires_at`). Deliberately: the token did not change, so no other replica ever acted
+          for the bucket, and the lease is simply live again under the same (owner, token); the
+          row locks order the renewal against a takeover (`_acquire` locks the row with `FOR UPDATE
+          SKIP LOCKED` and re-checks the expiry on the newest version; a renewal that waited on a
+          takeover's lock finds the owner changed). Refusing it would need a column to tell an
+          expiry from a late renewal, and would only move the bucket away from a replica that can
+          still hold its streams.
+
+        A replica never expires itself (ValueError): it would drop its own buckets on a message
+        about its own subscription.
+        """
+        if replica_id == self.replica_id:
+            raise ValueError("a replica never expires its own leases")
+        async with self.sessions.begin() as session:
+            buckets = (
+                await session.scalars(
+                    update(BucketLeaseRow)
+                    .where(BucketLeaseRow.owner == replica_id, BucketLeaseRow.expires_at > func.now())
+                    .values(expires_at=func.now())
+                    .returning(BucketLeaseRow.bucket)
+                )
+            ).all()
+            heartbeat = (
+                await session.scalars(
+                    update(ReplicaRow)
+                    .where(ReplicaRow.id == replica_id, ReplicaRow.expires_at > func.now())
+                    .values(expires_at=func.now())
+                    .returning(ReplicaRow.id)
+                )
+            ).all()
+        if buckets or heartbeat:
+            log_event(
+                log,
+                "leases_replica_expired",
+                logging.WARNING,
+                replica=replica_id,
+                buckets=len(buckets),
+                heartbeat=bool(heartbeat),
+                by=self.replica_id,
+            )
+        return len(buckets)
 
     async def _run(self) -> None:
         while not self._stopping:

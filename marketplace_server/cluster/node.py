@@ -15,8 +15,14 @@ Wiring (`create_server` with `--nats-url`):
   (`marketplace_server.cluster.search`): the local fan-out over the requested
   buckets it owns under the given tokens, `matches` batches, one tally per bucket;
 - `{prefix}.rebalance`: a replica that joined, is leaving (SIGTERM: it released
-  its leases first) or released buckets above its share says so, and the others
-  run a lease round at once instead of at their next renewal.
+  its leases first), released buckets above its share or expired a gone
+  replica's leases says so, and the others run a lease round at once instead of
+  at their next renewal;
+- a search whose scatter to an owner got "no responders" from NATS (no one
+  subscribes to `{prefix}.search.{owner}`: its process died, NATS closed its
+  connection) tells the node, which expires that owner's leases and heartbeat
+  (`LeaseKeeper.expire_replica`, at most once per owner per lease period) and
+  announces it: its buckets move at once, not when its leases expire.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Any
 
@@ -52,6 +59,9 @@ RESYNC_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 # The owner ends its part a little before the coordinator's deadline, so its tallies arrive in time.
 OWNER_DEADLINE_SHARE = 0.85
+# After this replica's NATS connection came (back) up, "no responders" for another replica is not
+# acted on for this long: after a NATS server restart the others may not have resubscribed yet.
+SUSPECT_AFTER_CONNECT_SECONDS = 2.0
 # A search's reply inbox: messages (and bytes) nats-py may hold for it before it drops them (a slow
 # consumer, which fails the search). A search of N instances brings at most one tally per bucket (256)
 # plus the owners' match batches; 64 MiB holds the ids of a million matches (~45 bytes each in JSON)
@@ -70,6 +80,7 @@ class NatsSignals:
     def __init__(self) -> None:
         self.slow_consumer: list[Callable[[Any], None]] = []  # with the SlowConsumerError
         self.disconnected: list[Callable[[], None]] = []
+        self.reconnected: list[Callable[[], None]] = []
 
     async def on_error(self, exc: Exception) -> None:
         from nats.errors import SlowConsumerError
@@ -83,6 +94,11 @@ class NatsSignals:
     async def on_disconnected(self) -> None:
         log_event(log, "nats_disconnected", logging.WARNING)
         for listener in self.disconnected:
+            listener()
+
+    async def on_reconnected(self) -> None:
+        log_event(log, "nats_reconnected")
+        for listener in self.reconnected:
             listener()
 
 
@@ -103,16 +119,12 @@ async def connect_nats(url: str, name: str, signals: NatsSignals | None = None) 
                 reconnect_time_wait=0.5,
                 error_cb=signals.on_error,
                 disconnected_cb=signals.on_disconnected,
-                reconnected_cb=_on_nats_reconnected,
+                reconnected_cb=signals.on_reconnected,
             )
     except Exception as exc:
         raise ClusterUnavailable(
             f"NATS at {url} is unreachable ({type(exc).__name__}) — check --nats-url"
         ) from None
-
-
-async def _on_nats_reconnected() -> None:
-    log_event(log, "nats_reconnected")
 
 
 class ClusterNode:
@@ -146,9 +158,14 @@ class ClusterNode:
         self.inbox_pending_bytes = INBOX_PENDING_BYTES
         self.searches_incomplete = 0
         self.on_search_incomplete: list[Callable[[], None]] = []  # the metrics
+        # Replicas NATS said no one serves -> when their leases were expired here (monotonic).
+        self._expired_at: dict[str, float] = {}
+        self._nats_up_since: float | None = float("-inf")  # monotonic; None while disconnected
+        self.replicas_expired = 0  # replicas whose live leases this one expired ("no responders")
         if signals is not None:
             signals.slow_consumer.append(self._on_slow_consumer)
             signals.disconnected.append(self._on_disconnected)
+            signals.reconnected.append(self._on_reconnected)
         manager.owns = self.owns
         manager.forward = self.forward
         leases.on_acquired.append(self._on_acquired)
@@ -164,6 +181,8 @@ class ClusterNode:
             await self.nc.subscribe(f"{self.prefix}.search.{self.replica_id}", cb=self._on_search)
         )
         self._subscriptions.append(await self.nc.subscribe(f"{self.prefix}.rebalance", cb=self._on_rebalance))
+        # The search subscription is at the server before the first lease is taken: a search that
+        # names this replica as an owner never gets "no responders" for it (see `_on_owner_gone`).
         await self.nc.flush()
         await self.leases.start()
         self._spawn(self._resync_forever())
@@ -355,6 +374,7 @@ class ClusterNode:
                 inbox=inbox,
                 subscribe=subscribe,
                 publish=self.nc.publish,
+                on_owner_gone=self._on_owner_gone,
             ):
                 yield item
         finally:
@@ -368,8 +388,55 @@ class ClusterNode:
         else:  # another subscription (events, instances, searches to serve): resyncs and repairs cover it
             log_event(log, "nats_slow_consumer", logging.ERROR, subject=str(getattr(error, "subject", "")))
 
+    def _on_owner_gone(self, owner: str) -> None:
+        """A search's scatter to `owner` got "no responders": no one subscribes to its search subject.
+
+        Its leases and heartbeat are expired (at most once per owner per lease period) so that the
+        others take its buckets now, not when the leases run out. Never for this replica itself,
+        nor while this replica's own NATS connection is down or came up less than
+        SUSPECT_AFTER_CONNECT_SECONDS ago (after a NATS restart the others resubscribe in their own
+        time). A replica that has just started is never suspected: `start` subscribes (and
+        flushes) before it takes a lease, so a snapshot can only name an owner whose search
+        subscription is at the server already (with a NATS cluster of several servers, interest
+        crosses the routes asynchronously: a few ms in which a replica that took its first lease
+        could still be thought gone; it then takes its share again at its next rounds).
+
+        One race is left: a replica restarted under the same `--replica-id` that subscribes and
+        takes leases in the milliseconds between the "no responders" for its dead predecessor and
+        the expiry here loses those fresh leases too (and takes its share again at its next
+        rounds): churn, not a second owner. See `LeaseKeeper.expire_replica` for why a replica
+        wrongly thought gone keeps no bucket it could act for."""
+        now = time.monotonic()
+        if owner == self.replica_id or self._handed_over:
+            return
+        if self._nats_up_since is None or now - self._nats_up_since < SUSPECT_AFTER_CONNECT_SECONDS:
+            log_event(log, "cluster_owner_gone_ignored", replica=owner, why="nats_reconnecting")
+            return
+        period = self.leases.lease_seconds
+        self._expired_at = {r: t for r, t in self._expired_at.items() if now - t < period}
+        if owner in self._expired_at:
+            return
+        self._expired_at[owner] = now
+        self._spawn(self._expire_owner(owner))
+
+    async def _expire_owner(self, owner: str) -> None:
+        try:
+            buckets = await self.leases.expire_replica(owner)
+        except Exception as exc:  # the next search tries again; else the leases simply run out
+            self._expired_at.pop(owner, None)
+            log_event(log, "cluster_expire_failed", logging.WARNING, replica=owner, error=repr(exc)[:200])
+            return
+        if buckets:
+            self.replicas_expired += 1
+            self.leases.poke()
+            await self._announce("gone")
+
+    def _on_reconnected(self) -> None:
+        self._nats_up_since = time.monotonic()
+
     def _on_disconnected(self) -> None:
         """Replies published while the connection was down are lost: every open search fails."""
+        self._nats_up_since = None
         inboxes, self._inboxes = self._inboxes, {}
         for fail in inboxes.values():
             self._incomplete(fail, "disconnected", "")

@@ -2,21 +2,34 @@
 
 The replica serving SearchInstances snapshots the buckets (owner, fencing
 token, claimed instances), sends the query once to each owner on
-`{prefix}.search.{replica}` with a reply inbox of its own, and gathers:
+`{prefix}.search.{replica}` with a reply subject of the owner's own under the
+search's inbox (`{inbox}.{replica}`, one subscription `{inbox}.*` for all), and
+gathers:
 
 - `matches` messages: batches of matched instance ids of one bucket, streamed
   on to the EP as they arrive, with the bucket's answers so far (`a`);
 - one `tally` per bucket carrying the token it was searched under.
 
 The running progress sent to the EP (`answered` of `queried`) adds up, per bucket,
-the most answers any of its messages reported; a bucket's tally arriving is the
-only progress without a match, sent at most once every PROGRESS_INTERVAL. Owners
-send no progress messages of their own: no NATS traffic is added to a search.
+the most answers any of its messages reported; a bucket's tally arriving (or its
+owner found gone, below) is the only progress without a match, sent at most once
+every PROGRESS_INTERVAL. Owners send no progress messages of their own: no NATS
+traffic is added to a search.
 
 Every claimed instance is counted exactly once. A bucket's tally counts only if
 its token is the snapshot's; a bucket whose owner died, whose token changed, or
 whose tally did not arrive by the deadline counts its instances that did not
 already match as unreachable (or timed out), never twice.
+
+An owner nobody serves: the scatter carries its reply subject as the NATS reply,
+so when no one subscribes to `{prefix}.search.{owner}` (its process died and
+NATS closed its connection) the server answers at once with a "no responders"
+status (header `Status: 503`, no payload) on `{inbox}.{owner}`. That owner's
+open buckets count as unreachable at once and the search ends as soon as every
+bucket is settled, instead of waiting for its deadline; `on_owner_gone(owner)`
+tells the caller (the node then expires the owner's leases, see
+`ClusterNode._on_owner_gone`). No reply can come from an owner that nothing
+received the query for, so no bucket is counted twice.
 
 A reply the inbox lost (a NATS slow consumer: its pending limit overflowed, or
 the connection dropped mid-search) fails the search loudly with UNAVAILABLE /
@@ -30,10 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from eddie_common.errors import Unavailable
 from marketplace_server.aiida.fanout import PROGRESS_INTERVAL, SearchUpdate
@@ -43,8 +57,22 @@ __all__ = [
     "BucketTally",
     "ClusterSearchTally",
     "gather",
+    "no_responders",
     "search_request",
 ]
+
+log = logging.getLogger(__name__)
+
+# The status NATS sends to a request's reply subject when no one subscribes to its subject (nats-py
+# enables it when the server supports headers, and gives it to a subscription as a message with
+# `headers == {"Status": "503"}` and an empty payload).
+NO_RESPONDERS_STATUS = "503"
+
+
+def no_responders(message: Any) -> bool:
+    """Whether a message on a reply subject is the server's "no responders" status."""
+    headers = getattr(message, "headers", None)
+    return bool(headers and headers.get("Status") == NO_RESPONDERS_STATUS and not message.data)
 
 
 @dataclass(frozen=True)
@@ -101,6 +129,15 @@ class ClusterSearchTally:
     _final: dict[int, BucketTally] = field(default_factory=dict)
     _lost: set[int] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        # A bucket no live replica owns is unreachable from the start: nothing is waited for it, so
+        # a search ends as soon as the owned buckets are settled (e.g. between an owner's expiry and
+        # the takeover of its buckets).
+        for bucket, shot in self.snapshot.items():
+            if shot.owner is None:
+                self._lost.add(bucket)
+                self._answered_in[bucket] = shot.claimed
+
     def on_matches(self, bucket: int, token: int, ids: list[str], answered: int = 0) -> list[str]:
         """Accepts a batch from the snapshot owner's token; returns the ids that are new.
 
@@ -139,10 +176,13 @@ class ClusterSearchTally:
         return min(answered, queried), queried
 
     def on_owner_lost(self, owner: str) -> None:
-        """The owner's replica died (or dropped the search): its open buckets are unreachable."""
+        """The owner's replica died (or dropped the search): its open buckets are unreachable.
+
+        In the progress they count as answered, as a tally's unreachable instances do."""
         for bucket, shot in self.snapshot.items():
-            if shot.owner == owner and bucket not in self._final:
+            if shot.owner == owner and bucket not in self._final and bucket not in self._lost:
                 self._lost.add(bucket)
+                self._answered_in[bucket] = max(self._answered_in.get(bucket, 0), shot.claimed)
 
     @property
     def complete(self) -> bool:
@@ -194,9 +234,16 @@ def search_request(
 
 
 Fail = Callable[[BaseException], None]
-# subscribe(inbox, on_reply, fail): `fail(error)` ends the search with `error` (e.g. replies were lost).
+# subscribe(subject, on_reply, fail): `fail(error)` ends the search with `error` (e.g. replies were lost).
+# The subject is a wildcard (`{inbox}.*`): one subscription for all of the search's replies.
 Subscribe = Callable[[str, Callable[[Any], Awaitable[None]], Fail], Awaitable[Any]]
-Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Publish(Protocol):
+    """nats-py's `publish(subject, payload, reply=...)`: `reply` is the subject NATS answers "no
+    responders" on."""
+
+    def __call__(self, subject: str, payload: bytes, /, *, reply: str = "") -> Awaitable[None]: ...
 
 
 async def gather(
@@ -209,9 +256,13 @@ async def gather(
     subscribe: Subscribe,
     publish: Publish,
     live_owners: Callable[[], set[str]] = lambda: set(),
+    on_owner_gone: Callable[[str], None] | None = None,
 ) -> AsyncIterator[SearchUpdate | dict[str, int]]:
     """Scatters the query and yields batches of new matched ids with the running counts (an empty
-    batch: progress only), then the summary (a dict) last."""
+    batch: progress only), then the summary (a dict) last.
+
+    `on_owner_gone(owner)`: NATS said no one serves `owner`'s search subject (called once per owner,
+    also after the search ended)."""
     tally = ClusterSearchTally(snapshot)
     queue: asyncio.Queue[list[str] | None] = asyncio.Queue()  # [] asks for a progress update
     failure: list[BaseException] = []
@@ -240,7 +291,27 @@ async def gather(
             closed = True
             queue.put_nowait(None)
 
+    def owner_gone(owner: str) -> None:
+        if on_owner_gone is not None:
+            try:
+                on_owner_gone(owner)
+            except Exception:
+                log.exception("cluster_owner_gone_listener_failed")
+        if closed:
+            return
+        tally.on_owner_lost(owner)  # nothing received the query: none of its buckets can answer
+        if tally.complete:
+            close()
+        else:
+            progress_later()
+
     async def on_reply(message: Any) -> None:
+        if no_responders(message):
+            owner = str(getattr(message, "subject", ""))[len(inbox) + 1 :]
+            if owner in by_owner and owner not in gone:
+                gone.add(owner)
+                owner_gone(owner)
+            return
         if closed:
             return
         try:
@@ -268,15 +339,20 @@ async def gather(
             close()
 
     query_id = secrets.token_hex(8)
-    subscription = await subscribe(inbox, on_reply, fail)
+    by_owner: dict[str, dict[int, int]] = {}
+    for bucket, shot in snapshot.items():
+        if shot.owner is not None:
+            by_owner.setdefault(shot.owner, {})[bucket] = shot.token
+    gone: set[str] = set()  # owners NATS said no one serves
+    subscription = await subscribe(f"{inbox}.*", on_reply, fail)
     try:
-        by_owner: dict[str, dict[int, int]] = {}
-        for bucket, shot in snapshot.items():
-            if shot.owner is not None:
-                by_owner.setdefault(shot.owner, {})[bucket] = shot.token
         for owner, buckets in by_owner.items():
+            # The owner replies to the body's `reply`; the NATS reply is where "no responders" comes.
+            reply = f"{inbox}.{owner}"
             await publish(
-                f"{prefix}.search.{owner}", search_request(query_id, data_need, buckets, inbox, timeout)
+                f"{prefix}.search.{owner}",
+                search_request(query_id, data_need, buckets, reply, timeout),
+                reply=reply,
             )
         if tally.complete or not by_owner:
             close()

@@ -1,9 +1,12 @@
 """SIGKILL or SIGTERM one of three replica processes while searches run every 0.5 s (PostgreSQL + NATS).
 
-Every summary balances and names no id twice while the replica is dead; within 15 s
-of the kill searches are exact again (its instances taken over); the killed replica
-restarts and the rebalancing never double-counts. SIGTERM hands the buckets over at
-once: searches are exact again long before a lease could expire, and a search the
+Every summary balances and names no id twice while the replica is dead; its buckets
+are owned by the two others well before its leases could expire (a search after the
+kill gets "no responders" from NATS for it, and the coordinator expires its leases;
+the first one, unless it still reached the dying process and waits its deadline);
+within 15 s of the kill searches are exact again (its instances taken over); the
+killed replica restarts and the rebalancing never double-counts. SIGTERM hands the
+buckets over at once: searches are exact again long before a lease could expire, and a search the
 stopping replica was serving still ends with a balanced summary.
 """
 
@@ -31,7 +34,7 @@ from aiida_stub.server import create_server as create_fleet
 from eddie.aiida.v1 import aiida_pb2
 from eddie.marketplace.v1 import identity_pb2, instance_pb2, instance_pb2_grpc
 from eddie_client.client import Session
-from marketplace_server.cluster.leases import BUCKETS, LEASE_SECONDS
+from marketplace_server.cluster.leases import BUCKETS, LEASE_SECONDS, RENEW_SECONDS
 from tests.cluster.test_events import nats_reachable
 from tests.cluster.test_replicas import NATS_URL, PROFILES, balanced, create_request, search
 from tests.support.access import SECRET
@@ -227,6 +230,15 @@ async def lease_owners(processes: list[Replica]) -> Counter[str]:
     return Counter(str(row[0]) for row in rows)
 
 
+async def taken_over(processes: list[Replica], since: float, gone: str) -> float:
+    """Seconds from `since` until the live replicas other than `gone` own every bucket (by the database)."""
+    while True:
+        owners = await lease_owners(processes)
+        if sum(owners.values()) == BUCKETS and gone not in owners:
+            return time.monotonic() - since
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.timeout(300)
 async def test_sigkill_of_a_replica_during_searches_never_double_counts_and_its_instances_come_back(
     scenario: Scenario,
@@ -235,10 +247,19 @@ async def test_sigkill_of_a_replica_during_searches_never_double_counts_and_its_
     searcher = processes[1]  # searches go to a replica that survives
     processes[2].kill()
     killed_at = time.monotonic()
+    takeover = asyncio.create_task(taken_over(processes, killed_at, "p2"))
     _, matched = await scenario.until_exact(searcher, TAKEOVER_SECONDS + 15)
     reach = time.monotonic() - killed_at
     assert matched == scenario.expected
-    print(f"\nkill -9 -> every instance reachable again after {reach:.1f}s ({scenario.inexact} inexact)")
+    owned = await asyncio.wait_for(takeover, TAKEOVER_SECONDS)
+    print(f"\nkill -9 -> every bucket owned by a live replica after {owned:.2f}s")
+    print(f"kill -9 -> every instance reachable again after {reach:.1f}s ({scenario.inexact} inexact)")
+    print(f"the last inexact one: {scenario.last_inexact}".replace("\n", " "))
+    # "No responders" for p2 at a search after the kill: its leases were expired by a
+    # coordinator, not left to run out (that takes LEASE_SECONDS - RENEW_SECONDS at the very least).
+    expired = [r.index for r in processes[:2] if "leases_replica_expired" in r.log.read_text()]
+    assert expired, "no survivor expired the dead replica's leases"
+    assert owned < LEASE_SECONDS - RENEW_SECONDS, f"its buckets moved after {owned:.2f}s"
     assert reach <= TAKEOVER_SECONDS + 2.5, f"takeover took {reach:.1f}s"  # + one search's timeout
 
     await processes[2].start()  # rejoins: buckets move back to it, never counted twice
@@ -271,15 +292,7 @@ async def test_sigterm_hands_the_buckets_over_at_once_and_the_stopping_replicas_
     await asyncio.sleep(0)
     scenario.lagging.delay = 0.0
 
-    async def taken_over() -> float:
-        """Seconds until the two others own every bucket (by the database)."""
-        while True:
-            owners = await lease_owners(processes)
-            if sum(owners.values()) == BUCKETS and "p2" not in owners:
-                return time.monotonic() - stopped_at
-            await asyncio.sleep(0.02)
-
-    takeover = asyncio.create_task(taken_over())
+    takeover = asyncio.create_task(taken_over(processes, stopped_at, "p2"))
     _, matched = await scenario.until_exact(searcher, TAKEOVER_SECONDS + 15)
     reach = time.monotonic() - stopped_at
     assert matched == scenario.expected

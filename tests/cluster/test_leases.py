@@ -7,11 +7,11 @@ import secrets
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from marketplace_server.cluster.leases import LeaseKeeper, LeaseLost, assert_lease, bucket_of
-from marketplace_server.db.models import BucketLeaseRow
+from marketplace_server.db.models import BucketLeaseRow, ReplicaRow
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
 
@@ -151,6 +151,89 @@ async def test_a_graceful_stop_hands_every_bucket_over_at_once(
             select(BucketLeaseRow.owner).where(BucketLeaseRow.owner.is_not(None))
         )
     assert owner_left is None
+
+
+async def live_leases(sessions: async_sessionmaker[AsyncSession]) -> dict[int, tuple[str, int]]:
+    """bucket -> (owner, token) of every live lease, as the database has them."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(BucketLeaseRow.bucket, BucketLeaseRow.owner, BucketLeaseRow.token).where(
+                BucketLeaseRow.owner.is_not(None), BucketLeaseRow.expires_at > func.now()
+            )
+        )
+        return {int(b): (str(o), int(t)) for b, o, t in rows.all()}
+
+
+async def heartbeat_live(sessions: async_sessionmaker[AsyncSession], replica: str) -> bool:
+    async with sessions() as session:
+        found = await session.scalar(
+            select(ReplicaRow.id).where(ReplicaRow.id == replica, ReplicaRow.expires_at > func.now())
+        )
+    return found is not None
+
+
+async def test_expiring_a_gone_replica_frees_exactly_its_live_leases_and_heartbeat(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """What a node does when NATS says no one serves a replica: the others take its buckets at their
+    next round, with a new token, without waiting for the lease to run out."""
+    gone, a, b = keeper(sessions, "gone"), keeper(sessions, "a"), keeper(sessions, "b")
+    await gone._seed()
+    await settle([gone, a, b])
+    taken = dict(gone.held)
+    assert len(taken) == 4
+    before = await live_leases(sessions)
+    assert await heartbeat_live(sessions, "gone")
+
+    assert await a.expire_replica("gone") == len(taken)
+    after = await live_leases(sessions)
+    assert sorted(set(before) - set(after)) == sorted(taken), "exactly its buckets are no longer live"
+    assert {k: v for k, v in before.items() if k not in taken} == after, "the others' leases untouched"
+    assert not await heartbeat_live(sessions, "gone")
+    assert await heartbeat_live(sessions, "a") and await heartbeat_live(sessions, "b")
+    assert await b.expire_replica("gone") == 0, "nothing of it is live any more"
+    with pytest.raises(ValueError, match="own leases"):
+        await a.expire_replica("a")
+
+    await a.tick()  # two live replicas: a share of 6 each, taken from the expired buckets
+    await b.tick()
+    assert len(a.held) == len(b.held) == BUCKETS // 2
+    for bucket, token in taken.items():
+        holder = a if bucket in a.held else b
+        assert holder.held[bucket] == token + 1, "a takeover increases the fencing token"
+    bucket = next(iter(taken))
+    async with sessions.begin() as session:
+        with pytest.raises(LeaseLost):
+            await assert_lease(session, bucket, "gone", taken[bucket])
+
+    lost: list[int] = []  # alive after all: its next round finds every bucket taken
+    gone.on_lost.append(lambda bucket, token: lost.append(bucket))
+    await gone.tick()
+    assert sorted(lost) == sorted(taken) and gone.held == {}
+    assert all(len(v) == 1 for v in owners([gone, a, b]).values())
+
+
+async def test_a_replica_wrongly_thought_gone_renews_what_nobody_took_under_the_same_token(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """The choice in `expire_replica`: an expired lease no one took is renewed by its owner's next
+    round (the token never changed, so no one else acted for it); until then its writes are fenced."""
+    alive, other = keeper(sessions, "alive"), keeper(sessions, "other")
+    await alive._seed()
+    await settle([alive, other])
+    held = dict(alive.held)
+    assert len(held) == BUCKETS // 2
+    assert await other.expire_replica("alive") == len(held)
+    bucket = next(iter(held))
+    async with sessions.begin() as session:
+        with pytest.raises(LeaseLost):
+            await assert_lease(session, bucket, "alive", held[bucket])
+    await alive.tick()  # before `other` ran a round
+    assert alive.held == held
+    async with sessions.begin() as session:
+        await assert_lease(session, bucket, "alive", held[bucket])
+    await other.tick()
+    assert len(other.held) == BUCKETS // 2 and all(len(v) == 1 for v in owners([alive, other]).values())
 
 
 def test_an_instance_always_hashes_to_the_same_bucket() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,17 +14,27 @@ import pytest
 from eddie_common.errors import Unavailable
 from marketplace_server.aiida.fanout import SearchUpdate
 from marketplace_server.cluster.search import BucketSnapshot, BucketTally, ClusterSearchTally, gather
+from tests.cluster.test_events import NATS_URL, nats_reachable
 
 Handler = Callable[[Any], Awaitable[None]]
 
 
 class Message:
-    def __init__(self, subject: str, data: bytes) -> None:
-        self.subject, self.data = subject, data
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        self.subject, self.data, self.headers = subject, data, headers
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching with `*` (one token)."""
+    tokens, wanted = pattern.split("."), subject.split(".")
+    return len(tokens) == len(wanted) and all(t in ("*", w) for t, w in zip(tokens, wanted, strict=True))
 
 
 class Bus:
-    """An in-memory stand-in for NATS subjects (the owners' behaviour is what is under test)."""
+    """An in-memory stand-in for NATS subjects (the owners' behaviour is what is under test).
+
+    As NATS does, a publish with a reply subject to a subject no one subscribes to gets a "no
+    responders" status on the reply subject at once (header Status 503, no payload)."""
 
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
@@ -33,12 +45,23 @@ class Bus:
         self.handlers[subject] = handler
         self.fail[subject] = fail
 
-    async def publish(self, subject: str, data: bytes) -> None:
-        handler = self.handlers.get(subject)
+    def handler(self, subject: str) -> Handler | None:
+        return next((h for pattern, h in self.handlers.items() if matches(pattern, subject)), None)
+
+    def fail_for(self, subject: str) -> Callable[[BaseException], None]:
+        return next(f for pattern, f in self.fail.items() if matches(pattern, subject))
+
+    async def publish(self, subject: str, data: bytes, *, reply: str = "") -> None:
+        handler = self.handler(subject)
         if handler is not None:
-            task = asyncio.create_task(handler(Message(subject, data)))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.deliver(handler, Message(subject, data))
+        elif reply and (inbox := self.handler(reply)) is not None:
+            self.deliver(inbox, Message(reply, b"", {"Status": "503"}))
+
+    def deliver(self, handler: Handler, message: Message) -> None:
+        task = asyncio.create_task(handler(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 def owner(
@@ -80,6 +103,7 @@ async def run(
     timeout: float = 0.5,
     live: set[str] | None = None,
     updates: list[SearchUpdate] | None = None,
+    gone: list[str] | None = None,
 ) -> tuple[list[list[str]], dict[str, int]]:
     batches: list[list[str]] = []
     summary: dict[str, int] = {}
@@ -92,6 +116,7 @@ async def run(
         subscribe=bus.subscribe,
         publish=bus.publish,
         live_owners=lambda: live or set(),
+        on_owner_gone=None if gone is None else gone.append,
     ):
         if isinstance(item, dict):
             summary = item
@@ -151,6 +176,136 @@ async def test_a_silent_live_owner_times_out_and_an_unowned_bucket_is_unreachabl
     snapshot = {0: BucketSnapshot(0, "slow", 2, 6), 1: BucketSnapshot(1, None, 0, 4)}
     _, summary = await run(bus, snapshot, timeout=0.2, live={"slow"})
     assert summary == {"queried": 10, "matched": 0, "not_matched": 0, "unreachable": 4, "timed_out": 6}
+
+
+async def test_an_owner_no_one_serves_ends_the_search_at_once_with_its_buckets_unreachable() -> None:
+    """The snapshot still names the dead owner (its leases have not expired), but NATS answers "no
+    responders" to the scatter: its buckets are unreachable at once, and the search ends as soon as
+    the live owner's tallies are in, not at the deadline."""
+    bus = Bus()
+    owner(bus, "a", {0: (["i1"], 1)}, tally_after=0.1)
+    snapshot = {
+        0: BucketSnapshot(0, "a", 1, 2),
+        1: BucketSnapshot(1, "dead", 4, 3),
+        2: BucketSnapshot(2, "dead", 7, 4),
+    }
+    gone: list[str] = []
+    updates: list[SearchUpdate] = []
+    started = time.monotonic()
+    batches, summary = await run(bus, snapshot, timeout=5.0, live={"a", "dead"}, updates=updates, gone=gone)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, f"waited {elapsed:.2f}s for an owner NATS said no one serves"
+    assert gone == ["dead"]
+    assert [i for b in batches for i in b] == ["i1"]
+    assert summary == {"queried": 9, "matched": 1, "not_matched": 1, "unreachable": 7, "timed_out": 0}
+    assert balanced(summary)
+    answered = [u.answered for u in updates]
+    assert answered == sorted(answered) and all(u.queried == 9 for u in updates)
+
+
+async def test_a_search_whose_every_owner_is_gone_ends_at_once_all_unreachable() -> None:
+    bus = Bus()
+    snapshot = {
+        0: BucketSnapshot(0, "x", 1, 5),
+        1: BucketSnapshot(1, "y", 2, 6),
+        2: BucketSnapshot(2, None, 0, 1),
+    }
+    gone: list[str] = []
+    started = time.monotonic()
+    batches, summary = await run(bus, snapshot, timeout=5.0, live={"x", "y"}, gone=gone)
+    assert time.monotonic() - started < 1.0
+    assert batches == [] and sorted(gone) == ["x", "y"]
+    assert summary == {"queried": 12, "matched": 0, "not_matched": 0, "unreachable": 12, "timed_out": 0}
+
+
+async def test_a_bucket_no_one_owns_does_not_hold_the_search_to_its_deadline() -> None:
+    """Between an owner's expiry and the takeover its buckets have no live owner: unreachable from
+    the start, and the search ends with the owned buckets' tallies."""
+    bus = Bus()
+    owner(bus, "a", {0: (["i1"], 1)})
+    snapshot = {0: BucketSnapshot(0, "a", 1, 2), 1: BucketSnapshot(1, None, 3, 3)}
+    started = time.monotonic()
+    batches, summary = await run(bus, snapshot, timeout=5.0)
+    assert time.monotonic() - started < 1.0
+    assert batches == [["i1"]]
+    assert summary == {"queried": 5, "matched": 1, "not_matched": 1, "unreachable": 3, "timed_out": 0}
+
+
+async def test_each_owner_gets_its_own_reply_subject_under_the_searchs_inbox() -> None:
+    seen: dict[str, str] = {}
+    bus = Bus()
+    for name in ("a", "b"):
+        owner(bus, name, {0: ([], 1), 1: ([], 1)})
+        served = bus.handlers[f"p.search.{name}"]
+
+        async def recording(message: Message, name: str = name, served: Handler = served) -> None:
+            seen[name] = json.loads(message.data)["reply"]
+            await served(message)
+
+        bus.handlers[f"p.search.{name}"] = recording
+    _, summary = await run(bus, {0: BucketSnapshot(0, "a", 1, 1), 1: BucketSnapshot(1, "b", 1, 1)})
+    assert seen == {"a": "inbox.1.a", "b": "inbox.1.b"}
+    assert summary["not_matched"] == 2 and "inbox.1.*" in bus.handlers
+
+
+def test_an_owner_lost_after_its_tally_changes_nothing_and_is_counted_once() -> None:
+    tally = ClusterSearchTally({0: BucketSnapshot(0, "a", 1, 2), 1: BucketSnapshot(1, "a", 1, 3)})
+    tally.on_tally(BucketTally(0, 1, 2, 1, 1, 0, 0))
+    tally.on_owner_lost("a")
+    tally.on_owner_lost("a")
+    assert tally.complete
+    assert tally.on_matches(1, 1, ["late"]) == []
+    assert tally.summary() == {"queried": 5, "matched": 1, "not_matched": 1, "unreachable": 3, "timed_out": 0}
+    assert tally.progress() == (5, 5)
+
+
+@pytest.mark.nats
+async def test_on_a_real_nats_server_an_owner_with_no_subscription_is_reported_at_once() -> None:
+    """What gather relies on: nats-py asks the server for "no responders", and a subscription's
+    callback gets it as a message with headers {"Status": "503"} on the reply subject."""
+    if not nats_reachable():
+        pytest.skip("NATS is not reachable on 127.0.0.1:4222")
+    import nats
+
+    prefix = f"test{secrets.token_hex(6)}"
+    nc = await nats.connect(NATS_URL)
+    try:
+
+        async def serve(message: Any) -> None:  # owner "a": one bucket, one match
+            request = json.loads(message.data)
+            body = {"t": "matches", "b": 0, "k": 1, "ids": ["i1"], "a": 1}
+            await nc.publish(request["reply"], json.dumps(body).encode())
+            await nc.publish(
+                request["reply"], json.dumps(BucketTally(0, 1, 2, 1, 1, 0, 0).to_json()).encode()
+            )
+
+        served = await nc.subscribe(f"{prefix}.search.a", cb=serve)
+
+        async def subscribe(subject: str, callback: Any, fail: Any) -> Any:
+            subscription = await nc.subscribe(subject, cb=callback)
+            await nc.flush()
+            return subscription
+
+        gone: list[str] = []
+        ids: list[str] = []
+        summary: dict[str, int] = {}
+        snapshot = {0: BucketSnapshot(0, "a", 1, 2), 1: BucketSnapshot(1, "dead", 3, 4)}
+        started = time.monotonic()
+        async for item in gather(
+            snapshot, b"need", 5.0, prefix=prefix, inbox=f"{prefix}.reply.x", subscribe=subscribe,
+            publish=nc.publish, on_owner_gone=gone.append,
+        ):  # fmt: skip
+            if isinstance(item, dict):
+                summary = item
+            else:
+                ids.extend(item.ids)
+        elapsed = time.monotonic() - started
+        print(f"\nno responders: the search ended after {elapsed * 1000:.1f} ms (deadline 5 s)")
+        assert elapsed < 1.0 and gone == ["dead"] and ids == ["i1"]
+        assert summary == {"queried": 6, "matched": 1, "not_matched": 1, "unreachable": 4, "timed_out": 0}
+        await served.unsubscribe()
+    finally:
+        await nc.close()
 
 
 async def test_a_replica_that_fell_behind_fails_the_search_loudly() -> None:
@@ -215,12 +370,12 @@ async def test_replies_lost_on_the_inbox_fail_the_search_even_when_every_tally_a
     class LossyBus(Bus):
         lost = False
 
-        async def publish(self, subject: str, data: bytes) -> None:
-            if subject == "inbox.1" and json.loads(data)["t"] == "matches" and not self.lost:
+        async def publish(self, subject: str, data: bytes, *, reply: str = "") -> None:
+            if subject.startswith("inbox.1.") and json.loads(data)["t"] == "matches" and not self.lost:
                 self.lost = True  # what the node does on nats-py's SlowConsumerError for the inbox
-                self.fail[subject](Unavailable("lost", reason="SEARCH_INCOMPLETE"))
+                self.fail_for(subject)(Unavailable("lost", reason="SEARCH_INCOMPLETE"))
                 return
-            await super().publish(subject, data)
+            await super().publish(subject, data, reply=reply)
 
     bus = LossyBus()
     owner(bus, "a", {0: (["i1", "i2"], 1)})
