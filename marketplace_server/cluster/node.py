@@ -281,7 +281,9 @@ class ClusterNode:
     async def resync(self) -> None:
         """Links every claimed instance of the buckets owned now; drops the other streams (another
         replica's, or of an instance no longer claimed, e.g. its owner deleted her account elsewhere)."""
-        rows = await claimed_instances(self.sessions)
+        # The claimed instances of the buckets held now (the replica's share, not the cluster's N).
+        read = set(self.leases.held)
+        rows = await claimed_instances(self.sessions, read)
         # No await between the ownership check and the link: both see the same leases.
         linked = 0
         for instance_id, address in rows:
@@ -289,7 +291,12 @@ class ClusterNode:
                 self.manager.link(instance_id, address)
                 linked += 1
         claimed = {instance_id for instance_id, _ in rows}  # deleted accounts' instances too
-        stray = [i for i in self.manager.links if not self.owns(i) or i not in claimed]
+        buckets = self.leases.buckets
+        stray = [
+            i
+            for i in self.manager.links
+            if not self.owns(i) or (bucket_of(i, buckets) in read and i not in claimed)
+        ]
         if stray:
             await self.manager.release(stray)
         if linked or stray:

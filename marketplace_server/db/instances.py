@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -12,8 +12,15 @@ from marketplace_server.db.models import InstanceRow
 __all__ = ["claimed_instances"]
 
 
-async def claimed_instances(sessions: async_sessionmaker[AsyncSession]) -> Sequence[Row[str, str]]:
-    """(instance_id, address) of every claimed instance (one with an owner): the ones to stream to."""
+async def claimed_instances(
+    sessions: async_sessionmaker[AsyncSession], buckets: Collection[int] | None = None
+) -> Sequence[Row[str, str]]:
+    """(instance_id, address) of every claimed instance (one with an owner): the ones to stream to;
+    with `buckets`, only those of these cluster buckets (`instances.bucket`, indexed)."""
     claimed = select(InstanceRow.instance_id, InstanceRow.address).where(InstanceRow.owner_id.is_not(None))
+    if buckets is not None:
+        if not buckets:
+            return []
+        claimed = claimed.where(InstanceRow.bucket.in_(sorted(buckets)))
     async with sessions() as session:
         return (await session.execute(claimed)).all()

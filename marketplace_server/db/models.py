@@ -135,7 +135,7 @@ class InstanceRow(Base):
     register_time: Mapped[datetime] = mapped_column(UtcDateTime)
     claim_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_seen_time: Mapped[datetime] = mapped_column(UtcDateTime)
-    bucket: Mapped[int] = mapped_column(SmallInteger, default=_bucket_of_inserted)
+    bucket: Mapped[int] = mapped_column(SmallInteger, default=_bucket_of_inserted, index=True)
 
 
 class DataRequestRow(Base):

@@ -31,6 +31,7 @@ from eddie_client.client import Session
 from marketplace_server.cluster.leases import BUCKETS, bucket_of
 from marketplace_server.cluster.search import BucketSnapshot
 from marketplace_server.db import buckets as db_buckets
+from marketplace_server.db.instances import claimed_instances
 from marketplace_server.db.models import (
     AccountRow,
     Base,
@@ -515,3 +516,22 @@ async def test_the_snapshot_of_a_cluster_search_is_the_old_computation(
         await snapshots_agree(15)
     finally:
         await aiida.stop()
+
+
+async def test_a_replica_reads_the_claimed_instances_of_its_own_buckets_only(engine: AsyncEngine) -> None:
+    """The resync's read (`claimed_instances` with the held buckets) is the replica's share: exactly
+    the claimed instances of those buckets, none of another bucket, no unclaimed one."""
+    await migrate(engine)
+    sessions = create_sessionmaker(engine)
+    async with sessions.begin() as session:
+        session.add(account("alice"))
+    async with sessions.begin() as session:
+        session.add_all(InstanceRow(**instance_values(f"own-{n}", "alice")) for n in range(300))
+        session.add_all(InstanceRow(**instance_values(f"free-{n}")) for n in range(50))
+    everyone = await claimed_instances(sessions)
+    assert len(everyone) == 300
+    held = {bucket_of(i) for i, _ in everyone[:40]}
+    mine = await claimed_instances(sessions, held)
+    assert {i for i, _ in mine} == {i for i, _ in everyone if bucket_of(i) in held}
+    assert 0 < len(mine) < 300
+    assert await claimed_instances(sessions, set()) == []
