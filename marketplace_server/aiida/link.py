@@ -77,6 +77,7 @@ class InstanceLink:
         "instance_id",
         "last_seen",
         "manager",
+        "written",
     )
 
     def __init__(self, manager: LinkHost, instance_id: str, address: str) -> None:
@@ -85,6 +86,7 @@ class InstanceLink:
         self.address = address
         self.connected = False
         self.last_seen = 0.0
+        self.written = 0.0  # the last_seen last queued for the database (manager._ping_forever)
         self._backlog: list[bytes] = []
         self._call: Any = None
         self._supervisor: asyncio.Task[None] | None = None

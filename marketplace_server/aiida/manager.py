@@ -47,6 +47,12 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
 
+# A busy or answering instance's last_seen_time is written at most this often (the connection
+# manager keeps the exact time in memory and GetInstance shows it where the stream is held): every
+# connected instance answers within a ping round, and writing each one every round is N/30 row
+# updates a second (33,000 at a million).
+LAST_SEEN_WRITE_SECONDS = 300.0
+
 # Listeners run on the link's reader and must not block: they queue, or start a task they keep.
 StatusListener = Callable[[str, aiida_pb2.DataAccessStatus], None]
 UpListener = Callable[[str], None]
@@ -302,7 +308,9 @@ class ConnectionManager:
                     # It answered since the last round (a search, a status, a pong): it is alive and
                     # seen, so it needs no ping. Busy streams thus cost no pings, and the pings of
                     # idle ones do not land on top of the searches.
-                    self._seen.add(link.instance_id)
+                    if link.last_seen - link.written >= LAST_SEEN_WRITE_SECONDS:
+                        link.written = link.last_seen
+                        self._seen.add(link.instance_id)
                 elif link.connected:
                     link.ping()
             self.connected_count = connected  # the count repaired, should a path have missed it

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from eddie_common.tokens import SigningKey, TokenIssuer
@@ -27,6 +28,7 @@ class _Link:
         self.instance_id = instance_id
         self.connected = True
         self.last_seen = 0.0
+        self.written = 0.0
         self.answers = answers
         self.pings = 0
 
@@ -98,3 +100,31 @@ async def test_a_stream_that_answered_since_the_last_round_is_not_pinged(tmp_pat
     await engine.dispose()
     assert busy.pings == 0
     assert "busy" in manager._seen
+
+
+@pytest.mark.parametrize("write_every", [300.0, 0.0])
+async def test_an_answering_instance_is_written_once_per_write_interval_not_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_every: float
+) -> None:
+    """At a million AIIDAs a write per instance per ping round would be 33,000 row updates a
+    second: an instance that keeps answering is queued again only after LAST_SEEN_WRITE_SECONDS."""
+    monkeypatch.setattr("marketplace_server.aiida.manager.LAST_SEEN_WRITE_SECONDS", write_every)
+    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    manager = ConnectionManager(Config(ping_interval=0.02), issuer, create_sessionmaker(engine))
+    answering = _Link("answering", True)
+    manager.links["answering"] = answering
+    pinging = asyncio.create_task(manager._ping_forever())
+    try:
+        while "answering" not in manager._seen:  # queued once it answered a round
+            await asyncio.sleep(0.01)
+        manager._seen.clear()  # as a flush would
+        pings = answering.pings
+        while answering.pings < pings + 3:  # three more rounds, each answered
+            await asyncio.sleep(0.01)
+    finally:
+        pinging.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinging
+        await engine.dispose()
+    assert ("answering" in manager._seen) is (write_every == 0.0)
