@@ -198,14 +198,31 @@ class SearchRow(Base):
     __table_args__ = (Index("ix_searches_create_time_id", "create_time", "id"),)
 
 
-class SearchMatchRow(Base):
-    __tablename__ = "search_matches"
+# The match set's chunks compare ids bytewise: SQLite's default (BINARY) does; PostgreSQL's depends on
+# the database's locale (en_US sorts "a-b" after "ab"), so these columns say "C". Python's sort is
+# the same order for the ASCII ids (resources.INSTANCE_ID).
+_ID_BOUND = String(64).with_variant(String(64, collation="C"), "postgresql")
+# Ids per row of `search_match_chunks`.
+MATCH_CHUNK = 1000
+
+
+class SearchMatchChunkRow(Base):
+    """A search's match set, not a row per matched instance: its ids sorted (bytewise), MATCH_CHUNK per
+    row, joined by "\n" (an instance id has none), with the first and last for range lookups.
+
+    `seq` numbers a search's chunks from 0 in id order; the data request is the search's.
+    """
+
+    __tablename__ = "search_match_chunks"
 
     search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True)
-    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    data_request_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    first_id: Mapped[str] = mapped_column(_ID_BOUND)
+    last_id: Mapped[str] = mapped_column(_ID_BOUND)
+    instance_ids: Mapped[str] = mapped_column(Text)  # last: a reader of the bounds skips it
 
-    __table_args__ = (Index("ix_search_matches_request_instance", "data_request_id", "instance_id"),)
+    # The chunk that may hold an id: the last one of the search whose first id is <= it.
+    __table_args__ = (Index("ix_search_match_chunks_first", "search_id", "first_id"),)
 
 
 # The live states (PENDING, ACCEPTED, ACTIVE): a data request holds at most one live permission per instance.
@@ -382,6 +399,7 @@ class CounterRow(Base):
 
 
 __all__ = [
+    "MATCH_CHUNK",
     "AccountRow",
     "Base",
     "BucketClaimRow",
@@ -398,7 +416,7 @@ __all__ = [
     "RateLimitRow",
     "RefreshTokenRow",
     "ReplicaRow",
-    "SearchMatchRow",
+    "SearchMatchChunkRow",
     "SearchRow",
     "SigningKeyRow",
 ]

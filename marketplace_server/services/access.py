@@ -18,12 +18,12 @@ from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import utcnow
 from marketplace_server.db.chunks import chunked
 from marketplace_server.db.counters import reserve
+from marketplace_server.db.match_sets import matched_by_data_request
 from marketplace_server.db.models import (
     LIVE_PERMISSION_STATES,
     InstanceRow,
     PermissionRow,
     PermissionTransitionRow,
-    SearchMatchRow,
 )
 from marketplace_server.errors import FailedPrecondition, InvalidArgument, Validator
 from marketplace_server.resources import (
@@ -97,18 +97,9 @@ def validate_request_access(request: access_pb2.RequestAccessRequest) -> str:
 
 async def _owners_of_matched(session: AsyncSession, data_request_id: str, ids: list[str]) -> dict[str, str]:
     """The owner of each instance; FAILED_PRECONDITION unless all were matched and are still claimed."""
-    matched: set[str] = set()
+    matched = await matched_by_data_request(session, data_request_id, ids)
     owners: dict[str, str | None] = {}
     for chunk in chunked(ids):
-        matched.update(
-            await session.scalars(
-                select(SearchMatchRow.instance_id)
-                .where(
-                    SearchMatchRow.data_request_id == data_request_id, SearchMatchRow.instance_id.in_(chunk)
-                )
-                .distinct()
-            )
-        )
         result = await session.execute(
             select(InstanceRow.instance_id, InstanceRow.owner_id).where(InstanceRow.instance_id.in_(chunk))
         )

@@ -29,13 +29,13 @@ from eddie.marketplace.v1 import access_pb2, consent_pb2
 from eddie_common.page_tokens import PageTokenCodec, invalid_page_token, page_size
 from marketplace_server.auth import require_customer
 from marketplace_server.clock import to_timestamp
+from marketplace_server.db.match_sets import searches_matching
 from marketplace_server.db.models import (
     AccountRow,
     DataRequestRow,
     InstanceRow,
     PermissionRow,
     PermissionTransitionRow,
-    SearchMatchRow,
     SearchRow,
 )
 from marketplace_server.errors import NotFound
@@ -156,14 +156,7 @@ async def _searches(
     ).all()
     # Stored at its end: a search that began before the claim did not ask this instance.
     asked = [r for r in rows if r[0].create_time - timedelta(milliseconds=r[0].elapsed_ms) >= claim_time]
-    matched = set(
-        await session.scalars(
-            select(SearchMatchRow.search_id).where(
-                SearchMatchRow.instance_id == instance.instance_id,
-                SearchMatchRow.search_id.in_([r[0].id for r in asked]),
-            )
-        )
-    )
+    matched = await searches_matching(session, [r[0].id for r in asked], instance.instance_id)
     return [
         _Entry(
             _Key(_micros(search.create_time), SEARCH, search_id=search.id),
