@@ -89,7 +89,7 @@ SEARCH_TABLES = (
     "bucket_claims",
     "instances",
     "searches",
-    "search_matches",
+    "search_match_chunks",
 )
 NATS_KEYS = {
     "nats_in_msgs": 'marketplace_nats_messages_total{direction="in"}',
