@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from marketplace_server.db.chunks import chunked
 from marketplace_server.db.models import MATCH_CHUNK, SearchMatchChunkRow, SearchRow
 
-__all__ = ["chunk_rows", "matched_by_data_request", "search_matches", "searches_matching", "store_matches"]
+__all__ = ["chunk_rows", "matched_by_data_request", "search_match_ids", "searches_matching", "store_matches"]
 
 _CHUNKS = cast(Table, SearchMatchChunkRow.__table__)
 _C = SearchMatchChunkRow
@@ -51,7 +51,7 @@ async def store_matches(session: AsyncSession, search_id: str, instance_ids: Ite
     return len(rows)
 
 
-async def search_matches(session: AsyncSession, search_id: str) -> list[str]:
+async def search_match_ids(session: AsyncSession, search_id: str) -> list[str]:
     """The search's matched ids, sorted."""
     texts = list(
         await session.scalars(select(_C.instance_ids).where(_C.search_id == search_id).order_by(_C.seq))

@@ -29,7 +29,7 @@ from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.auth import principal, require_eligible_party
 from marketplace_server.clock import to_duration, to_timestamp, utcnow
 from marketplace_server.config import Config
-from marketplace_server.db.match_sets import search_matches, store_matches
+from marketplace_server.db.match_sets import search_match_ids, store_matches
 from marketplace_server.db.models import DataRequestRow, SearchRow
 from marketplace_server.errors import InvalidArgument, NotFound
 from marketplace_server.ratelimit import Limiter, RateLimiter
@@ -214,7 +214,7 @@ class SearchService:
             )
             if row is None or row.data_request_id != data_request_id or owner != caller.account_id:
                 raise NotFound("search not found", reason="SEARCH_NOT_FOUND")
-            ids = await search_matches(session, search_id)
+            ids = await search_match_ids(session, search_id)
         summary = data_request_pb2.SearchSummary(
             search=name,
             queried=row.queried,

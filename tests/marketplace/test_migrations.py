@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eddie.marketplace.v1 import data_request_pb2, identity_pb2
 from marketplace_server.clock import utcnow
-from marketplace_server.db.match_sets import matched_by_data_request, search_matches
+from marketplace_server.db.match_sets import matched_by_data_request, search_match_ids
 from marketplace_server.db.models import (
     AccountRow,
     Base,
@@ -188,7 +188,7 @@ async def moves_matches_into_chunks(engine: AsyncEngine) -> None:
             ("s-narrow", 0, "B-2", "b_1", 3),
         ]
         for search_id, ids in given.items():
-            assert await search_matches(session, search_id) == sorted(ids)
+            assert await search_match_ids(session, search_id) == sorted(ids)
         asked = ["m-0000", "m-0999", "m-1000", "m-2344", "m-2345", "b.3", "b-3", "B-2"]
         assert await matched_by_data_request(session, "dr", asked) == {
             "m-0000",
