@@ -54,7 +54,12 @@ def test_a_freeze_gives_the_freed_c_heap_back_to_the_system(monkeypatch: pytest.
     if sys.platform.startswith("linux"):
         assert heap._TRIM is not None, "glibc's malloc_trim was not found"
     trimmed: list[int] = []
-    monkeypatch.setattr(heap, "_TRIM", lambda pad: trimmed.append(pad) or 1)
+
+    def trim(pad: int) -> int:
+        trimmed.append(pad)
+        return 1
+
+    monkeypatch.setattr(heap, "_TRIM", trim)
     freezer = heap.HeapFreezer()
     try:
         freezer._freeze()
