@@ -83,6 +83,16 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
         )
     )
     print(_row("ratio memory", *(f"{r['ratio_memory']:.2f}" for r in rows)))
+    print(
+        _row(
+            "  after a restart: KiB per AIIDA (ratio)",
+            *(
+                f"{r['search']['rss_per_instance_restarted_kib']:.1f} ({r['ratio_memory_restarted']:.2f})"
+                for r in rows
+                if "rss_per_instance_restarted_kib" in r["search"]
+            ),
+        )
+    )
     print(_row("floor: open all N streams s", *(f"{r['floor']['open_s']:.1f}" for r in rows)))
     print(
         _row(
@@ -152,6 +162,8 @@ def main() -> None:
                     "search": product,
                     "ratios": {key: product[key]["p50_ms"] / floor["p50_ms"] for key in SEARCH_LABELS},
                     "ratio_memory": product["rss_per_instance_kib"] / floor["rss_per_stream_kib"],
+                    "ratio_memory_restarted": product["rss_per_instance_restarted_kib"]
+                    / floor["rss_per_stream_kib"],
                 }
             )
             print(json.dumps(report["search"][-1]), flush=True)

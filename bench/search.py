@@ -247,6 +247,7 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
     mp = procs.start_marketplace(
         data_dir, work, "--search-rate", "100000", "--claim-rate", "100000", "--log-level", "warning"
     )
+    rss_empty = psutil.Process(mp.popen.pid).memory_info().rss  # no instance registered yet
     fleet = None
     try:
         first_profile, more_profiles = fleet_profiles()
@@ -270,6 +271,11 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
         restart_s, listening_s, mp = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
         result["restart_to_full_reach_s"] = restart_s
         result["restart_to_listening_s"] = listening_s
+        # The streams' own memory: a restarted process holds the N streams but not what registering
+        # and claiming N instances left in the first one's heap (requests, sessions, free lists).
+        time.sleep(4.0)  # past the heap freezer's quiet period
+        restarted = psutil.Process(mp.popen.pid).memory_info().rss
+        result["rss_per_instance_restarted_kib"] = (restarted - rss_empty) / n / 1024
         return result
     finally:
         if fleet is not None:

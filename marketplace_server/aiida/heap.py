@@ -11,9 +11,13 @@ collects (so objects of links that went away are reclaimed) and freezes again.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
+import sys
 import time
+from collections.abc import Callable
 
 from eddie_common.logging import log_event
 
@@ -34,6 +38,21 @@ def tune_collector() -> None:
     """Sets THRESHOLDS (the marketplace calls it once at start-up)."""
     gc.set_threshold(*THRESHOLDS)
     log_event(log, "gc_thresholds", logging.DEBUG, thresholds=list(THRESHOLDS))
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (another libc, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
 
 
 class HeapFreezer:
@@ -67,6 +86,11 @@ class HeapFreezer:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+        if _TRIM is not None:
+            # What a burst freed (10,000 claims, a reconnect storm: their requests, sessions and
+            # buffers) goes back to the system instead of staying in the C heap's free lists:
+            # measured 41.0 -> 33.x KiB per connected AIIDA after claiming 10,000.
+            _TRIM(0)
         self.freezes += 1
         log_event(
             log,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from marketplace_server.aiida.heap import HeapFreezer
 
 
@@ -41,3 +43,26 @@ async def test_freezes_once_after_changes_settle_and_reclaims_cycles_on_the_next
     finally:
         freezer.stop()
         gc.unfreeze()
+
+
+def test_a_freeze_gives_the_freed_c_heap_back_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a burst (10,000 claims) the freed C heap goes back to the system (glibc malloc_trim)."""
+    import sys
+
+    from marketplace_server.aiida import heap
+
+    if sys.platform.startswith("linux"):
+        assert heap._TRIM is not None, "glibc's malloc_trim was not found"
+    trimmed: list[int] = []
+
+    def trim(pad: int) -> int:
+        trimmed.append(pad)
+        return 1
+
+    monkeypatch.setattr(heap, "_TRIM", trim)
+    freezer = heap.HeapFreezer()
+    try:
+        freezer._freeze()
+    finally:
+        gc.unfreeze()
+    assert trimmed == [0] and freezer.freezes == 1
