@@ -85,7 +85,7 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
     print(_row("ratio memory", *(f"{r['ratio_memory']:.2f}" for r in rows)))
     print(
         _row(
-            "  after a restart: KiB per AIIDA (ratio)",
+            "  restarted, all streams up: KiB (ratio)",
             *(
                 f"{r['search']['rss_per_instance_restarted_kib']:.1f} ({r['ratio_memory_restarted']:.2f})"
                 for r in rows
