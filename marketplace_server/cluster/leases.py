@@ -39,7 +39,6 @@ import contextlib
 import logging
 import math
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,13 +49,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from eddie_common.errors import Aborted
 from eddie_common.logging import log_event
+from marketplace_server.db.buckets import BUCKETS, bucket_of
 from marketplace_server.db.models import BucketLeaseRow, ReplicaRow
 
 __all__ = ["BUCKETS", "LeaseKeeper", "LeaseLost", "assert_lease", "bucket_of"]
 
 log = logging.getLogger(__name__)
 
-BUCKETS = 256
 # A dead replica's buckets are free after at most LEASE_SECONDS + RENEW_SECONDS (its last renewal,
 # then the survivors' next round), which with the reopening of its streams must stay within the
 # 15 s a takeover may take. A live replica fences itself after LEASE_SECONDS - RENEW_SECONDS
@@ -66,11 +65,6 @@ RENEW_SECONDS = 1.0
 TICK_SECONDS = 2.0
 
 Listener = Callable[[int, int], None]  # (bucket, token)
-
-
-def bucket_of(instance_id: str, buckets: int = BUCKETS) -> int:
-    """The bucket an instance belongs to (stable across replicas and restarts)."""
-    return zlib.crc32(instance_id.encode()) % buckets
 
 
 class LeaseLost(Aborted):
