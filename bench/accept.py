@@ -16,25 +16,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-METHOD = "/floor.Device/Connect"
-OPTIONS = [
-    ("grpc.server.max_pending_requests", 1_000_000),
-    ("grpc.server.max_pending_requests_hard_limit", 1_000_000),
-]
-
-
-def _raw(data: bytes) -> bytes:
-    return data
-
-
-async def _device(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-    async for _ in requests:
-        yield b"r" * 40
+from bench.floor import METHOD, QUERY, _raw, device_server
 
 
 def _work() -> None:
@@ -44,17 +30,7 @@ def _work() -> None:
 
 
 async def serve(count: int, busy: bool) -> None:
-    servers = []
-    for _ in range(count):
-        server = grpc.aio.server(options=OPTIONS)
-        handler = grpc.stream_stream_rpc_method_handler(
-            _device, request_deserializer=_raw, response_serializer=_raw
-        )
-        generic = grpc.method_handlers_generic_handler("floor.Device", {"Connect": handler})
-        server.add_generic_rpc_handlers([generic])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        servers.append((server, port))
+    servers = [await device_server() for _ in range(count)]
     print(",".join(str(port) for _, port in servers), flush=True)
     loop = asyncio.get_running_loop()
     while True:
@@ -74,7 +50,7 @@ async def client(ports: list[int], n: int, seconds: float = 20.0) -> None:
     async def one(i: int) -> None:
         async with slots:
             call = methods[i % len(methods)]()
-            await call.write(b"q" * 40)
+            await call.write(QUERY)
             await call.read()
             opened.append(call)
 

@@ -39,7 +39,8 @@ async def _device(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator
         yield REPLY
 
 
-async def serve(port: int) -> None:
+async def device_server(port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """A started server of device endpoints on 127.0.0.1:`port` (0: a free one), and its port."""
     server = grpc.aio.server(options=OPTIONS)
     handler = grpc.stream_stream_rpc_method_handler(
         _device, request_deserializer=_raw, response_serializer=_raw
@@ -49,6 +50,11 @@ async def serve(port: int) -> None:
     )
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    return server, bound
+
+
+async def serve(port: int) -> None:
+    server, bound = await device_server(port)
     print(f"listening on 127.0.0.1:{bound}", flush=True)
     await server.wait_for_termination()
 
