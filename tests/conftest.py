@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
-from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable, schema_name
+from tests.support.postgres import (
+    POSTGRES_URL,
+    fresh_schema,
+    postgres_execute,
+)
 
 
 @pytest.fixture
@@ -26,14 +30,7 @@ async def pg_marketplace(tmp_path: Path) -> AsyncIterator[RunningMarketplace]:
     `t_<random>` (the server's connections use it as their search_path).
     Mark tests using it with `pytest.mark.postgres`.
     """
-    if not postgres_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
-    schema = schema_name()
-    try:
-        await postgres_execute(f"CREATE SCHEMA {schema}")
-    except Exception as exc:  # any connection or permission problem means "no PostgreSQL here"
-        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
-    try:
+    async with fresh_schema() as schema:
         config = test_config(tmp_path, database_url=POSTGRES_URL, database_schema=schema)
         running = await start_marketplace(config)
         try:
@@ -42,5 +39,3 @@ async def pg_marketplace(tmp_path: Path) -> AsyncIterator[RunningMarketplace]:
             yield running
         finally:
             await running.close()
-    finally:
-        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

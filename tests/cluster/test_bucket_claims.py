@@ -47,7 +47,10 @@ from tests.cluster.test_replicas import as_client, create_request, search
 from tests.support.access import SECRET
 from tests.support.aiida_double import AiidaDouble, start_aiida
 from tests.support.marketplace import RunningMarketplace, start_marketplace, test_config
-from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable, schema_name
+from tests.support.postgres import (
+    POSTGRES_URL,
+    fresh_schema,
+)
 
 Counts = dict[int, int]
 BEFORE = "0007_permission_update_time"  # the revision before 0008_bucket_claims
@@ -71,29 +74,12 @@ class Database:
         return {"database_url": self.url, "database_schema": self.schema}
 
 
-class postgres_schema:
-    """A fresh PostgreSQL schema for one test, dropped after it; skips the test when unreachable."""
-
-    async def __aenter__(self) -> str:
-        if not postgres_reachable():
-            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
-        self.schema = schema_name()
-        try:
-            await postgres_execute(f"CREATE SCHEMA {self.schema}")
-        except Exception as exc:
-            pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
-        return self.schema
-
-    async def __aexit__(self, *exc: object) -> None:
-        await postgres_execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
         yield Database(f"sqlite+aiosqlite:///{tmp_path / 'bucket-claims.db'}")
         return
-    async with postgres_schema() as schema:
+    async with fresh_schema() as schema:
         yield Database(POSTGRES_URL, schema)
 
 
@@ -109,7 +95,7 @@ async def engine(database: Database) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def pg_sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """A migrated fresh PostgreSQL schema (the concurrency tests need row locks)."""
-    async with postgres_schema() as schema:
+    async with fresh_schema() as schema:
         pg = create_engine(POSTGRES_URL, schema=schema)
         try:
             await migrate(pg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from marketplace_server.cluster.leases import LeaseKeeper, LeaseLost, assert_lease, bucket_of
 from marketplace_server.db.models import BucketLeaseRow, ReplicaRow
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
-from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
+from tests.support.postgres import POSTGRES_URL, fresh_schema
 
 pytestmark = pytest.mark.postgres
 BUCKETS = 12
@@ -21,20 +20,13 @@ BUCKETS = 12
 
 @pytest.fixture
 async def sessions() -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    if not postgres_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
-    schema = f"t_{secrets.token_hex(8)}"
-    try:
-        await postgres_execute(f"CREATE SCHEMA {schema}")
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
-    engine = create_engine(POSTGRES_URL, schema=schema)
-    try:
-        await migrate(engine)
-        yield create_sessionmaker(engine)
-    finally:
-        await engine.dispose()
-        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    async with fresh_schema() as schema:
+        engine = create_engine(POSTGRES_URL, schema=schema)
+        try:
+            await migrate(engine)
+            yield create_sessionmaker(engine)
+        finally:
+            await engine.dispose()
 
 
 def keeper(sessions: async_sessionmaker[AsyncSession], name: str) -> LeaseKeeper:

@@ -33,7 +33,7 @@ from tests.cluster.test_replicas import as_client, create_request, replica_confi
 from tests.support.access import SECRET, data_need
 from tests.support.expect import expect_error
 from tests.support.marketplace import PASSWORD, RunningMarketplace, start_marketplace
-from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable
+from tests.support.postgres import POSTGRES_URL, fresh_schema, postgres_execute, postgres_reachable
 
 pytestmark = [pytest.mark.postgres, pytest.mark.nats]
 
@@ -47,19 +47,6 @@ def skip_unless_reachable() -> None:
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
     if not nats_reachable():
         pytest.skip("NATS is not reachable on 127.0.0.1:4222")
-
-
-@asynccontextmanager
-async def fresh_schema() -> AsyncIterator[str]:
-    schema = f"t_{secrets.token_hex(8)}"
-    try:
-        await postgres_execute(f"CREATE SCHEMA {schema}")
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
-    try:
-        yield schema
-    finally:
-        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @asynccontextmanager

@@ -32,7 +32,10 @@ from marketplace_server.db.models import (
     SearchRow,
 )
 from marketplace_server.db.session import MIGRATIONS_DIR, create_engine, create_sessionmaker, migrate
-from tests.support.postgres import POSTGRES_URL, postgres_execute, postgres_reachable, schema_name
+from tests.support.postgres import (
+    POSTGRES_URL,
+    fresh_schema,
+)
 
 
 def _drift(connection: Connection) -> list[Any]:
@@ -65,16 +68,12 @@ async def test_the_migrated_sqlite_schema_matches_the_models(tmp_path: Path) -> 
 
 @pytest.fixture
 async def pg_engine() -> AsyncIterator[AsyncEngine]:
-    if not postgres_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
-    schema = schema_name()
-    await postgres_execute(f"CREATE SCHEMA {schema}")
-    engine = create_engine(POSTGRES_URL, schema=schema)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    async with fresh_schema() as schema:
+        engine = create_engine(POSTGRES_URL, schema=schema)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 @pytest.mark.postgres

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import pytest
 from sqlalchemy.engine import make_url
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -41,3 +44,20 @@ async def postgres_execute(*statements: str) -> Any:
 def schema_name() -> str:
     """A fresh schema name `t_<random>`: the database is shared and persistent."""
     return f"t_{secrets.token_hex(8)}"
+
+
+@asynccontextmanager
+async def fresh_schema() -> AsyncIterator[str]:
+    """A fresh schema for one test, dropped after it; skips the test when PostgreSQL is unreachable
+    or refuses to create it (any connection or permission problem means "no PostgreSQL here")."""
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (set TEST_POSTGRES_URL)")
+    schema = schema_name()
+    try:
+        await postgres_execute(f"CREATE SCHEMA {schema}")
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not usable: {type(exc).__name__}: {exc}")
+    try:
+        yield schema
+    finally:
+        await postgres_execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
