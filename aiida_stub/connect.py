@@ -1,6 +1,6 @@
 """The Connect stream: one search-query answer per query, pongs, and status events.
 
-The handler reads requests and writes each answer straight back with
+The handler reads requests with `context.read` and writes each answer straight back with
 `context.write`, in the call's own task (no per-message task or queue: the
 fleet serves 10,000 streams and every microsecond per message shows). Status
 events arrive independently, so they go through a small per-stream map (newest
@@ -14,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
+
+import grpc
 
 from aiida_stub.instance import AiidaInstance
 from aiida_stub.matcher import matches
 from eddie.aiida.v1 import aiida_pb2
+from eddie_common.interceptors import well_formed
 from eddie_common.logging import log_event
 
 log = logging.getLogger(__name__)
+
+EOF = grpc.aio.EOF
 
 ConnectResponse = aiida_pb2.ConnectResponse
 MatchReply = aiida_pb2.MatchReply
@@ -64,18 +68,18 @@ class StatusStream:
             self._drainer.cancel()
 
 
-async def serve_connect(
-    instance: AiidaInstance, request_iterator: AsyncIterator[aiida_pb2.ConnectRequest], context: Any
-) -> None:
+async def serve_connect(instance: AiidaInstance, context: Any) -> None:
     """Answers the marketplace on one Connect stream until it closes the stream."""
     lock = asyncio.Lock()
     statuses = StatusStream(context, lock)
     instance.attach_status_sink(statuses)
     profile = instance.profile
+    read = context.read
+    write = context.write
     log_event(log, "connect_opened", logging.DEBUG, instance=instance.instance_id)
     try:
-        async for request in request_iterator:
-            kind = request.WhichOneof("message")
+        while (request := await read()) is not EOF:
+            kind = well_formed(request).WhichOneof("message")
             if kind == "search_query":
                 query = request.search_query
                 verdict = matches(profile, query.data_need, time.time())
@@ -85,7 +89,7 @@ async def serve_connect(
             else:
                 continue
             async with lock:
-                await context.write(reply)
+                await write(reply)
     finally:
         instance.detach_status_sink(statuses)
         statuses.close()

@@ -15,11 +15,11 @@ class AiidaServiceServicer(aiida_pb2_grpc.AiidaServiceServicer):
 
     async def Connect(  # type: ignore[override]
         self, request_iterator: AsyncIterator[aiida_pb2.ConnectRequest], context: Any
-    ) -> AsyncIterator[aiida_pb2.ConnectResponse]:
-        # Replies are written with context.write (see connect.py); nothing is yielded.
-        await serve_connect(current_instance(), request_iterator, context)
-        return
-        yield  # an async generator, as grpc expects of a streaming handler
+    ) -> None:
+        # grpc.aio's reader/writer form (a coroutine, not an async generator): requests are read
+        # with context.read() and replies written with context.write() (see connect.py), with no
+        # async-generator layer per stream or per message; a fleet serves 10,000 of these.
+        await serve_connect(current_instance(), context)
 
     async def ConfigureDataAccess(  # type: ignore[override]
         self, request: aiida_pb2.ConfigureDataAccessRequest, context: Any

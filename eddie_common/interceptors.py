@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,8 @@ _current_caller: contextvars.ContextVar[object | None] = contextvars.ContextVar(
 Authenticator = Callable[[str, tuple[tuple[str, str | bytes], ...]], Awaitable[object]]
 # Maps a non-domain exception (e.g. a database outage) to a DomainError, or None.
 Translator = Callable[[BaseException], DomainError | None]
+
+_T = TypeVar("_T")
 
 # Trailers past the client's metadata limit (8 KiB soft, 16 KiB hard by default) would replace the
 # error with the client's own RESOURCE_EXHAUSTED, so what an error carries is bounded.
@@ -182,6 +185,19 @@ class ServiceInterceptor(WrapOnceInterceptor):
         return call
 
     def _stream(self, behaviour: Any, method: str, needs_auth: bool, streaming: bool) -> Any:
+        if inspect.iscoroutinefunction(behaviour):
+            # The reader/writer form (`context.read()` / `context.write()`, returns None): no
+            # async-generator layer per call or per message. Requests read with `context.read()`
+            # go through `well_formed`.
+            async def respond(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                try:
+                    request = await self._admit(request, method, needs_auth, streaming, context)
+                    await behaviour(request, context)
+                except Exception as exc:
+                    await self._abort(context, method, exc)
+
+            return respond
+
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 request = await self._admit(request, method, needs_auth, streaming, context)
@@ -239,6 +255,14 @@ async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+def well_formed(request: _T) -> _T:
+    """A request a reader/writer handler read with `context.read()`: returned if it parsed, else
+    INVALID_ARGUMENT (MALFORMED_REQUEST), as for requests read by iterating."""
+    if request is _MALFORMED:
+        raise _malformed_request()
+    return request
+
+
 def _status_details(rpc_error: grpc.RpcError) -> list[any_pb2.Any]:
     try:
         # Failed calls (sync and aio) carry the code, details and trailers `from_call` reads.
@@ -289,4 +313,5 @@ __all__ = [
     "caller_as",
     "error_info",
     "rich_status",
+    "well_formed",
 ]

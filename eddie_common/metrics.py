@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -134,6 +135,19 @@ class MetricsInterceptor(WrapOnceInterceptor):
 
     def _stream(self, behaviour: Any, method: str) -> Any:
         metrics = self.metrics
+        if inspect.iscoroutinefunction(behaviour):  # the reader/writer form: it writes, returns None
+
+            async def respond(request: Any, context: Any) -> None:
+                started, begun, error = time.perf_counter(), metrics.begin(method), None
+                try:
+                    await behaviour(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    metrics.end(started, begun, _status(context, error))
+
+            return respond
 
         async def call(request: Any, context: Any) -> AsyncIterator[Any]:
             started, begun, error = time.perf_counter(), metrics.begin(method), None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from eddie.aiida.v1 import aiida_pb2
 from eddie.energy.v1 import energy_pb2
+from eddie_common.interceptors import error_info
 from tests.support.stub import RunningSink, RunningStub
 from tests.support.stub_messages import configure, data_access, data_need, read_until, status_of
 
@@ -117,3 +119,28 @@ async def test_a_query_without_a_data_need_does_not_match(stub: RunningStub) -> 
     reply = await asyncio.wait_for(call.read(), 5)
     assert (reply.match_reply.query_id, reply.match_reply.matched) == ("empty", False)
     call.cancel()
+
+
+async def test_bytes_that_are_not_a_connect_request_end_the_stream_with_invalid_argument(
+    stub: RunningStub,
+) -> None:
+    """A hostile or broken peer: the stream ends with MALFORMED_REQUEST after the good messages
+    before it were answered, and the instance keeps serving new streams."""
+    raw = stub.channel.stream_stream(
+        "/eddie.aiida.v1.AiidaService/Connect",
+        request_serializer=lambda b: b,
+        response_deserializer=aiida_pb2.ConnectResponse.FromString,
+    )
+    call = raw(metadata=stub.metadata())
+    await call.write(aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=7)).SerializeToString())
+    assert (await asyncio.wait_for(call.read(), 5)).pong.sequence == 7
+    await call.write(b"\xff\xff\xff")  # a truncated varint: not a message
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(call.read(), 5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(raised.value)
+    assert info is not None and info.reason == "MALFORMED_REQUEST"
+    again = stub.aiida.Connect(metadata=stub.metadata())
+    await again.write(aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=8)))
+    assert (await asyncio.wait_for(again.read(), 5)).pong.sequence == 8
+    again.cancel()
