@@ -11,13 +11,28 @@ Three kinds of token share one ES256 key and differ by audience:
 Verification pins the algorithm (ES256; `none` and HMAC are refused before any
 key is touched), requires a known `kid`, refuses `crit` headers, and checks
 `iss`, `aud`, `exp`, `nbf` and `iat` with a small leeway.
+
+These tokens are issued and verified without PyJWT: a marketplace restart costs
+one issue and one verification per AIIDA stream, and PyJWT's pure-Python
+parsing (a generator over every base64url character, the header parsed twice,
+segments re-encoded) cost as much again as the ECDSA operation itself. The strict
+compact-JWS path here accepts exactly what `jwt.decode` with the same options
+accepts, with the same reasons, except for two deliberate refusals PyJWT does
+not make: `=` padding (RFC 7515 §2: base64url without padding) and `exp`,
+`nbf`, `iat` that are not JSON numbers (RFC 7519 §2 NumericDate; PyJWT takes
+whatever `int()` takes, `true` and `"1_700_000_000"` included). The crypto is
+`cryptography`'s. `decode_claims` stays on PyJWT for the external identity
+provider's RS256 tokens.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -25,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from jwt.types import Options
 
 from eddie_common.errors import Unauthenticated
@@ -38,6 +55,45 @@ AUDIENCE_SINK = "eddie-sink"
 DEFAULT_ISSUER = "eddie-marketplace"
 MAX_TOKEN_LENGTH = 8192
 LEEWAY_SECONDS = 30
+REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "jti")
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_COORDINATE_BYTES = 32  # P-256: r and s of a JWS signature are 32 bytes each (RFC 7518 §3.4)
+_JSON = json.JSONEncoder(separators=(",", ":"))  # what PyJWT emits, without a new encoder per token
+
+
+# --- base64url (RFC 7515 §2: the URL-safe alphabet, no padding) ---
+
+_BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
+# The last character of a segment of length 4n+2 (4n+3) carries 4 (2) unused bits, which must be
+# zero: otherwise several spellings decode to the same bytes (PyJWT refuses them by re-encoding).
+_CANONICAL_LAST: tuple[frozenset[int], ...] = (
+    frozenset(),
+    frozenset(),
+    frozenset(b"AQgw"),
+    frozenset(b"AEIMQUYcgkosw048"),
+)
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_PADDING = (b"", b"", b"==", b"=")
+
+
+def _b64url_encode(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _is_b64url(segment: bytes) -> bool:
+    """Whether `segment` is canonical unpadded base64url (a C-speed match, then the last character)."""
+    rem = len(segment) % 4
+    return (
+        rem != 1
+        and _BASE64URL.fullmatch(segment) is not None
+        and (rem == 0 or segment[-1] in _CANONICAL_LAST[rem])
+    )
+
+
+def _b64url_decode(segment: bytes) -> bytes:
+    """The bytes of a segment `_is_b64url` accepted."""
+    return binascii.a2b_base64(segment.translate(_FROM_URLSAFE) + _PADDING[len(segment) % 4])
 
 
 def key_id_of(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -101,11 +157,29 @@ class SigningKey:
 
 
 class TokenIssuer:
-    """Signs tokens with the marketplace key."""
+    """Signs tokens with the marketplace key.
+
+    The tokens are byte for byte what `jwt.encode(payload, key, "ES256", headers={"kid": ...})`
+    makes: a sorted compact header `{"alg":"ES256","kid":...,"typ":"JWT"}`, the compact JSON payload,
+    and r||s. The header segment depends on the key only, so it is encoded once per key (`key` is
+    replaced in place on rotation).
+    """
 
     def __init__(self, key: SigningKey, issuer: str = DEFAULT_ISSUER) -> None:
         self.key = key
         self.issuer = issuer
+
+    @property
+    def key(self) -> SigningKey:
+        return self._key
+
+    @key.setter
+    def key(self, key: SigningKey) -> None:
+        header = json.dumps({"alg": ALGORITHM, "kid": key.key_id, "typ": "JWT"}, separators=(",", ":"))
+        self._header_segment = _b64url_encode(header.encode()) + b"."
+        # PyJWT refuses other curves for ES256 when signing; so does `issue`.
+        self._p256 = isinstance(key.private_key.curve, ec.SECP256R1)
+        self._key = key
 
     def issue(self, subject: str, audience: str, ttl_seconds: float, **claims: Any) -> tuple[str, float]:
         """Returns the token and its expiry (epoch seconds)."""
@@ -121,10 +195,15 @@ class TokenIssuer:
             "jti": secrets.token_urlsafe(12),
             **claims,
         }
-        token = jwt.encode(
-            payload, self.key.private_key, algorithm=ALGORITHM, headers={"kid": self.key.key_id}
-        )
-        return token, float(int(exp))
+        if not isinstance(payload["iss"], str):
+            raise TypeError("Issuer (iss) must be a string.")
+        if not self._p256:
+            raise ValueError("ES256 tokens need a P-256 key")
+        signing_input = self._header_segment + _b64url_encode(_JSON.encode(payload).encode())
+        r, s = decode_dss_signature(self._key.private_key.sign(signing_input, _ECDSA_SHA256))
+        signature = r.to_bytes(_COORDINATE_BYTES, "big") + s.to_bytes(_COORDINATE_BYTES, "big")
+        token = signing_input + b"." + _b64url_encode(signature)
+        return token.decode("ascii"), float(int(exp))
 
 
 class TokenVerifier:
@@ -144,33 +223,133 @@ class TokenVerifier:
         self.leeway = leeway
 
     def verify(self, token: str) -> dict[str, Any]:
-        """Returns the claims, or raises Unauthenticated with a precise reason."""
+        """Returns the claims, or raises Unauthenticated with a precise reason.
+
+        The checks, their order and their reasons are those of `jwt.get_unverified_header` followed
+        by `jwt.decode(token, key, ["ES256"], audience=..., issuer=..., leeway=...,
+        options={"require": REQUIRED_CLAIMS, "strict_aud": True})`, as this verifier did on PyJWT
+        (tests/security/tokens/test_verifier_differential.py holds it to that).
+        """
         if not token or len(token) > MAX_TOKEN_LENGTH:
-            raise Unauthenticated("invalid token", reason="TOKEN_INVALID")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthenticated("invalid token", reason="TOKEN_INVALID") from None
+            raise _invalid()
+        header, signing_input, payload_segment, signature_segment = _split_compact(token)
+        kid = header.get("kid")
+        if "kid" in header and not isinstance(kid, str):
+            raise _invalid()
+        if "crit" in header and not _crit_understood_by_pyjwt(header):
+            raise _invalid()  # PyJWT refuses these before it looks at `alg`
+        b64 = header.get("b64", True)
+        if b64 is False and payload_segment:
+            raise _invalid()  # an unencoded (RFC 7797) payload travels detached: the segment is empty
         if header.get("alg") != ALGORITHM:
             raise Unauthenticated("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
         if "crit" in header:
             raise Unauthenticated("token has unsupported critical headers", reason="TOKEN_INVALID")
-        kid = header.get("kid")
         key = self.public_keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
-        claims = decode_claims(
-            token,
-            key,
-            ALGORITHM,
-            audience=self.audience,
-            issuer=self.issuer,
-            leeway=self.leeway,
-            options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"], "strict_aud": True},
-        )
-        if not isinstance(claims.get("sub"), str):
-            raise Unauthenticated("invalid token", reason="TOKEN_INVALID")
+        if b64 is False:
+            raise _invalid()  # PyJWT: `b64` needs a `crit` (refused above) and a detached payload
+        _verify_es256(key, signing_input, signature_segment)
+        claims = _json_object(payload_segment)
+        self._check_claims(claims)
         return claims
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        """PyJWT's claim checks, in its order: required, iat, nbf, exp, iss, aud (strict), sub, jti."""
+        for name in REQUIRED_CLAIMS:
+            if claims.get(name) is None:
+                raise _invalid()
+        now = time.time()
+        if _numeric_date(claims["iat"]) > now + self.leeway:
+            raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID")
+        if "nbf" in claims and _numeric_date(claims["nbf"]) > now + self.leeway:
+            raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID")
+        if _numeric_date(claims["exp"]) <= now - self.leeway:
+            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED")
+        iss = claims["iss"]
+        if not isinstance(iss, str) or iss != self.issuer:
+            raise Unauthenticated("token from another issuer", reason="TOKEN_WRONG_ISSUER")
+        aud = claims["aud"]
+        if not aud:
+            raise _invalid()  # PyJWT: an empty audience is a missing one
+        if not isinstance(aud, str) or aud != self.audience:
+            raise Unauthenticated("token not meant for this service", reason="TOKEN_WRONG_AUDIENCE")
+        if not isinstance(claims["sub"], str) or not isinstance(claims["jti"], str):
+            raise _invalid()
+
+
+def _invalid() -> Unauthenticated:
+    return Unauthenticated("invalid token", reason="TOKEN_INVALID")
+
+
+def _split_compact(token: str) -> tuple[dict[str, Any], bytes, bytes, bytes]:
+    """The header, signing input, payload and signature segments of a compact JWS.
+
+    Exactly three segments, each canonical unpadded base64url; the header a JSON object. Every
+    segment is checked here, before anything in the header is believed, as PyJWT does.
+    """
+    try:
+        data = token.encode("ascii")
+    except UnicodeEncodeError:
+        raise _invalid() from None
+    segments = data.split(b".")
+    if len(segments) != 3:
+        raise _invalid()
+    header_segment, payload_segment, signature_segment = segments
+    if not (_is_b64url(header_segment) and _is_b64url(payload_segment) and _is_b64url(signature_segment)):
+        raise _invalid()
+    header = _json_object(header_segment)
+    return header, data[: len(header_segment) + 1 + len(payload_segment)], payload_segment, signature_segment
+
+
+def _json_object(segment: bytes) -> dict[str, Any]:
+    """The JSON object a checked segment encodes. Duplicate keys: the last one wins, as in PyJWT
+    (refusing them would cost a Python hook per object, and only our own key signs what gets here)."""
+    try:
+        value = json.loads(_b64url_decode(segment))
+    except (ValueError, RecursionError):
+        raise _invalid() from None
+    if not isinstance(value, dict):
+        raise _invalid()
+    return value
+
+
+def _crit_understood_by_pyjwt(header: dict[str, Any]) -> bool:
+    """Whether PyJWT gets past this `crit` to the `alg` check: a non-empty list of extensions it
+    implements (only `b64`), each present in the header."""
+    crit = header["crit"]
+    return isinstance(crit, list) and bool(crit) and all(ext == "b64" for ext in crit) and "b64" in header
+
+
+def _verify_es256(key: object, signing_input: bytes, signature_segment: bytes) -> None:
+    """ECDSA P-256 SHA-256 over `signing_input`; the signature is r||s, 32 bytes each (RFC 7518 §3.4)."""
+    signature = _b64url_decode(signature_segment)
+    if (
+        len(signature) != 2 * _COORDINATE_BYTES
+        or not isinstance(key, ec.EllipticCurvePublicKey)
+        or not isinstance(key.curve, ec.SECP256R1)
+    ):
+        raise _invalid()
+    der = encode_dss_signature(
+        int.from_bytes(signature[:_COORDINATE_BYTES], "big"),
+        int.from_bytes(signature[_COORDINATE_BYTES:], "big"),
+    )
+    try:
+        key.verify(der, signing_input, _ECDSA_SHA256)
+    except InvalidSignature:
+        raise _invalid() from None
+
+
+def _numeric_date(value: Any) -> int:
+    """A NumericDate claim as PyJWT compares it (`int()`, truncating), but only from a JSON number:
+    PyJWT's `int()` also takes `true` and numeric strings, RFC 7519 §2 does not."""
+    if type(value) is not int and type(value) is not float:
+        raise _invalid()
+    try:
+        return int(value)
+    except (ValueError, OverflowError):  # NaN, Infinity (Python's json reads both)
+        raise _invalid() from None
 
 
 def decode_claims(
