@@ -31,6 +31,7 @@ from aiida_stub.streamer import SimClock, SinkChannels
 from eddie.aiida.v1 import aiida_pb2, aiida_pb2_grpc
 from eddie.marketplace.v1 import instance_pb2_grpc
 from eddie_common.cli import split_host_port
+from eddie_common.collector import tune_collector
 from eddie_common.interceptors import ServiceInterceptor
 from eddie_common.logging import log_event
 from eddie_common.metrics import announce_metrics
@@ -79,6 +80,8 @@ class AiidaApp:
         for instance in self.instances.values():
             instance.resume_streaming()
         self.registration = asyncio.get_running_loop().create_task(self._register())
+        if len(self.instances) > 1:  # a fleet: thousands of streams, tuned as the marketplace is
+            tune_collector()
         gc.freeze()  # the long-lived objects exist now; the collector need not walk them again
 
     async def _register(self) -> None:

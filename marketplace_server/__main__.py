@@ -20,7 +20,7 @@ log = logging.getLogger("marketplace_server")
 
 async def serve(config: Config) -> None:
     # Imported here: the services take seconds to import, and bad input is reported before that.
-    from marketplace_server.aiida.heap import tune_collector
+    from eddie_common.collector import tune_collector
     from marketplace_server.server import create_server
 
     tune_collector()

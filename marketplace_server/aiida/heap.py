@@ -24,22 +24,6 @@ from eddie_common.logging import log_event
 log = logging.getLogger(__name__)
 
 
-# The collector's thresholds for a process holding thousands of streams. CPython collects the young
-# generation every 700 net allocations; a search over 10,000 streams has several objects in flight per
-# stream (the write, its future, the reply), so it ran thousands of young collections that each walked
-# the objects in flight, and a dozen full ones: measured (gc.callbacks) 0.55 s of the 1.2 s of CPU a
-# search at 10,000 took. At 50,000 a search runs a few young collections and almost never a full one
-# (84 instead of 108-114 us of CPU per instance per search in the same setup). The price is up to
-# 50,000 young objects of cyclic garbage waiting a little longer: a few MiB.
-THRESHOLDS = (50_000, 20, 10)
-
-
-def tune_collector() -> None:
-    """Sets THRESHOLDS (the marketplace calls it once at start-up)."""
-    gc.set_threshold(*THRESHOLDS)
-    log_event(log, "gc_thresholds", logging.DEBUG, thresholds=list(THRESHOLDS))
-
-
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None (another libc, another system)."""
     if not sys.platform.startswith("linux"):
