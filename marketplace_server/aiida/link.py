@@ -243,6 +243,10 @@ class InstanceLink:
                 first: Any = await call.read()
         if first is grpc.aio.EOF:
             return False
+        # The stream is open and its token sent. grpc.aio's call keeps its Python copy of the
+        # call metadata only to start the call; dropped, each connected instance costs ~0.6 KiB
+        # less (the token is ~450 characters). An attribute grpc renames only stops the saving.
+        call._metadata = ()
         self._backlog.clear()
         self.connected = True
         await self.manager.on_link_up(self)
