@@ -80,8 +80,8 @@ class AiidaApp:
         for instance in self.instances.values():
             instance.resume_streaming()
         self.registration = asyncio.get_running_loop().create_task(self._register())
-        if len(self.instances) > 1:  # a fleet: thousands of streams, tuned as the marketplace is
-            tune_collector()
+        if len(self.instances) > 1:  # a fleet: a stream per instance, tuned as the marketplace is
+            tune_collector(streams=len(self.instances))
         gc.freeze()  # the long-lived objects exist now; the collector need not walk them again
 
     async def _register(self) -> None:

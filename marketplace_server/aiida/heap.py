@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from eddie_common.collector import tune_collector
 from eddie_common.logging import log_event
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ _TRIM = _malloc_trim()
 
 
 class HeapFreezer:
-    def __init__(self, quiet_seconds: float = 3.0) -> None:
+    def __init__(self, quiet_seconds: float = 3.0, streams: Callable[[], int] | None = None) -> None:
         self.quiet_seconds = quiet_seconds
+        self.streams = streams  # how many long-lived streams there are: the collector is tuned to it
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
         self.freezes = 0
@@ -67,6 +69,8 @@ class HeapFreezer:
 
     def _freeze(self) -> None:
         started = time.perf_counter()
+        if self.streams is not None:
+            tune_collector(self.streams())
         gc.unfreeze()
         gc.collect()
         gc.freeze()

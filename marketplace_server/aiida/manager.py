@@ -84,7 +84,7 @@ class ConnectionManager:
         self._tasks: list[asyncio.Task[None]] = []
         self.status_listeners: list[StatusListener] = []
         self.up_listeners: list[UpListener] = []
-        self.heap = HeapFreezer()
+        self.heap = HeapFreezer(streams=lambda: len(self.links))
         # Cluster mode (marketplace_server.cluster.node): which instances this replica holds
         # streams for, and where an ensure for another replica's instance goes.
         self.owns: Callable[[str], bool] = _everything

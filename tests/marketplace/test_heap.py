@@ -66,3 +66,23 @@ def test_a_freeze_gives_the_freed_c_heap_back_to_the_system(monkeypatch: pytest.
     finally:
         gc.unfreeze()
     assert trimmed == [0] and freezer.freezes == 1
+
+
+async def test_a_freeze_scales_the_young_generation_with_the_streams() -> None:
+    """A search keeps a few objects per stream in flight: the young generation's threshold grows
+    with the streams, so a search over all of them does not trigger young collections."""
+    from eddie_common.collector import THRESHOLDS, YOUNG_PER_STREAM
+
+    before = gc.get_threshold()
+    streams = 10_000
+    freezer = HeapFreezer(quiet_seconds=0.01, streams=lambda: streams)
+    try:
+        freezer._freeze()
+        assert gc.get_threshold() == (YOUNG_PER_STREAM * 10_000, *THRESHOLDS[1:])
+        streams = 10  # few streams: never below the base threshold
+        freezer._freeze()
+        assert gc.get_threshold() == THRESHOLDS
+    finally:
+        freezer.stop()
+        gc.unfreeze()
+        gc.set_threshold(*before)
