@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Coroutine
@@ -104,8 +105,15 @@ class InstanceLink:
     # --- lifecycle ---
 
     def start(self) -> None:
-        self._supervisor = task = asyncio.create_task(self._supervise(), name=f"link:{self.instance_id}")
-        task.add_done_callback(self._supervisor_ended)
+        # A fresh, empty context: a link is usually started inside the RPC that claimed or
+        # registered its instance, and a task copies the context it is created in, which would keep
+        # that caller (its Principal and the context's nodes) alive as long as the link runs, and
+        # let it leak into what the link does. The link acts for the marketplace, not the caller.
+        context = contextvars.Context()
+        self._supervisor = task = asyncio.create_task(
+            self._supervise(), name=f"link:{self.instance_id}", context=context
+        )
+        task.add_done_callback(self._supervisor_ended, context=context)  # (None would copy the caller's)
 
     def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
         """A supervisor ends only when the link is stopped; one that died is logged and restarted,
@@ -251,10 +259,12 @@ class InstanceLink:
         self.connected = True
         await self.manager.on_link_up(self)
         self._handle(first)
+        del first
         read = call.read
         handle = self._handle
         while (message := await read()) is not grpc.aio.EOF:
             handle(message)
+            message = None  # not held while the stream waits for the next one
         return True
 
     async def _on_disconnected(self) -> None:

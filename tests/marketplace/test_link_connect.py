@@ -90,3 +90,40 @@ async def test_writes_abandoned_when_streams_break_leave_no_unretrieved_errors(t
         await aiida.stop()
         await engine.dispose()
     assert not [m for m in unhandled if "never retrieved" in m]
+
+
+class _Caller:
+    """Stands for the principal of the RPC that claimed the instance."""
+
+
+async def test_a_link_does_not_keep_the_caller_of_the_rpc_that_started_it(tmp_path: Path) -> None:
+    """A link is started inside the RPC that claimed its instance; it must not hold that RPC's
+    context (the caller's principal) for as long as the stream lives, nor act as that caller."""
+    import contextvars
+    import weakref
+
+    caller_var: contextvars.ContextVar[object | None] = contextvars.ContextVar("caller", default=None)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await migrate(engine)
+    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
+    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    aiida = await start_aiida()
+    try:
+        caller = _Caller()
+        gone = weakref.ref(caller)
+
+        async def claim_rpc() -> None:
+            caller_var.set(caller)
+            manager.link("inst-1", aiida.address)
+
+        await asyncio.create_task(claim_rpc())
+        del caller
+        async with asyncio.timeout(8):
+            while not manager.is_connected("inst-1"):
+                await asyncio.sleep(0.05)
+        gc.collect()
+        assert gone() is None, "the connected link keeps the claiming RPC's caller alive"
+    finally:
+        await manager.stop()
+        await aiida.stop()
+        await engine.dispose()
