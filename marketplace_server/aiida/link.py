@@ -1,12 +1,14 @@
 """One long-lived `AiidaService.Connect` stream to one instance, kept up with backoff.
 
-A link owns one long-lived task, the supervisor (connect, read, reconnect).
-Writes go through a small bounded per-link backlog, so a slow instance never
-blocks a search or another instance. Queries are written pre-serialized, and a
-write is driven without a task of its own: the fan-out starts it inline (grpc
-hands the message to its core at once) and the write's completion callback
-finishes it and starts the next queued one. A search thus costs no task, timer
-or event-loop round per instance on the way out.
+A link's supervisor task opens the stream (connect, backoff, retry) and ends
+once it is open: reads, like writes, are then driven by their completion
+callbacks, so thousands of open streams hold no task each; when the stream
+ends, a new supervisor reports it down and reconnects. Writes go through a
+small bounded per-link backlog, so a slow instance never blocks a search or
+another instance. Queries are written pre-serialized, and the fan-out starts a
+write inline (grpc hands the message to its core at once); its completion
+callback finishes it and starts the next queued one. A search thus costs no
+task, timer or event-loop round per instance on the way out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from eddie_common.logging import log_event
 from eddie_common.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# The (empty) context the read callbacks of every open stream run in: a link acts for the
+# marketplace, and a context per pending read would cost each open stream one more object.
+_READ_CONTEXT = contextvars.Context()
 
 CONNECT_METHOD = "/eddie.aiida.v1.AiidaService/Connect"
 SEND_QUEUE_SIZE = 64
@@ -65,6 +71,8 @@ class InstanceLink:
         "_call",
         "_flooded",
         "_ping_seq",
+        "_read_waits_on",
+        "_reading",
         "_stopped",
         "_supervisor",
         "_unsolicited",
@@ -94,6 +102,10 @@ class InstanceLink:
         # The write in progress (a `call.write` coroutine) and the future it waits on.
         self._writing: Coroutine[Any, Any, None] | None = None
         self._write_waits_on: asyncio.Future[Any] | None = None
+        # The read in progress while the stream is open (a `call.read` coroutine) and the future it
+        # waits on: reads are driven by callbacks as writes are, so an open stream has no task.
+        self._reading: Coroutine[Any, Any, Any] | None = None
+        self._read_waits_on: asyncio.Future[Any] | None = None
         self._ping_seq = 0
         self._unsolicited = 0
         self._unsolicited_window = 0.0
@@ -104,23 +116,26 @@ class InstanceLink:
 
     # --- lifecycle ---
 
-    def start(self) -> None:
+    def start(self, stream_ended: bool = False) -> None:
         # A fresh, empty context: a link is usually started inside the RPC that claimed or
         # registered its instance, and a task copies the context it is created in, which would keep
         # that caller (its Principal and the context's nodes) alive as long as the link runs, and
         # let it leak into what the link does. The link acts for the marketplace, not the caller.
         context = contextvars.Context()
         self._supervisor = task = asyncio.create_task(
-            self._supervise(), name=f"link:{self.instance_id}", context=context
+            self._supervise(stream_ended), name=f"link:{self.instance_id}", context=context
         )
         task.add_done_callback(self._supervisor_ended, context=context)  # (None would copy the caller's)
 
     def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
-        """A supervisor ends only when the link is stopped; one that died is logged and restarted,
-        or the instance would stay unreachable for good (a later re-registration finds no one to wake)."""
+        """A supervisor ends when its stream is open (reading needs no task) or the link is stopped;
+        one that died is logged and restarted, or the instance would stay unreachable for good (a
+        later re-registration finds no one to wake)."""
         if self._stopped or task.cancelled():
             return
         exc = task.exception()
+        if exc is None:
+            return
         log.error("aiida_link_supervisor_died", exc_info=exc, extra={"instance": self.instance_id})
         self.connected = False
         self._call = None
@@ -129,12 +144,14 @@ class InstanceLink:
     async def stop(self) -> None:
         self._stopped = True
         self._abandon_writes()
+        self._abandon_read()
         task = self._supervisor
         if task is not None:
             if not task.done():
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._on_disconnected()  # an open stream has no supervisor to do it
 
     def readdress(self, address: str) -> None:
         """The instance re-registered (maybe elsewhere): reconnect now."""
@@ -199,11 +216,21 @@ class InstanceLink:
 
     # --- the connection loop ---
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, stream_ended: bool = False) -> None:
+        """Opens the stream, retrying with backoff, and returns once it is open: reading then goes
+        on without a task (`_advance_read`), and a new supervisor starts when the stream ends
+        (`stream_ended`: a stream that was open ended, or was cut)."""
+        if stream_ended:
+            await self._on_disconnected()
+            # A stream this link dropped for flooding does not count as a good connection: its
+            # backoff keeps growing instead of restarting from the shortest delay.
+            self.failed_attempts = self.failed_attempts + 1 if self._flooded else 0
+            self._flooded = False
+            await self._back_off(self.manager.reconnect_backoff.delay(self.failed_attempts + 1))
         while not self._stopped:
             opened = False
             try:
-                opened = await self._run_once()
+                opened = await self._open()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if self._stopped or (task is not None and task.cancelling()):
@@ -216,10 +243,11 @@ class InstanceLink:
                     log, "aiida_stream_error", logging.DEBUG, instance=self.instance_id, error=repr(exc)
                 )
             finally:
-                await self._on_disconnected()
-            # A stream this link dropped for flooding does not count as a good connection: its
-            # backoff keeps growing instead of restarting from the shortest delay.
-            self.failed_attempts = 0 if opened and not self._flooded else self.failed_attempts + 1
+                if not opened:
+                    await self._on_disconnected()
+            if opened:
+                return
+            self.failed_attempts += 1
             self._flooded = False
             await self._back_off(self.manager.reconnect_backoff.delay(self.failed_attempts + 1))
 
@@ -233,7 +261,8 @@ class InstanceLink:
         finally:
             self._wake = None
 
-    async def _run_once(self) -> bool:
+    async def _open(self) -> bool:
+        """Opens the stream (a ping and its pong) and starts reading; False if it ended at once."""
         async with self.manager.connect_slots:
             # The token is signed once a slot is free: after a restart 10,000 links start at once,
             # and signing every token before the first stream opens held them all back ~0.3 s.
@@ -259,13 +288,68 @@ class InstanceLink:
         self.connected = True
         await self.manager.on_link_up(self)
         self._handle(first)
-        del first
-        read = call.read
-        handle = self._handle
-        while (message := await read()) is not grpc.aio.EOF:
-            handle(message)
-            message = None  # not held while the stream waits for the next one
+        if self._call is call and not self._stopped:
+            self._reading = call.read()
+            self._advance_read(None)
         return True
+
+    def _advance_read(self, done: asyncio.Future[Any] | None) -> None:
+        """Runs the read in progress up to its next wait, handles what it read and starts the next
+        read (what the reading task's step would do, without a task per open stream).
+
+        `done` is the future whose completion called us; a callback left over from a read that
+        was abandoned (the link stopped) finds another future pending and does nothing.
+        """
+        if done is not self._read_waits_on:
+            if done is not None and not done.cancelled():
+                done.exception()  # an abandoned read's failure: retrieved, or asyncio logs it at exit
+            return
+        reading = self._reading
+        while reading is not None:
+            try:
+                waits_on = reading.send(None)
+            except StopIteration as read:
+                if read.value is grpc.aio.EOF:
+                    self._stream_ended()
+                    return
+                try:
+                    self._handle(read.value)
+                except Exception as exc:  # a reply that did not parse (grpc.aio hands None): drop it
+                    log_event(
+                        log, "aiida_stream_error", logging.DEBUG, instance=self.instance_id, error=repr(exc)
+                    )
+                    self._stream_ended()
+                    return
+                if self._reading is not reading:  # abandoned meanwhile
+                    return
+                reading = self._reading = self._call.read()
+                continue
+            except (Exception, asyncio.CancelledError) as exc:  # the stream broke, or was cancelled
+                log_event(
+                    log, "aiida_stream_ended", logging.DEBUG, instance=self.instance_id, error=repr(exc)
+                )
+                self._stream_ended()
+                return
+            if waits_on is None:  # a bare yield: go again on the next loop iteration
+                self._read_waits_on = None
+                asyncio.get_running_loop().call_soon(self._advance_read, None, context=_READ_CONTEXT)
+                return
+            waits_on._asyncio_future_blocking = False
+            self._read_waits_on = waits_on
+            waits_on.add_done_callback(self._advance_read, context=_READ_CONTEXT)
+            return
+        self._read_waits_on = None
+
+    def _stream_ended(self) -> None:
+        """The open stream ended: a new supervisor reports it down and reconnects."""
+        self._reading = self._read_waits_on = None
+        if not self._stopped:
+            self.start(stream_ended=True)
+
+    def _abandon_read(self) -> None:
+        reading, self._reading, self._read_waits_on = self._reading, None, None
+        if reading is not None:
+            reading.close()
 
     async def _on_disconnected(self) -> None:
         self._abandon_writes()

@@ -112,11 +112,11 @@ async def test_a_link_does_not_keep_the_caller_of_the_rpc_that_started_it(tmp_pa
         caller = _Caller()
         gone = weakref.ref(caller)
 
-        async def claim_rpc() -> None:
-            caller_var.set(caller)
+        async def claim_rpc(who: _Caller) -> None:
+            caller_var.set(who)
             manager.link("inst-1", aiida.address)
 
-        await asyncio.create_task(claim_rpc())
+        await asyncio.create_task(claim_rpc(caller))
         del caller
         async with asyncio.timeout(8):
             while not manager.is_connected("inst-1"):
