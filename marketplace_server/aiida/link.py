@@ -18,8 +18,8 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -183,9 +183,7 @@ class InstanceLink:
         `done` is the future whose completion called us; a callback left over from a write
         that was abandoned (the stream broke) finds another future pending and does nothing.
         """
-        if done is not self._write_waits_on:
-            if done is not None and not done.cancelled():
-                done.exception()  # an abandoned write's failure: retrieved, or asyncio logs it at exit
+        if _stale(done, self._write_waits_on):
             return
         writing = self._writing
         while writing is not None:
@@ -198,13 +196,7 @@ class InstanceLink:
                 self._writing = self._write_waits_on = None
                 self._backlog.clear()
                 return
-            if waits_on is None:  # a bare yield: go again on the next loop iteration
-                self._write_waits_on = None
-                asyncio.get_running_loop().call_soon(self._advance_write, None)
-                return
-            waits_on._asyncio_future_blocking = False
-            self._write_waits_on = waits_on
-            waits_on.add_done_callback(self._advance_write)
+            self._write_waits_on = _resume_when(waits_on, self._advance_write)
             return
         self._write_waits_on = None
 
@@ -300,9 +292,7 @@ class InstanceLink:
         `done` is the future whose completion called us; a callback left over from a read that
         was abandoned (the link stopped) finds another future pending and does nothing.
         """
-        if done is not self._read_waits_on:
-            if done is not None and not done.cancelled():
-                done.exception()  # an abandoned read's failure: retrieved, or asyncio logs it at exit
+        if _stale(done, self._read_waits_on):
             return
         reading = self._reading
         while reading is not None:
@@ -330,13 +320,7 @@ class InstanceLink:
                 )
                 self._stream_ended()
                 return
-            if waits_on is None:  # a bare yield: go again on the next loop iteration
-                self._read_waits_on = None
-                asyncio.get_running_loop().call_soon(self._advance_read, None, context=_READ_CONTEXT)
-                return
-            waits_on._asyncio_future_blocking = False
-            self._read_waits_on = waits_on
-            waits_on.add_done_callback(self._advance_read, context=_READ_CONTEXT)
+            self._read_waits_on = _resume_when(waits_on, self._advance_read, _READ_CONTEXT)
             return
         self._read_waits_on = None
 
@@ -390,3 +374,31 @@ class InstanceLink:
     def ping(self) -> None:
         self._ping_seq += 1
         self.send(aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString())
+
+
+# What a task's step does with the coroutine it drives, for the read and write drivers above.
+
+
+def _stale(done: asyncio.Future[Any] | None, waiting_on: asyncio.Future[Any] | None) -> bool:
+    """Whether a driver's callback comes from a step that was abandoned (the stream broke or the
+    link stopped): `done`, the future that called it, is not the one the driver waits on now."""
+    if done is waiting_on:
+        return False
+    if done is not None and not done.cancelled():
+        done.exception()  # an abandoned step's failure: retrieved, or asyncio logs it at exit
+    return True
+
+
+def _resume_when(
+    waits_on: Any,
+    resume: Callable[[asyncio.Future[Any] | None], None],
+    context: contextvars.Context | None = None,
+) -> asyncio.Future[Any] | None:
+    """Arranges for `resume` to run when the future a coroutine step yielded completes, or on the
+    next loop iteration for a bare yield (None); returns the future the driver now waits on."""
+    if waits_on is None:
+        asyncio.get_running_loop().call_soon(resume, None, context=context)
+        return None
+    waits_on._asyncio_future_blocking = False
+    waits_on.add_done_callback(resume, context=context)
+    return cast("asyncio.Future[Any]", waits_on)
