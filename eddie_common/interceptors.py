@@ -250,9 +250,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 async def _well_formed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        if request is _MALFORMED:
-            raise _malformed_request()
-        yield request
+        yield well_formed(request)
 
 
 def well_formed(request: _T) -> _T:
