@@ -1,7 +1,7 @@
 """`make bench`: the search fan-out against the bare grpc.aio floor, and W6 latencies.
 
 Prints a table and writes bench/results/bench.json. Usage:
-    python -m bench.run [--sizes 1000,10000] [--searches 7] [--skip-access] [--sink-churn]
+    python -m bench.run [--sizes 1000,10000] [--searches K] [--skip-access] [--sink-churn]
                         [--cluster [--cluster-sizes 10000] [--cluster-searches 15] [--cluster-idle 30]]
 
 `--sink-churn` adds the sink-under-churn soak (bench/sink_churn.py, issue 15.7);
@@ -25,6 +25,8 @@ from typing import Any
 from bench import search
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Timed searches per size and kind by default: SAMPLES_PER_SIZE / N, at least 7 (25 at 1,000, 7 at 10,000).
+SAMPLES_PER_SIZE = 25_000
 SEARCH_LABELS = {
     "broad_50": "broad search 50 %",
     "broad_80": "broad search 80 %",
@@ -114,7 +116,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="1000,10000", help="comma-separated fleet sizes")
-    parser.add_argument("--searches", type=int, default=7, help="searches per size (after one warm-up)")
+    parser.add_argument(
+        "--searches",
+        type=int,
+        default=0,
+        help="timed searches per size and kind, the floor's too (after one warm-up); default: "
+        f"{SAMPLES_PER_SIZE:,} / N, at least 7 (a p50 of 7 samples at 1,000 moved by 10 %% between runs)",
+    )
     parser.add_argument(
         "--skip-access", action="store_true", help="skip the W6 approval/revocation latencies"
     )
@@ -151,10 +159,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eddie-bench-") as tmp:
         work = Path(tmp)
         for n in (int(s) for s in args.sizes.split(",") if s):
+            searches = args.searches or max(7, SAMPLES_PER_SIZE // n)
             print(f"N={n:,}: floor ...", flush=True)
-            floor = search.floor(n, args.searches, work)
+            floor = search.floor(n, searches, work)
             print(f"N={n:,}: marketplace + fleet ...", flush=True)
-            product = search.product(n, args.searches, work)
+            product = search.product(n, searches, work)
             report["search"].append(
                 {
                     "n": n,

@@ -69,6 +69,7 @@ class InstanceLink:
     __slots__ = (
         "_backlog",
         "_call",
+        "_core",
         "_flooded",
         "_ping_seq",
         "_read_waits_on",
@@ -98,6 +99,7 @@ class InstanceLink:
         self.written = 0.0  # the last_seen last queued for the database (manager._ping_forever)
         self._backlog: list[bytes] = []
         self._call: Any = None
+        self._core: Any = None  # the open call's message I/O (`_core_of`)
         self._supervisor: asyncio.Task[None] | None = None
         # The write in progress (a `call.write` coroutine) and the future it waits on.
         self._writing: Coroutine[Any, Any, None] | None = None
@@ -131,6 +133,8 @@ class InstanceLink:
         """A supervisor ends when its stream is open (reading needs no task) or the link is stopped;
         one that died is logged and restarted, or the instance would stay unreachable for good (a
         later re-registration finds no one to wake)."""
+        if self._supervisor is task:
+            self._supervisor = None  # an open stream's link keeps no finished task (its name, its context)
         if self._stopped or task.cancelled():
             return
         exc = task.exception()
@@ -171,7 +175,7 @@ class InstanceLink:
         if not self.connected or len(self._backlog) >= SEND_QUEUE_SIZE:
             return False
         if self._writing is None:
-            self._writing = self._call.write(payload)
+            self._writing = self._core.send_serialized_message(payload)
             self._advance_write(None)
         else:
             self._backlog.append(payload)
@@ -190,11 +194,16 @@ class InstanceLink:
             try:
                 waits_on = writing.send(None)
             except StopIteration:  # written; start the next queued message, if any
-                writing = self._writing = self._call.write(self._backlog.pop(0)) if self._backlog else None
+                backlog = self._backlog
+                writing = self._writing = (
+                    self._core.send_serialized_message(backlog.pop(0)) if backlog else None
+                )
                 continue
-            except (Exception, asyncio.CancelledError):  # the stream broke; the reader reconnects
+            except (Exception, asyncio.CancelledError):  # the stream broke; the reader sees it end
                 self._writing = self._write_waits_on = None
                 self._backlog.clear()
+                if self._call is not None:
+                    self._call.cancel()  # (grpc.aio's write would have failed the call; the read then ends)
                 return
             self._write_waits_on = _resume_when(waits_on, self._advance_write)
             return
@@ -276,12 +285,13 @@ class InstanceLink:
         # call metadata only to start the call; dropped, each connected instance costs ~0.6 KiB
         # less (the token is ~450 characters). An attribute grpc renames only stops the saving.
         call._metadata = ()
+        self._core = _core_of(call)
         self._backlog.clear()
         self.connected = True
         await self.manager.on_link_up(self)
         self._handle(first)
         if self._call is call and not self._stopped:
-            self._reading = call.read()
+            self._reading = self._core.receive_serialized_message()
             self._advance_read(None)
         return True
 
@@ -303,8 +313,8 @@ class InstanceLink:
                     self._stream_ended()
                     return
                 try:
-                    self._handle(read.value)
-                except Exception as exc:  # a reply that did not parse (grpc.aio hands None): drop it
+                    self._handle(_parse(read.value))
+                except Exception as exc:  # a reply that did not parse: the stream is dropped
                     log_event(
                         log, "aiida_stream_error", logging.DEBUG, instance=self.instance_id, error=repr(exc)
                     )
@@ -312,7 +322,7 @@ class InstanceLink:
                     return
                 if self._reading is not reading:  # abandoned meanwhile
                     return
-                reading = self._reading = self._call.read()
+                reading = self._reading = self._core.receive_serialized_message()
                 continue
             except (Exception, asyncio.CancelledError) as exc:  # the stream broke, or was cancelled
                 log_event(
@@ -340,6 +350,7 @@ class InstanceLink:
         if self._call is not None:
             self._call.cancel()
             self._call = None
+        self._core = None
         if self.connected:
             self.connected = False
             await self.manager.on_link_down(self)
@@ -374,6 +385,52 @@ class InstanceLink:
     def ping(self) -> None:
         self._ping_seq += 1
         self.send(aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString())
+
+
+# The open stream's message I/O. grpc.aio's `write` and `read` each wrap the core call's own
+# coroutine in two more (style checks, the call's preparation, (de)serialization); once the stream is
+# open (its first write and read done) those checks have nothing left to do, and the queries are
+# already serialized. Driving the core call's coroutines directly saves four coroutine objects per
+# instance per search and two per idle stream (the pending read). Measured on the floor's own
+# round trips at 10,000 streams: 64-65 -> 53-58 us of CPU per stream; in the bench, 34.2 -> 32.2 KiB
+# per connected AIIDA after claiming. grpcio is pinned; should a release rename these, the public
+# calls are used instead (a test runs both).
+
+
+def _core_of(call: Any) -> Any:
+    """What a link reads and writes the open `call` through: grpc.aio's core call, or the call's
+    public `write`/`read` (`_PublicIO`) where the core call is not found."""
+    core = getattr(call, "_cython_call", None)
+    if callable(getattr(core, "send_serialized_message", None)) and callable(
+        getattr(core, "receive_serialized_message", None)
+    ):
+        return core
+    return _PublicIO(call)
+
+
+class _PublicIO:
+    """The open call's public API under the core call's method names."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def send_serialized_message(self, payload: bytes) -> Coroutine[Any, Any, None]:
+        return cast("Coroutine[Any, Any, None]", self._call.write(payload))
+
+    def receive_serialized_message(self) -> Coroutine[Any, Any, Any]:
+        return cast("Coroutine[Any, Any, Any]", self._call.read())
+
+
+def _parse(read: Any) -> aiida_pb2.ConnectResponse:
+    """A reply as the core call hands it (bytes), or as grpc.aio's `read` does (parsed, or None
+    when it did not parse)."""
+    if isinstance(read, bytes):
+        return aiida_pb2.ConnectResponse.FromString(read)
+    if read is None:
+        raise ValueError("the reply is not a ConnectResponse")
+    return cast("aiida_pb2.ConnectResponse", read)
 
 
 # What a task's step does with the coroutine it drives, for the read and write drivers above.

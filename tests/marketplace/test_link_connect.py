@@ -13,7 +13,10 @@ import contextlib
 import gc
 from pathlib import Path
 
+import pytest
+
 from eddie.energy.v1 import energy_pb2
+from eddie_common.retry import Backoff
 from eddie_common.tokens import SigningKey, TokenIssuer
 from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.config import Config
@@ -123,6 +126,72 @@ async def test_a_link_does_not_keep_the_caller_of_the_rpc_that_started_it(tmp_pa
                 await asyncio.sleep(0.05)
         gc.collect()
         assert gone() is None, "the connected link keeps the claiming RPC's caller alive"
+    finally:
+        await manager.stop()
+        await aiida.stop()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("io", ["core", "public"])
+async def test_an_open_stream_searches_reports_and_reconnects_through_either_io_path(
+    tmp_path: Path, io: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open stream's messages go through grpc.aio's core call (`_core_of`), or through the call's
+    public write/read should a grpc release no longer have it: both search (every reply tallied,
+    several queries queued behind each other), carry statuses, and reconnect when the stream ends."""
+    from marketplace_server.aiida import link as link_module
+
+    if io == "public":
+        monkeypatch.setattr(link_module, "_core_of", link_module._PublicIO)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await migrate(engine)
+    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
+    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    manager.reconnect_backoff = Backoff(initial=0.05, cap=0.1)
+    statuses: list[tuple[str, str]] = []
+    manager.status_listeners.append(
+        lambda instance_id, status: statuses.append((instance_id, status.permission_id))
+    )
+    aiida = await start_aiida()
+    ids = [f"inst-{i}" for i in range(6)]
+    aiida.double.matches.update({i: n % 2 == 0 for n, i in enumerate(ids)})
+    try:
+        for instance_id in ids:
+            manager.link(instance_id, aiida.address)
+        async with asyncio.timeout(10):
+            while not all(manager.is_connected(i) for i in ids):
+                await asyncio.sleep(0.02)
+        kind = type(manager.links[ids[0]]._core).__name__
+        assert (kind == "_PublicIO") == (io == "public"), kind
+        tallies = [manager.begin_search(energy_pb2.DataNeed()) for _ in range(5)]  # queued writes
+        async with asyncio.timeout(10):
+            while not all(t.closed for t in tallies):
+                await asyncio.sleep(0.02)
+        for tally in tallies:
+            assert sorted(tally.matched_ids) == ["inst-0", "inst-2", "inst-4"]
+            assert (tally.matched, tally.not_matched, tally.unreachable) == (3, 3, 0)
+            manager.end_search(tally)
+        await aiida.double.push_status("inst-1", "perm-1", 2)
+        async with asyncio.timeout(5):
+            while not statuses:
+                await asyncio.sleep(0.02)
+        assert statuses == [("inst-1", "perm-1")]
+        assert aiida.server is not None
+        await aiida.stop()  # every stream ends
+        async with asyncio.timeout(5):
+            while any(manager.is_connected(i) for i in ids):
+                await asyncio.sleep(0.02)
+        aiida = await start_aiida(aiida.double)  # back (at a new port): re-registered
+        for instance_id in ids:
+            manager.link(instance_id, aiida.address)
+        async with asyncio.timeout(10):
+            while not all(manager.is_connected(i) for i in ids):
+                await asyncio.sleep(0.02)
+        tally = manager.begin_search(energy_pb2.DataNeed())
+        async with asyncio.timeout(10):
+            while not tally.closed:
+                await asyncio.sleep(0.02)
+        assert tally.matched == 3 and tally.not_matched == 3
     finally:
         await manager.stop()
         await aiida.stop()
