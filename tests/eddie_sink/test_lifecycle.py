@@ -97,8 +97,10 @@ async def test_program_prints_listening_line_serves_health_and_stops_on_sigterm(
             )
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 15) == 0
-        _, stderr = await process.communicate()
+        # communicate() drains both pipes while waiting: a child whose shutdown logs filled the
+        # stderr pipe would otherwise block on that write and never exit.
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+        assert process.returncode == 0
         assert b"event=stopped" in stderr
         assert b"Bearer" not in stderr
     finally:
