@@ -81,7 +81,11 @@ def start(
             proc.lines.append(line.rstrip("\n"))
 
     threading.Thread(target=pump, daemon=True).start()
-    match = proc.wait_for(LISTENING.pattern, timeout)
+    try:
+        match = proc.wait_for(LISTENING.pattern, timeout)
+    except BaseException:
+        proc.kill()  # it never said where it listens: nobody could stop it later
+        raise
     proc.port = int(match.group(2))
     return proc
 

@@ -14,6 +14,7 @@ from tests.support.cast import PROFILES, Cast
 @pytest.fixture
 def cast(tmp_path: Path) -> Iterator[Cast]:
     started: list[procs.Proc] = []
+    running: Cast | None = None
     try:
         mp = procs.start_marketplace(tmp_path / "mp", tmp_path)
         started.append(mp)
@@ -39,6 +40,10 @@ def cast(tmp_path: Path) -> Iterator[Cast]:
         )
         started += [sink, *aiida_procs]
         aiidas = {who: (p, f"{who.upper()}-2026") for (who, _), p in zip(people, aiida_procs, strict=True)}
-        yield Cast(mp, sink, aiidas)
+        running = Cast(mp, sink, aiidas)
+        yield running
     finally:
+        # A test may replace a program (a sink restarted at a new port): the replacement is stopped too.
+        if running is not None:
+            started += [p for p in (running.marketplace, running.sink) if p not in started]
         procs.stop_all(started)
