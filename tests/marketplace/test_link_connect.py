@@ -14,6 +14,7 @@ import gc
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eddie.energy.v1 import energy_pb2
 from eddie_common.retry import Backoff
@@ -22,6 +23,15 @@ from marketplace_server.aiida.manager import ConnectionManager
 from marketplace_server.config import Config
 from marketplace_server.db.session import create_engine, create_sessionmaker, migrate
 from tests.support.aiida_double import start_aiida
+from tests.support.expect import eventually
+
+
+async def _manager(tmp_path: Path) -> tuple[AsyncEngine, ConnectionManager]:
+    """A connection manager on a fresh SQLite database (dispose of the engine when done)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await migrate(engine)
+    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
+    return engine, ConnectionManager(Config(), issuer, create_sessionmaker(engine))
 
 
 async def _silent_peer() -> tuple[asyncio.Server, str]:
@@ -36,10 +46,7 @@ async def _silent_peer() -> tuple[asyncio.Server, str]:
 
 
 async def test_a_link_opening_to_a_silent_peer_moves_on_to_the_new_address(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    await migrate(engine)
-    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
-    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    engine, manager = await _manager(tmp_path)
     manager.connect_timeout = 0.5
     silent, silent_address = await _silent_peer()
     aiida = await start_aiida()
@@ -48,9 +55,7 @@ async def test_a_link_opening_to_a_silent_peer_moves_on_to_the_new_address(tmp_p
         await asyncio.sleep(0.2)  # the link is now inside its first write to the silent peer
         assert not manager.is_connected("inst-1")
         manager.link("inst-1", aiida.address)  # the instance re-registered elsewhere
-        async with asyncio.timeout(8):
-            while not manager.is_connected("inst-1"):
-                await asyncio.sleep(0.05)
+        await eventually(lambda: manager.is_connected("inst-1"), 8)
         assert aiida.double.connected("inst-1")
     finally:
         await manager.stop()
@@ -68,18 +73,13 @@ async def test_writes_abandoned_when_streams_break_leave_no_unretrieved_errors(t
     unhandled: list[str] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: unhandled.append(str(context.get("message"))))
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    await migrate(engine)
-    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
-    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    engine, manager = await _manager(tmp_path)
     aiida = await start_aiida()
     ids = [f"inst-{i}" for i in range(60)]
     try:
         for instance_id in ids:
             manager.link(instance_id, aiida.address)
-        async with asyncio.timeout(10):
-            while not all(manager.is_connected(i) for i in ids):
-                await asyncio.sleep(0.05)
+        await eventually(lambda: all(manager.is_connected(i) for i in ids), 10)
         for _ in range(20):  # queue writes on every stream
             manager.begin_search(energy_pb2.DataNeed())
         assert aiida.server is not None
@@ -106,10 +106,7 @@ async def test_a_link_does_not_keep_the_caller_of_the_rpc_that_started_it(tmp_pa
     import weakref
 
     caller_var: contextvars.ContextVar[object | None] = contextvars.ContextVar("caller", default=None)
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    await migrate(engine)
-    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
-    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    engine, manager = await _manager(tmp_path)
     aiida = await start_aiida()
     try:
         caller = _Caller()
@@ -121,9 +118,7 @@ async def test_a_link_does_not_keep_the_caller_of_the_rpc_that_started_it(tmp_pa
 
         await asyncio.create_task(claim_rpc(caller))
         del caller
-        async with asyncio.timeout(8):
-            while not manager.is_connected("inst-1"):
-                await asyncio.sleep(0.05)
+        await eventually(lambda: manager.is_connected("inst-1"), 8)
         gc.collect()
         assert gone() is None, "the connected link keeps the claiming RPC's caller alive"
     finally:
@@ -143,10 +138,7 @@ async def test_an_open_stream_searches_reports_and_reconnects_through_either_io_
 
     if io == "public":
         monkeypatch.setattr(link_module, "_core_of", link_module._PublicIO)
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
-    await migrate(engine)
-    issuer = TokenIssuer(SigningKey.load_or_create(tmp_path / "key.pem"), "test")
-    manager = ConnectionManager(Config(), issuer, create_sessionmaker(engine))
+    engine, manager = await _manager(tmp_path)
     manager.reconnect_backoff = Backoff(initial=0.05, cap=0.1)
     statuses: list[tuple[str, str]] = []
     manager.status_listeners.append(
@@ -158,39 +150,27 @@ async def test_an_open_stream_searches_reports_and_reconnects_through_either_io_
     try:
         for instance_id in ids:
             manager.link(instance_id, aiida.address)
-        async with asyncio.timeout(10):
-            while not all(manager.is_connected(i) for i in ids):
-                await asyncio.sleep(0.02)
+        await eventually(lambda: all(manager.is_connected(i) for i in ids), 10)
         kind = type(manager.links[ids[0]]._core).__name__
         assert (kind == "_PublicIO") == (io == "public"), kind
         tallies = [manager.begin_search(energy_pb2.DataNeed()) for _ in range(5)]  # queued writes
-        async with asyncio.timeout(10):
-            while not all(t.closed for t in tallies):
-                await asyncio.sleep(0.02)
+        await eventually(lambda: all(t.closed for t in tallies), 10)
         for tally in tallies:
             assert sorted(tally.matched_ids) == ["inst-0", "inst-2", "inst-4"]
             assert (tally.matched, tally.not_matched, tally.unreachable) == (3, 3, 0)
             manager.end_search(tally)
         await aiida.double.push_status("inst-1", "perm-1", 2)
-        async with asyncio.timeout(5):
-            while not statuses:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: bool(statuses), 5)
         assert statuses == [("inst-1", "perm-1")]
         assert aiida.server is not None
         await aiida.stop()  # every stream ends
-        async with asyncio.timeout(5):
-            while any(manager.is_connected(i) for i in ids):
-                await asyncio.sleep(0.02)
+        await eventually(lambda: not any(manager.is_connected(i) for i in ids), 5)
         aiida = await start_aiida(aiida.double)  # back (at a new port): re-registered
         for instance_id in ids:
             manager.link(instance_id, aiida.address)
-        async with asyncio.timeout(10):
-            while not all(manager.is_connected(i) for i in ids):
-                await asyncio.sleep(0.02)
+        await eventually(lambda: all(manager.is_connected(i) for i in ids), 10)
         tally = manager.begin_search(energy_pb2.DataNeed())
-        async with asyncio.timeout(10):
-            while not tally.closed:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: tally.closed, 10)
         assert tally.matched == 3 and tally.not_matched == 3
     finally:
         await manager.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,12 +37,14 @@ async def expect_error(
 
 
 async def eventually(
-    predicate: Callable[[], Awaitable[Any]], timeout: float, what: str = "condition", step: float = 0.05
+    predicate: Callable[[], Awaitable[Any] | Any], timeout: float, what: str = "condition", step: float = 0.05
 ) -> Any:
-    """Polls the async `predicate` until it returns something truthy, and returns that."""
+    """Polls `predicate` (async, or a plain function) until it returns something truthy, and returns that."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         assert time.monotonic() < deadline, f"not reached within {timeout}s: {what}"
