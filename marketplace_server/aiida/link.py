@@ -71,6 +71,7 @@ class InstanceLink:
         "_call",
         "_core",
         "_flooded",
+        "_opening",
         "_ping_seq",
         "_read_waits_on",
         "_reading",
@@ -101,10 +102,10 @@ class InstanceLink:
         self._call: Any = None
         self._core: Any = None  # the open call's message I/O (`_core_of`)
         self._supervisor: asyncio.Task[None] | None = None
-        # The write in progress (a `call.write` coroutine) and the future it waits on.
+        # The write in progress (a coroutine of `_core`'s) and the future it waits on.
         self._writing: Coroutine[Any, Any, None] | None = None
         self._write_waits_on: asyncio.Future[Any] | None = None
-        # The read in progress while the stream is open (a `call.read` coroutine) and the future it
+        # The read in progress while the stream is open (a coroutine of `_core`'s) and the future it
         # waits on: reads are driven by callbacks as writes are, so an open stream has no task.
         self._reading: Coroutine[Any, Any, Any] | None = None
         self._read_waits_on: asyncio.Future[Any] | None = None
@@ -115,6 +116,7 @@ class InstanceLink:
         self._flooded = False
         self.failed_attempts = 0  # connections in a row that failed or were cut: the backoff's exponent
         self._wake: asyncio.Future[None] | None = None
+        self._opening: asyncio.Timeout | None = None  # bounds `_open` while it waits for the pong
 
     # --- lifecycle ---
 
@@ -142,7 +144,7 @@ class InstanceLink:
             return
         log.error("aiida_link_supervisor_died", exc_info=exc, extra={"instance": self.instance_id})
         self.connected = False
-        self._call = None
+        self._call = self._core = None
         self.start()
 
     async def stop(self) -> None:
@@ -162,6 +164,10 @@ class InstanceLink:
         self.address = address
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+        if self._opening is not None:
+            # A call cancelled before its first write got out leaves that write waiting until the
+            # connect timeout (30 s): the opening ends now instead, and the link retries at once.
+            self._opening.reschedule(asyncio.get_running_loop().time())
         if self._call is not None:
             self._call.cancel()
 
@@ -274,11 +280,16 @@ class InstanceLink:
             # The first write is bounded too: grpc.aio's write waits for the call's initial metadata
             # to be sent, and a call cancelled before that (re-addressed while connecting) or one to a
             # peer that never completes the HTTP/2 handshake leaves it waiting for good.
-            async with asyncio.timeout(self.manager.connect_timeout):
-                await call.write(
-                    aiida_pb2.ConnectRequest(ping=aiida_pb2.Ping(sequence=self._ping_seq)).SerializeToString()
-                )
-                first: Any = await call.read()
+            try:
+                async with asyncio.timeout(self.manager.connect_timeout) as self._opening:
+                    await call.write(
+                        aiida_pb2.ConnectRequest(
+                            ping=aiida_pb2.Ping(sequence=self._ping_seq)
+                        ).SerializeToString()
+                    )
+                    first: Any = await call.read()
+            finally:
+                self._opening = None
         if first is grpc.aio.EOF:
             return False
         # The stream is open and its token sent. grpc.aio's call keeps its Python copy of the

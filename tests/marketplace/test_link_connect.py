@@ -45,9 +45,14 @@ async def _silent_peer() -> tuple[asyncio.Server, str]:
     return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-async def test_a_link_opening_to_a_silent_peer_moves_on_to_the_new_address(tmp_path: Path) -> None:
+@pytest.mark.parametrize("connect_timeout", [0.5, 30.0])
+async def test_a_link_opening_to_a_silent_peer_moves_on_to_the_new_address(
+    tmp_path: Path, connect_timeout: float
+) -> None:
+    """Within the connect timeout or not: re-registering ends the opening at once (a call cancelled
+    before its first write got out would otherwise wait for the whole timeout)."""
     engine, manager = await _manager(tmp_path)
-    manager.connect_timeout = 0.5
+    manager.connect_timeout = connect_timeout
     silent, silent_address = await _silent_peer()
     aiida = await start_aiida()
     try:
