@@ -75,13 +75,22 @@ async def _round_trip(call: Any) -> None:
     await call.read()
 
 
-async def client(target: str, n: int, searches: int) -> dict[str, Any]:
+def _cpu(proc: psutil.Process | None) -> float:
+    return sum(proc.cpu_times()[:2]) if proc is not None else 0.0
+
+
+async def client(target: str, n: int, searches: int, server_pid: int | None = None) -> dict[str, Any]:
     proc = psutil.Process()
+    server = psutil.Process(server_pid) if server_pid else None
     rss_before = proc.memory_info().rss
     channel = grpc.aio.insecure_channel(target)
     t0 = time.perf_counter()
+    cpu0, server_cpu0 = _cpu(proc), _cpu(server)
     calls = await _open(channel, n)
     open_s = time.perf_counter() - t0
+    # Opening is CPU-bound at both ends (the server side, one process for N devices, the more so):
+    # what each spent says which bounds `open_s`.
+    open_cpu_s, open_server_cpu_s = _cpu(proc) - cpu0, _cpu(server) - server_cpu0
     gc.collect()
     gc.freeze()
     rss_per_stream = (proc.memory_info().rss - rss_before) / n
@@ -98,6 +107,8 @@ async def client(target: str, n: int, searches: int) -> dict[str, Any]:
     return {
         "n": n,
         "open_s": open_s,
+        "open_cpu_s": open_cpu_s,
+        "open_server_cpu_s": open_server_cpu_s,
         "p50_ms": statistics.median(samples) * 1000,
         "p95_ms": _p95(samples) * 1000,
         "rss_per_stream_kib": rss_per_stream / 1024,
@@ -120,11 +131,13 @@ def main() -> None:
     c.add_argument("--target", required=True)
     c.add_argument("--n", type=int, required=True)
     c.add_argument("--searches", type=int, default=10)
+    c.add_argument("--server-pid", type=int, default=0, help="the serving process, whose CPU to report")
     args = parser.parse_args()
     if args.mode == "serve":
         asyncio.run(serve(args.port))
     else:
-        print(json.dumps(asyncio.run(client(args.target, args.n, args.searches))), flush=True)
+        result = asyncio.run(client(args.target, args.n, args.searches, args.server_pid))
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

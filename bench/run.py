@@ -41,7 +41,15 @@ def bracketing_floor(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
     69 ms in one afternoon), and the marketplace's figures take minutes to gather: a floor taken
     only before them compares the marketplace with another moment's machine. Both runs are kept.
     """
-    keys = ("p50_ms", "p95_ms", "cpu_us_per_instance", "rss_per_stream_kib", "open_s")
+    keys = (
+        "p50_ms",
+        "p95_ms",
+        "cpu_us_per_instance",
+        "rss_per_stream_kib",
+        "open_s",
+        "open_cpu_s",
+        "open_server_cpu_s",
+    )
     return {
         "n": before["n"],
         **{key: (before[key] + after[key]) / 2 for key in keys},
@@ -120,6 +128,12 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
     print(_row("floor: open all N streams s", *(f"{r['floor']['open_s']:.1f}" for r in rows)))
     print(
         _row(
+            "  CPU s: floor client / server",
+            *(f"{r['floor']['open_cpu_s']:.1f} / {r['floor']['open_server_cpu_s']:.1f}" for r in rows),
+        )
+    )
+    print(
+        _row(
             "restart -> search reaches all s",
             *(f"{r['search']['restart_to_full_reach_s']:.1f}" for r in rows),
         )
@@ -128,6 +142,12 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
         _row(
             "  of which marketplace start-up s",
             *(f"{r['search']['restart_to_listening_s']:.1f}" for r in rows),
+        )
+    )
+    print(
+        _row(
+            "  CPU s: marketplace (with start-up) / fleet",
+            *(f"{r['search']['restart_cpu_s']:.1f} / {r['search']['restart_fleet_cpu_s']:.1f}" for r in rows),
         )
     )
     print(_row("claims per second", *(f"{r['search']['claims_per_s']:.0f}" for r in rows)))

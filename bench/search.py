@@ -60,6 +60,8 @@ def floor(n: int, searches: int, work: Path) -> dict[str, Any]:
                 str(n),
                 "--searches",
                 str(searches),
+                "--server-pid",
+                str(server.popen.pid),
             ],
             capture_output=True,
             text=True,
@@ -207,11 +209,12 @@ async def _connected_gauge(port: int) -> float:
 
 
 async def _restart_to_full_reach(
-    data_dir: Path, work: Path, n: int, old: procs.Proc
-) -> tuple[float, float, procs.Proc, int]:
+    data_dir: Path, work: Path, n: int, old: procs.Proc, fleet: psutil.Process
+) -> tuple[dict[str, float], procs.Proc, int]:
     """Seconds from starting a new marketplace until a search started then reaches all n, and to
-    its `listening` line (the process start-up: imports, migrations, loading the instances); and
-    its RSS 4 s after all n streams were up (before that search).
+    its `listening` line (the process start-up: imports, migrations, loading the instances), with
+    the CPU seconds the marketplace and the fleet spent in that time; and the marketplace's RSS 4 s
+    after all n streams were up (before that search).
 
     Probing by searching every 0.2 s would itself cost the restarting marketplace most of its
     CPU (each probe is a search over every stream already up), so the bench watches the cheap
@@ -221,6 +224,7 @@ async def _restart_to_full_reach(
     old.stop()
     port = _free_port()
     t0 = time.perf_counter()
+    fleet_cpu0 = sum(fleet.cpu_times()[:2])
     mp = procs.start_marketplace(
         data_dir,
         work,
@@ -236,6 +240,12 @@ async def _restart_to_full_reach(
                 await asyncio.sleep(0.05)
                 continue
             started = time.perf_counter() - t0
+            figures = {
+                "restart_to_full_reach_s": started,
+                "restart_to_listening_s": listening,
+                "restart_cpu_s": sum(psutil.Process(mp.popen.pid).cpu_times()[:2]),
+                "restart_fleet_cpu_s": sum(fleet.cpu_times()[:2]) - fleet_cpu0,
+            }
             if not reached_rss:
                 # Measured before the bench signs in: a password check (argon2) leaves tens of MiB
                 # in the heap that are not the streams'.
@@ -247,7 +257,7 @@ async def _restart_to_full_reach(
                 probe = ep, request.name
             _, summary = await probe[0].search(probe[1], timeout=10)
             if summary.matched + summary.not_matched == n:
-                return started, listening, mp, reached_rss
+                return figures, mp, reached_rss
         raise TimeoutError(f"not all {n} instances reachable within 300 s of the restart")
 
 
@@ -278,9 +288,10 @@ def product(n: int, searches: int, work: Path) -> dict[str, Any]:
         result, _ = asyncio.run(
             _product_searches(mp.address, fleet_csv, n, searches, mp.popen.pid, fleet.popen.pid)
         )
-        restart_s, listening_s, mp, reached_rss = asyncio.run(_restart_to_full_reach(data_dir, work, n, mp))
-        result["restart_to_full_reach_s"] = restart_s
-        result["restart_to_listening_s"] = listening_s
+        restart, mp, reached_rss = asyncio.run(
+            _restart_to_full_reach(data_dir, work, n, mp, psutil.Process(fleet.popen.pid))
+        )
+        result.update(restart)
         # The streams' own memory: a restarted process with all N streams up (before its first
         # search) holds the streams but not what registering and claiming N instances left in the
         # first process's heap (requests, sessions, free lists); the base is that first process
