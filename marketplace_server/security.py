@@ -8,6 +8,7 @@ secrets that cannot be guessed; a slow hash there would only cost start-up time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import secrets
@@ -19,7 +20,13 @@ _password_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelis
 # Pairing codes are checked online with attempts rate-limited; a lighter argon2 keeps
 # 10,000 registrations of a fleet fast while still not storing the code.
 _code_hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-_DUMMY_PASSWORD_HASH = _password_hasher.hash("dummy password for timing equalisation")
+
+
+@functools.cache
+def _dummy_password_hash() -> str:
+    """What a password is checked against when the account does not exist (made on first use, in
+    the worker thread: hashing it at import cost every program start ~50 ms)."""
+    return _password_hasher.hash("dummy password for timing equalisation")
 
 
 def new_id() -> str:
@@ -35,9 +42,9 @@ def digests_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _verify(hasher: PasswordHasher, stored: str, candidate: str) -> bool:
+def _verify(hasher: PasswordHasher, stored: str | None, candidate: str) -> bool:
     try:
-        return hasher.verify(stored, candidate)
+        return hasher.verify(stored or _dummy_password_hash(), candidate)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
@@ -48,7 +55,7 @@ async def hash_password(password: str) -> str:
 
 async def verify_password(stored: str | None, candidate: str) -> bool:
     """Constant work whether or not the account exists (no e-mail enumeration by timing)."""
-    return await asyncio.to_thread(_verify, _password_hasher, stored or _DUMMY_PASSWORD_HASH, candidate)
+    return await asyncio.to_thread(_verify, _password_hasher, stored, candidate)
 
 
 def hash_pairing_code(code: str) -> str:

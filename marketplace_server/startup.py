@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -82,6 +81,8 @@ def explain_database_error(exc: BaseException, database_url: str | None) -> Star
     """One line for the database failures an operator can fix; None for anything else."""
     if not database_url:
         return None
+    import asyncpg  # only a PostgreSQL URL gets here (~50 ms of import a SQLite start does without)
+
     url = make_url(database_url)
     shown = url.render_as_string(hide_password=True)
     fix = "fix --database-url"
