@@ -291,7 +291,7 @@ class Cluster:
 
     def deltas(self, before: Snapshot, after: Snapshot) -> dict[str, Any]:
         """Per replica and summed: statements (less the closing scrape's own), NATS, CPU; pg_stat."""
-        per_replica: dict[str, dict[str, float]] = {}
+        per_replica: dict[str, dict[str, Any]] = {}
         for index, end in after.replicas.items():
             start = before.replicas.get(index)
             if start is None:

@@ -189,7 +189,8 @@ async def _count_stored(
     stub: data_sink_pb2_grpc.DataSinkServiceAsyncStub, permission_id: str, token: str
 ) -> int:
     metadata = (("authorization", f"Bearer {token}"),)
-    total, page_token, times = 0, "", set()
+    total, page_token = 0, ""
+    times: set[int] = set()
     while True:
         request = data_sink_pb2.ListReadingsRequest(
             permission_id=permission_id, page_size=1000, page_token=page_token
@@ -254,7 +255,8 @@ async def _run(work: Path, streams: int, seconds: float, listers: int, floor: bo
         finally:
             floor_proc.stop()
     server = grpc.aio.server()
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(_Keys(key), server)
+    # Only ListSigningKeys is served; the other methods answer UNIMPLEMENTED (the generated base).
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(_Keys(key), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     sink = procs.start_sink(f"127.0.0.1:{port}", work / "sink", work, name="churn-sink")
