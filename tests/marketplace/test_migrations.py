@@ -17,11 +17,13 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, String, column, insert, inspect, select, table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eddie.marketplace.v1 import data_request_pb2, identity_pb2
 from marketplace_server.clock import utcnow
+from marketplace_server.db import session as session_module
 from marketplace_server.db.match_sets import matched_by_data_request, search_match_ids
 from marketplace_server.db.models import (
     AccountRow,
@@ -227,3 +229,73 @@ async def test_postgres_moves_search_matches_into_chunks(pg_engine: AsyncEngine)
             )
         )
         assert dict(collations.all()) == {"first_id": "C", "last_id": "C"}
+
+
+# --- a start at every head reads alembic's table and nothing more ---
+
+
+def test_the_scripts_heads_read_from_their_text_are_alembics() -> None:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert session_module.script_heads() == frozenset(ScriptDirectory.from_config(config).get_heads())
+
+
+@pytest.mark.parametrize(
+    ("scripts", "heads"),
+    [
+        ({"a": 'revision = "a"\ndown_revision = None\n'}, {"a"}),
+        (
+            {
+                "a": 'revision = "a"\ndown_revision = None\n',
+                "b": 'revision: str = "b"\ndown_revision: str | None = "a"\n',
+                "c": "revision = 'c'\ndown_revision = 'a'\n",
+            },
+            {"b", "c"},
+        ),
+        (
+            {
+                "a": 'revision = "a"\ndown_revision = None\n',
+                "b": 'revision = "b"\ndown_revision = "a"\n',
+                "c": 'revision = "c"\ndown_revision = "a"\n',
+                "m": 'revision = "m"\ndown_revision = ("b", "c")\n',
+            },
+            {"m"},
+        ),
+        # What the reading does not understand leaves the decision to alembic.
+        ({"a": 'revision = "a"\ndown_revision = None\ndepends_on = "x"\n'}, None),
+        ({"a": "revision = make_id()\ndown_revision = None\n"}, None),
+        ({"a": 'down_revision = "z"\n'}, None),
+        ({"a": 'revision = "a"\ndown_revision = ["z"]\n'}, None),
+        ({}, None),
+    ],
+)
+def test_the_heads_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripts: dict[str, str], heads: set[str] | None
+) -> None:
+    (tmp_path / "versions").mkdir()
+    for name, text_ in scripts.items():
+        (tmp_path / "versions" / f"{name}.py").write_text(f'"""{name}"""\n\n{text_}')
+    monkeypatch.setattr(session_module, "MIGRATIONS_DIR", tmp_path)
+    assert session_module.script_heads() == (frozenset(heads) if heads is not None else None)
+
+
+async def test_a_start_at_every_head_runs_no_migration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'marketplace.db'}")
+    try:
+        await migrate(engine)  # a new database: alembic builds it
+        runs: list[str] = []
+        real_upgrade = session_module._upgrade
+        monkeypatch.setattr(session_module, "_upgrade", lambda connection: runs.append("upgrade"))
+        await migrate(engine)
+        assert runs == []  # at every head: only the version table was read
+        # One revision behind: alembic runs again, and brings it to the heads.
+        await _alembic_to(engine, BEFORE_CHUNKS, up=False)
+        monkeypatch.setattr(session_module, "_upgrade", real_upgrade)
+        await migrate(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(session_module._applied) == session_module.script_heads()
+            assert await conn.run_sync(_drift) == []
+    finally:
+        await engine.dispose()
