@@ -6,13 +6,16 @@ import ast
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from eddie_common.logging import log_event
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +99,23 @@ def _applied(connection: Connection) -> frozenset[str] | None:
         return None
 
 
-def _upgrade(connection: Connection) -> None:
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    """alembic's configuration for the marketplace's migrations, run on `connection` if given."""
     # Imported here: only a start that has migrations to apply needs alembic.
-    from alembic import command
-    from alembic.config import Config as AlembicConfig
+    from alembic.config import Config
 
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    command.upgrade(cfg, "heads")  # independent branches (one per feature) apply side by side
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+
+    # "heads": independent branches (one per feature) apply side by side.
+    command.upgrade(alembic_config(connection), "heads")
 
 
 async def migrate(engine: AsyncEngine) -> None:

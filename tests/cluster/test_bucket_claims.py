@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -42,7 +41,7 @@ from marketplace_server.db.models import (
     PermissionRow,
     UtcDateTime,
 )
-from marketplace_server.db.session import MIGRATIONS_DIR, create_engine, create_sessionmaker, migrate
+from marketplace_server.db.session import alembic_config, create_engine, create_sessionmaker, migrate
 from tests.cluster.test_replicas import as_client, create_request, search
 from tests.support.access import SECRET
 from tests.support.aiida_double import AiidaDouble, start_aiida
@@ -297,10 +296,7 @@ async def test_concurrent_claims_and_releases_lose_no_update(
 
 
 def _upgrade_to(connection: sa.Connection, revision: str) -> None:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    command.upgrade(cfg, revision)
+    command.upgrade(alembic_config(connection), revision)
 
 
 async def test_the_migration_fills_bucket_and_counts_of_an_existing_database(engine: AsyncEngine) -> None:

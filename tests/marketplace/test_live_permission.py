@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, column, insert, select, table
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -32,7 +31,7 @@ from marketplace_server.db.models import (
     PermissionTransitionRow,
     UtcDateTime,
 )
-from marketplace_server.db.session import MIGRATIONS_DIR, create_engine, create_sessionmaker, migrate
+from marketplace_server.db.session import alembic_config, create_engine, create_sessionmaker, migrate
 from tests.support.access import Permission, Scene, aiida, market, matched_scene
 from tests.support.aiida_double import RunningAiida
 from tests.support.marketplace import RunningMarketplace
@@ -152,10 +151,7 @@ async def test_the_database_refuses_a_second_live_permission(
 
 
 def _upgrade(connection: Connection, target: str) -> None:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    command.upgrade(cfg, target)
+    command.upgrade(alembic_config(connection), target)
 
 
 async def _upgrade_to(engine: AsyncEngine, *targets: str) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, String, column, insert, inspect, select, table, text
@@ -33,7 +32,7 @@ from marketplace_server.db.models import (
     SearchMatchChunkRow,
     SearchRow,
 )
-from marketplace_server.db.session import MIGRATIONS_DIR, create_engine, create_sessionmaker, migrate
+from marketplace_server.db.session import alembic_config, create_engine, create_sessionmaker, migrate
 from tests.support.postgres import (
     POSTGRES_URL,
     fresh_schema,
@@ -95,10 +94,7 @@ _OLD_MATCHES = table(
 
 
 def _alembic(connection: Connection, up: bool, revision: str) -> None:
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.attributes["connection"] = connection
-    (command.upgrade if up else command.downgrade)(cfg, revision)
+    (command.upgrade if up else command.downgrade)(alembic_config(connection), revision)
 
 
 async def _alembic_to(engine: AsyncEngine, revision: str, up: bool = True) -> None:
@@ -235,9 +231,8 @@ async def test_postgres_moves_search_matches_into_chunks(pg_engine: AsyncEngine)
 
 
 def test_the_scripts_heads_read_from_their_text_are_alembics() -> None:
-    config = AlembicConfig()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    assert session_module.script_heads() == frozenset(ScriptDirectory.from_config(config).get_heads())
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    assert session_module.script_heads() == frozenset(heads)
 
 
 @pytest.mark.parametrize(
