@@ -41,7 +41,7 @@ import grpc
 import psutil
 from sqlalchemy.engine import make_url
 
-from bench.floor import _p95
+from bench.floor import _p95, cpu_seconds
 from bench.scrape import scrape
 from bench.search import BROAD_50, BROAD_80, PASSWORD, _claim_all, _wait_connected, fleet_profiles
 from eddie.marketplace.v1 import data_request_pb2
@@ -206,7 +206,7 @@ class Replica:
 
     def scrape(self) -> dict[str, float]:
         values = scrape(self.metrics)
-        values["cpu_s"] = sum(self.ps.cpu_times()[:2])
+        values["cpu_s"] = cpu_seconds(self.ps)
         return values
 
 
@@ -276,7 +276,7 @@ class Cluster:
         for r in self.live:
             replicas[r.index] = await asyncio.to_thread(r.scrape)
         pg = await self.pg_stats()
-        fleet = sum(sum(psutil.Process(f.popen.pid).cpu_times()[:2]) for f in self.fleets)
+        fleet = sum(cpu_seconds(psutil.Process(f.popen.pid)) for f in self.fleets)
         return Snapshot(at, replicas, pg, fleet)
 
     async def calibrate_scrape(self) -> None:

@@ -75,7 +75,8 @@ async def _round_trip(call: Any) -> None:
     await call.read()
 
 
-def _cpu(proc: psutil.Process | None) -> float:
+def cpu_seconds(proc: psutil.Process | None) -> float:
+    """The user + system CPU seconds `proc` has used (0 for no process)."""
     return sum(proc.cpu_times()[:2]) if proc is not None else 0.0
 
 
@@ -85,22 +86,22 @@ async def client(target: str, n: int, searches: int, server_pid: int | None = No
     rss_before = proc.memory_info().rss
     channel = grpc.aio.insecure_channel(target)
     t0 = time.perf_counter()
-    cpu0, server_cpu0 = _cpu(proc), _cpu(server)
+    cpu0, server_cpu0 = cpu_seconds(proc), cpu_seconds(server)
     calls = await _open(channel, n)
     open_s = time.perf_counter() - t0
     # Opening is CPU-bound at both ends (the server side, one process for N devices, the more so):
     # what each spent says which bounds `open_s`.
-    open_cpu_s, open_server_cpu_s = _cpu(proc) - cpu0, _cpu(server) - server_cpu0
+    open_cpu_s, open_server_cpu_s = cpu_seconds(proc) - cpu0, cpu_seconds(server) - server_cpu0
     gc.collect()
     gc.freeze()
     rss_per_stream = (proc.memory_info().rss - rss_before) / n
     samples = []
-    cpu_before = sum(proc.cpu_times()[:2])
+    cpu_before = cpu_seconds(proc)
     for _ in range(searches):
         t = time.perf_counter()
         await asyncio.gather(*(_round_trip(c) for c in calls))
         samples.append(time.perf_counter() - t)
-    cpu_per_search = (sum(proc.cpu_times()[:2]) - cpu_before) / searches
+    cpu_per_search = (cpu_seconds(proc) - cpu_before) / searches
     for c in calls:
         c.cancel()
     await channel.close()

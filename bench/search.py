@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from bench.floor import _p95
+from bench.floor import _p95, cpu_seconds
 from bench.scrape import scrape
 from eddie.marketplace.v1 import data_request_pb2
 from eddie_client import ROLE_CUSTOMER, ROLE_ELIGIBLE_PARTY, MarketplaceClient, Session, data_need, procs
@@ -168,8 +168,8 @@ async def _timed_searches(
     request = await ep.create_data_request(title, "benchmark", need)
     await _counted_search(ep, request.name)
     samples, server_elapsed, messages, matched = [], [], [], 0
-    cpu_before = sum(mp_proc.cpu_times()[:2])
-    fleet_before = sum(fleet_proc.cpu_times()[:2])
+    cpu_before = cpu_seconds(mp_proc)
+    fleet_before = cpu_seconds(fleet_proc)
     for _ in range(searches):
         t = time.perf_counter()
         matched, sent, summary = await _counted_search(ep, request.name)
@@ -177,8 +177,8 @@ async def _timed_searches(
         server_elapsed.append(summary.elapsed.ToTimedelta().total_seconds())
         messages.append(sent)
         assert summary.queried == n and summary.matched + summary.not_matched == n, summary
-    cpu = (sum(mp_proc.cpu_times()[:2]) - cpu_before) / searches
-    fleet_cpu = (sum(fleet_proc.cpu_times()[:2]) - fleet_before) / searches
+    cpu = (cpu_seconds(mp_proc) - cpu_before) / searches
+    fleet_cpu = (cpu_seconds(fleet_proc) - fleet_before) / searches
     return {
         "p50_ms": statistics.median(samples) * 1000,
         "p95_ms": _p95(samples) * 1000,
@@ -224,7 +224,7 @@ async def _restart_to_full_reach(
     old.stop()
     port = _free_port()
     t0 = time.perf_counter()
-    fleet_cpu0 = sum(fleet.cpu_times()[:2])
+    fleet_cpu0 = cpu_seconds(fleet)
     mp = procs.start_marketplace(
         data_dir,
         work,
@@ -243,8 +243,8 @@ async def _restart_to_full_reach(
             figures = {
                 "restart_to_full_reach_s": started,
                 "restart_to_listening_s": listening,
-                "restart_cpu_s": sum(psutil.Process(mp.popen.pid).cpu_times()[:2]),
-                "restart_fleet_cpu_s": sum(fleet.cpu_times()[:2]) - fleet_cpu0,
+                "restart_cpu_s": cpu_seconds(psutil.Process(mp.popen.pid)),
+                "restart_fleet_cpu_s": cpu_seconds(fleet) - fleet_cpu0,
             }
             if not reached_rss:
                 # Measured before the bench signs in: a password check (argon2) leaves tens of MiB
