@@ -42,11 +42,16 @@ def digests_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _verify(hasher: PasswordHasher, stored: str | None, candidate: str) -> bool:
+def _verify(hasher: PasswordHasher, stored: str, candidate: str) -> bool:
     try:
-        return hasher.verify(stored or _dummy_password_hash(), candidate)
+        return hasher.verify(stored, candidate)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
+
+
+def _verify_password(stored: str | None, candidate: str) -> bool:
+    # An unknown account is checked against the dummy hash, here in the worker thread.
+    return _verify(_password_hasher, stored or _dummy_password_hash(), candidate)
 
 
 async def hash_password(password: str) -> str:
@@ -55,7 +60,7 @@ async def hash_password(password: str) -> str:
 
 async def verify_password(stored: str | None, candidate: str) -> bool:
     """Constant work whether or not the account exists (no e-mail enumeration by timing)."""
-    return await asyncio.to_thread(_verify, _password_hasher, stored, candidate)
+    return await asyncio.to_thread(_verify_password, stored, candidate)
 
 
 def hash_pairing_code(code: str) -> str:
