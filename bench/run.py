@@ -141,7 +141,7 @@ def print_search_table(rows: list[dict[str, Any]]) -> None:
     print(
         _row(
             "  ratio to the floor opening its N streams",
-            *(f"{r['ratio_restart']:.2f}" for r in rows if "ratio_restart" in r),
+            *(f"{r['ratio_restart']:.2f}" for r in rows),
         )
     )
     print(
